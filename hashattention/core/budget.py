@@ -1,0 +1,67 @@
+"""Token budget: sink tokens + recent window + heavy tokens (a count, or a fraction of the context)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+
+def parse_heavy(value) -> int | float:
+    """'1/16' -> 0.0625, '0.1' -> 0.1, '512' -> 512, 0.25 -> 0.25."""
+    if isinstance(value, str):
+        v = value.strip()
+        try:
+            value = float(Fraction(v)) if "/" in v else (int(v) if v.isdigit() else float(v))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"cannot read a budget from {value!r}: use a count like 512 or a fraction like 1/16")
+    return value
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Which tokens a query may read.
+
+    heavy: tokens chosen by the policy's scores, as a count (int >= 0) or a fraction of the context
+        (float in (0, 1]: 1/16 means "16x fewer heavy tokens than the context").
+    sink: the first tokens of the sequence, always read.  window: the most recent tokens, always read.
+    """
+    heavy: int | float = 1 / 16
+    sink: int = 128
+    window: int = 128
+
+    def __post_init__(self):
+        h = parse_heavy(self.heavy)
+        object.__setattr__(self, "heavy", h)
+        if isinstance(h, bool) or not isinstance(h, (int, float)):
+            raise TypeError(f"heavy budget must be an int count or a float fraction, got {h!r}")
+        if isinstance(h, float) and not (0.0 < h <= 1.0):
+            raise ValueError(f"a fractional heavy budget must be in (0, 1], got {h}")
+        if isinstance(h, int) and h < 0:
+            raise ValueError(f"heavy budget must be >= 0, got {h}")
+        for name in ("sink", "window"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+
+    def heavy_count(self, context: torch.Tensor | int):
+        """Heavy tokens allowed for a context of ``context`` tokens (tensor or int)."""
+        if isinstance(self.heavy, float):
+            if isinstance(context, torch.Tensor):
+                return torch.floor(context.to(torch.float64) * self.heavy).to(torch.int64)
+            return int(context * self.heavy)
+        return self.heavy if not isinstance(context, torch.Tensor) else torch.full_like(context, self.heavy)
+
+    def total(self, context: int) -> int:
+        """Tokens read by one query at this context length (never more than the context)."""
+        return min(context, self.sink + self.window + self.heavy_count(context))
+
+    def describe(self) -> str:
+        h = self.heavy
+        hs = (f"1/{round(1 / h)}" if isinstance(h, float) and abs(1 / h - round(1 / h)) < 1e-9 else str(h))
+        return f"heavy={hs} sink={self.sink} window={self.window}"
+
+    def check_fits(self, context: int):
+        """Raise when an explicit heavy count cannot fit in a context of ``context`` tokens."""
+        if isinstance(self.heavy, int) and self.heavy > context:
+            raise ValueError(f"budget of {self.heavy} heavy tokens is larger than the context ({context} tokens)")

@@ -1,0 +1,104 @@
+"""Shared token selection: sink + recent window + top-k of a policy's scores.
+
+Every policy only produces scores; this module turns them into the set of tokens a query reads, so that all
+policies are compared under exactly the same rule. Shapes:
+
+    scores: [B, Hs, Lq, Lk]  (Hs = query heads, or KV heads when selection is shared by a group)
+    valid:  bool [B, 1 or Hs, Lq, Lk]  (causal and padding mask: True = the query may see the key)
+    keep:   bool [B, Hs, Lq, Lk]
+
+Sink and window count *valid* positions, so left padding does not change what a sequence reads. Ties are
+broken toward the more recent token. Integer scores (bit matches, 0..bits) are selected by counting: a
+histogram over the score values gives the threshold, no sort.
+"""
+from __future__ import annotations
+
+import torch
+
+from .budget import Budget
+
+
+def forced_and_candidates(valid: torch.Tensor, budget: Budget):
+    """Split valid keys into always-read (sink, window) and candidates for the heavy budget.
+
+    Returns (forced, candidates, n_valid [B, *, Lq, 1]).
+    """
+    v = valid.to(torch.int32)
+    r_start = torch.cumsum(v, dim=-1)  # 1-based rank among valid keys
+    n = r_start[..., -1:]
+    r_end = n - r_start + 1
+    forced = valid & ((r_start <= budget.sink) | (r_end <= budget.window))
+    return forced, valid & ~forced, n
+
+
+def heavy_counts(n_valid: torch.Tensor, candidates: torch.Tensor, budget: Budget) -> torch.Tensor:
+    """Heavy tokens per row: the budget, but never more than the candidates. [B, *, Lq, 1] int64."""
+    k = budget.heavy_count(n_valid.to(torch.int64))
+    return torch.minimum(k, candidates.sum(-1, keepdim=True))
+
+
+def _pick_last(mask: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    """The ``need`` most recent True entries of ``mask`` along the last dim."""
+    from_end = torch.flip(torch.cumsum(torch.flip(mask.to(torch.int32), [-1]), -1), [-1])
+    return mask & (from_end <= need)
+
+
+def topk_counting(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor, max_score: int) -> torch.Tensor:
+    """Top-``k`` integer scores in 0..max_score among ``candidates``, by a histogram threshold (no sort)."""
+    s = torch.where(candidates, scores.to(torch.int64), torch.full_like(scores, -1, dtype=torch.int64))
+    if s.max() > max_score or (candidates & (s < 0)).any():
+        raise ValueError(f"integer scores must lie in 0..{max_score}")
+    hist = torch.zeros(*s.shape[:-1], max_score + 2, dtype=torch.int64, device=s.device)
+    hist.scatter_add_(-1, s + 1, torch.ones_like(s))  # bin 0 holds the non-candidates
+    at_least = torch.flip(torch.cumsum(torch.flip(hist[..., 1:], [-1]), -1), [-1])  # [..., t] = #(s >= t)
+    # threshold = the largest t with #(s >= t) >= k (0 when k == 0 rows pick nothing below)
+    thr = (at_least >= k).sum(-1, keepdim=True) - 1
+    thr = thr.clamp_min(0)
+    above = s > thr
+    need = k - above.sum(-1, keepdim=True)
+    ties = _pick_last(s == thr, need)
+    return (above | ties) & (k > 0)
+
+
+def topk_sorting(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Top-``k`` real scores among ``candidates`` (ties to the most recent token)."""
+    s = torch.where(candidates, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
+    s = torch.flip(s, [-1])  # stable descending sort keeps the earliest of equal scores: flip => most recent
+    order = torch.argsort(s, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order))
+    return torch.flip(rank, [-1]) < k
+
+
+def select(scores: torch.Tensor | None, valid: torch.Tensor, budget: Budget,
+           max_score: int | None = None) -> torch.Tensor:
+    """Tokens read by each query: sink | window | top-k(scores) among the rest. See module docstring.
+
+    scores None means "no preference": the heavy budget goes to the most recent candidates.
+    max_score given (integer scores 0..max_score) selects by counting; otherwise by a stable sort.
+    """
+    if valid.dtype != torch.bool:
+        raise TypeError(f"valid mask must be bool, got {valid.dtype}")
+    forced, cand, n = forced_and_candidates(valid, budget)
+    if scores is None:
+        k = heavy_counts(n, cand, budget)
+        return forced | _pick_last(cand, k)
+    if scores.dim() != 4:
+        raise ValueError(f"scores must be [B, H, Lq, Lk], got {tuple(scores.shape)}")
+    shape = torch.broadcast_shapes(scores.shape, valid.shape)
+    if shape != scores.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} do not match the mask {tuple(valid.shape)}")
+    forced, cand = forced.expand(shape), cand.expand(shape)
+    k = heavy_counts(n, cand, budget).expand(*shape[:-1], 1)
+    if max_score is not None:
+        heavy = topk_counting(scores, cand, k, max_score)
+    else:
+        heavy = topk_sorting(scores, cand, k)
+    return forced | heavy
+
+
+def causal_valid(batch: int, q_len: int, kv_len: int, device=None) -> torch.Tensor:
+    """bool [batch, 1, q_len, kv_len]: query i (at position kv_len - q_len + i) sees keys <= its position."""
+    qpos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    kpos = torch.arange(kv_len, device=device)[None, :]
+    return (kpos <= qpos).expand(batch, 1, q_len, kv_len)

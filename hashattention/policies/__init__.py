@@ -1,0 +1,42 @@
+"""Selection policies, one per file, all behind :class:`SelectionPolicy`."""
+from __future__ import annotations
+
+from ..core.budget import Budget
+from .base import SelectionPolicy
+from .dense import DensePolicy
+from .hash import HashAttentionPolicy
+from .oracle import OracleTopKPolicy
+from .random import RandomPolicy
+from .sink_window import SinkWindowPolicy
+
+#: name -> (class, needs maps)
+POLICIES = {
+    "dense": DensePolicy,
+    "oracle": OracleTopKPolicy,
+    "hash": HashAttentionPolicy,
+    "simhash": HashAttentionPolicy,
+    "sink_window": SinkWindowPolicy,
+    "random": RandomPolicy,
+}
+
+
+def make_policy(name: str, budget: Budget | None = None, maps=None, model_config=None,
+                per_group: bool = True, **kwargs) -> SelectionPolicy:
+    """Build a policy by name. "hash" needs ``maps``; "simhash" builds untrained 32-bit SimHash maps for
+    ``model_config``."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; available: {', '.join(POLICIES)}")
+    if name == "dense":
+        return DensePolicy()
+    if name == "hash":
+        if maps is None:
+            raise ValueError("policy 'hash' needs trained maps (hashattention.load_maps / load_default_maps)")
+        return HashAttentionPolicy(maps, budget, per_group)
+    if name == "simhash":
+        if model_config is None:
+            raise ValueError("policy 'simhash' needs the model config to size its projections")
+        from ..core.maps import HashMaps
+        from ..weights import maps_config_for
+        maps = HashMaps.simhash(maps_config_for(model_config), seed=kwargs.get("seed", 0))
+        return HashAttentionPolicy(maps, budget, per_group)
+    return POLICIES[name](budget, per_group, **kwargs)

@@ -1,0 +1,74 @@
+"""The one interface every selection policy implements (``which tokens does this query read``).
+
+A policy turns a query block and the cached keys into *scores*; the shared rule in
+:mod:`hashattention.core.selection` turns scores into the tokens read (sink + window + top-k), and one
+sparse attention path reads them. Policies keep per-layer state (signature caches, page summaries,
+accumulated attention) in a dict the integration hands them, reset whenever a new KV cache starts.
+
+Shapes: q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D]; valid bool [B, 1, Lq, Lk];
+scores [B, Hs, Lq, Lk] with Hs = Hkv when ``per_group`` (one selection per KV group: each K/V row is
+read once) and Hs = Hq otherwise.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..core.budget import Budget
+from ..core.selection import select
+
+
+class SelectionPolicy:
+    """Base class. Subclasses override :meth:`scores` (and :meth:`update` / :meth:`observe` for state)."""
+
+    name = "policy"
+    #: integer scores in 0..max_score are selected by counting instead of sorting
+    max_score: int | None = None
+
+    def __init__(self, budget: Budget | None = None, per_group: bool = True):
+        self.budget = budget if budget is not None else Budget()
+        if not isinstance(self.budget, Budget):
+            raise TypeError(f"budget must be a hashattention.Budget, got {type(budget).__name__}")
+        self.per_group = per_group
+
+    # -- state ---------------------------------------------------------------------------------------
+    def update(self, layer: int, state: dict, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Keys/values at positions ``start..Lk-1`` of k, v [B, Hkv, Lk, D] are new in the cache."""
+
+    def observe(self, layer: int, state: dict, probs: torch.Tensor, keep: torch.Tensor) -> None:
+        """Attention probabilities [B, Hq, Lq, Lk] the sparse path just used (for accumulating policies)."""
+
+    wants_probs = False  # set True in policies that implement observe()
+
+    # -- selection -----------------------------------------------------------------------------------
+    def scores(self, layer: int, state: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               valid: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """[B, Hs, Lq, Lk], higher = more worth reading; None = no preference (most recent first)."""
+        return None
+
+    def select(self, layer: int, state: dict, q, k, v, valid: torch.Tensor, scale: float) -> torch.Tensor:
+        """bool keep mask [B, Hs, Lq, Lk]."""
+        return select(self.scores(layer, state, q, k, v, valid, scale), valid, self.budget,
+                      max_score=self.max_score)
+
+    def extra_bits_per_token(self, num_kv_heads: int, num_q_heads: int) -> int:
+        """Extra memory this policy keeps per cached token per layer, in bits, all KV heads together."""
+        return 0
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.budget.describe()}, per_group={self.per_group})"
+
+    # kvpress-style use: ``with policy(model): model.generate(...)``
+    def __call__(self, model, mode: str = "decode", **kwargs):
+        from ..integration.hf import enable
+        return enable(model, self, mode=mode, **kwargs)
+
+
+def group_sum(x: torch.Tensor, hkv: int) -> torch.Tensor:
+    """[B, Hq, Lq, Lk] -> [B, Hkv, Lq, Lk], summing the query heads of each KV group."""
+    b, hq = x.shape[:2]
+    return x.reshape(b, hkv, hq // hkv, *x.shape[2:]).sum(2)
+
+
+def key_ranks(valid: torch.Tensor) -> torch.Tensor:
+    """Position of each key among the valid keys of its row (0-based), independent of left padding."""
+    return torch.cumsum(valid.to(torch.int64), -1) - 1

@@ -1,0 +1,65 @@
+"""HashAttention: learned 32-bit signatures, heavy tokens = most bit matches with the query's signature."""
+from __future__ import annotations
+
+import torch
+
+from ..core.maps import HashMaps
+from ..core.signatures import match_scores
+from .base import SelectionPolicy
+
+
+class HashAttentionPolicy(SelectionPolicy):
+    """Keys are signed once when they enter the cache (``state['sig']``: int32 [B, key_heads, Lk, W]);
+    each query is signed and scored against every cached signature by XOR + popcount.
+
+    Shared by a KV group (``per_group=True``) the score of a key is the sum of the group's bit matches.
+    """
+
+    name = "hash"
+
+    def __init__(self, maps: HashMaps, budget=None, per_group: bool = True):
+        super().__init__(budget, per_group)
+        if not isinstance(maps, HashMaps):
+            raise TypeError(f"maps must be HashMaps, got {type(maps).__name__}")
+        self.maps = maps
+
+    @property
+    def max_score(self):
+        c = self.maps.config
+        group = c.num_q_heads // c.num_kv_heads if self.per_group else 1
+        return c.bits * group
+
+    def update(self, layer, state, k, v, start):
+        c = self.maps.config
+        if layer >= c.num_layers:
+            raise ValueError(f"maps cover {c.num_layers} layers, the model has more (layer {layer})")
+        k_new, v_new = k[:, :, start:], v[:, :, start:]
+        if c.key_heads != k.shape[1]:  # authors' layout: one key map per query head
+            g = c.key_heads // k.shape[1]
+            k_new, v_new = k_new.repeat_interleave(g, 1), v_new.repeat_interleave(g, 1)
+        sig = self.maps.key_signature(layer, k_new, v_new if c.value_norm else None)
+        old = state.get("sig")
+        state["sig"] = sig if old is None or start == 0 else torch.cat([old[:, :, :start], sig], dim=2)
+
+    def scores(self, layer, state, q, k, v, valid, scale):
+        c = self.maps.config
+        q_sig = self.maps.query_signature(layer, q)  # [B, Hq, Lq, W]
+        k_sig = state["sig"]  # [B, key_heads, Lk, W]
+        b, hq, lq, w = q_sig.shape
+        if c.key_heads == hq:
+            s = match_scores(q_sig, k_sig)  # [B, Hq, Lq, Lk]
+            if self.per_group:
+                s = s.view(b, k.shape[1], hq // k.shape[1], lq, -1).sum(2)
+            return s
+        hkv = k_sig.shape[1]
+        s = match_scores(q_sig.view(b, hkv, (hq // hkv) * lq, w), k_sig)  # [B, Hkv, G*Lq, Lk]
+        s = s.view(b, hkv, hq // hkv, lq, -1)
+        return s.sum(2) if self.per_group else s.flatten(1, 2)
+
+    def extra_bits_per_token(self, num_kv_heads: int, num_q_heads: int) -> int:
+        return self.maps.config.bits * self.maps.config.key_heads
+
+    def __repr__(self):
+        kind = self.maps.config.extra.get("kind", "learned")
+        return f"HashAttentionPolicy({kind}, bits={self.maps.config.bits}, {self.budget.describe()}, " \
+               f"per_group={self.per_group})"
