@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from ..core.attention import sparse_attention
 from ..core.selection import causal_valid
 from ..policies.base import SelectionPolicy
 
@@ -139,15 +138,19 @@ class SparseAttentionHandle:
         if self.mode == "decode" and lq > 1:
             return _dense(module, query, key, value, mask, scaling, **kwargs)
         scale = scaling if scaling is not None else d ** -0.5
+        if lq == 1:
+            fast = self.policy.decode_attention(layer, state, query, key, value, valid, scale)
+            if fast is not None:
+                return fast.transpose(1, 2).contiguous(), None
         outs = []
         for s in range(0, lq, self.chunk):
             qc, vc = query[:, :, s:s + self.chunk], valid[:, :, s:s + self.chunk]
             keep = self.policy.select(layer, state, qc, key, value, vc, scale)
             if self.policy.wants_probs:
-                o, p = sparse_attention(qc, key, value, keep, scale, return_probs=True)
+                o, p = self.policy.attend(qc, key, value, keep, scale, return_probs=True)
                 self.policy.observe(layer, state, p, keep)
             else:
-                o = sparse_attention(qc, key, value, keep, scale)
+                o = self.policy.attend(qc, key, value, keep, scale)
             outs.append(o)
             if layer == 0:  # counters stay on the device: no host sync per step
                 self._read = self._read.to(keep.device) + keep.sum(dtype=torch.float64) / keep.shape[1]

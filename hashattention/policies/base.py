@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.attention import sparse_attention
 from ..core.budget import Budget
 from ..core.selection import select
 
@@ -49,6 +50,15 @@ class SelectionPolicy:
         """bool keep mask [B, Hs, Lq, Lk]."""
         return select(self.scores(layer, state, q, k, v, valid, scale), valid, self.budget,
                       max_score=self.max_score)
+
+    def decode_attention(self, layer: int, state: dict, q, k, v, valid, scale: float):
+        """Optional fused fast path for one decode step (Lq == 1): return [B, Hq, 1, D], or None to use the
+        shared select + sparse_attention path."""
+        return None
+
+    def attend(self, q, k, v, keep: torch.Tensor, scale: float, return_probs: bool = False):
+        """Aggregate the values of the kept tokens; softmax attention unless a policy says otherwise."""
+        return sparse_attention(q, k, v, keep, scale, return_probs=return_probs)
 
     def extra_bits_per_token(self, num_kv_heads: int, num_q_heads: int) -> int:
         """Extra memory this policy keeps per cached token per layer, in bits, all KV heads together."""

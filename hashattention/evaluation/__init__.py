@@ -1,0 +1,1 @@
+"""Evaluation: passkey demo, RULER-style suite, perplexity, attention-level recall."""
