@@ -85,8 +85,9 @@ def select(scores: torch.Tensor | None, valid: torch.Tensor, budget: Budget,
         return forced | _pick_last(cand, k)
     if scores.dim() != 4:
         raise ValueError(f"scores must be [B, H, Lq, Lk], got {tuple(scores.shape)}")
-    shape = torch.broadcast_shapes(scores.shape, valid.shape)
-    if shape != scores.shape:
+    shape = scores.shape
+    if valid.dim() != 4 or valid.shape[0] != shape[0] or valid.shape[2:] != shape[2:] or \
+            valid.shape[1] not in (1, shape[1]):
         raise ValueError(f"scores {tuple(scores.shape)} do not match the mask {tuple(valid.shape)}")
     forced, cand = forced.expand(shape), cand.expand(shape)
     k = heavy_counts(n, cand, budget).expand(*shape[:-1], 1)
