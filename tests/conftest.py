@@ -11,6 +11,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long tests, not in the default suite (pytest -m slow)")
     config.addinivalue_line("markers", "gpu: needs CUDA")
+    config.addinivalue_line("markers", "fuzz: heavy property-based fuzzing (also marked slow; HASHATTENTION_FUZZ=1 for more cases)")
 
 
 def tiny_model(kind: str = "llama", layers: int = 2, heads: int = 6, kv_heads: int = 2, head_dim: int = 16,

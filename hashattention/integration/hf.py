@@ -141,6 +141,11 @@ class SparseAttentionHandle:
         if lq == 1:
             fast = self.policy.decode_attention(layer, state, query, key, value, valid, scale)
             if fast is not None:
+                read = state.pop("fast_read", None)  # a fused path reports its tokens read
+                if layer == 0 and read is not None:
+                    self._read = self._read.to(read.device) + read
+                    self._ctx = self._ctx.to(valid.device) + valid.sum(dtype=torch.float64)
+                    self._rows += b
                 return fast.transpose(1, 2).contiguous(), None
         outs = []
         for s in range(0, lq, self.chunk):

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from ..core.budget import Budget
 from .base import SelectionPolicy
+from .bucket import BUCKET_POLICIES, BucketPolicy
 from .dense import DensePolicy
+from .h2o import H2OPolicy
 from .hash import HashAttentionPolicy
 from .oracle import OracleTopKPolicy
+from .quest import QuestPolicy
 from .random import RandomPolicy
 from .sink_window import SinkWindowPolicy
 
@@ -17,6 +20,9 @@ POLICIES = {
     "simhash": HashAttentionPolicy,
     "sink_window": SinkWindowPolicy,
     "random": RandomPolicy,
+    "quest": QuestPolicy,  # policies/quest.py (page min/max bounds)
+    "h2o": H2OPolicy,  # policies/h2o.py (accumulated attention)
+    **BUCKET_POLICIES,  # bucket hash attention (the seed article's reading), policies/bucket.py
 }
 
 

@@ -56,6 +56,42 @@ class HashAttentionPolicy(SelectionPolicy):
         s = s.view(b, hkv, hq // hkv, lq, -1)
         return s.sum(2) if self.per_group else s.flatten(1, 2)
 
+    #: run the fused kernels on CPU tensors too (tests under TRITON_INTERPRET=1 only)
+    kernels_on_cpu = False
+
+    def decode_attention(self, layer, state, q, k, v, valid, scale):
+        """Fused decode step on CUDA (kernels.hash_decode_attention: scoring + counting selection, then
+        split-K sparse attention): same tokens as :meth:`select` and the same attention as the reference
+        path. None (use the reference path) off CUDA, without Triton, for dtypes or head sizes the kernels
+        do not take, or when the valid keys of a row are not one range [start, Lk) (left padding)."""
+        from .. import kernels
+        if not (q.is_cuda or self.kernels_on_cpu) or kernels.triton is None or not kernels.use_triton(q):
+            return None
+        b, hq, lq, d = q.shape
+        lk = k.shape[2]
+        if (lq != 1 or q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype
+                or v.dtype != q.dtype or d & (d - 1) or not 16 <= d <= 256 or k.stride(-1) != 1
+                or v.stride(-1) != 1 or "sig" not in state or state["sig"].shape[2] != lk):
+            return None
+        if valid.dim() != 4 or valid.shape[1] != 1 or valid.shape[2] != 1 or valid.shape[0] != b:
+            return None
+        row = valid[:, 0, 0, :]  # [B, Lk]
+        n_valid = row.sum(-1)
+        starts = lk - n_valid
+        ranges = torch.arange(lk, device=row.device)[None, :] >= starts[:, None]
+        if not bool(torch.equal(row, ranges)):  # not left padding only: the general path handles it
+            return None
+        q_sig = self.maps.query_signature(layer, q)[:, :, 0].contiguous()  # [B, Hq, W]
+        k_sig = state["sig"]
+        if k_sig.stride(-1) != 1:
+            k_sig = k_sig.contiguous()
+        lengths = torch.full_like(starts, lk)
+        idx, counts = kernels.score_select(q_sig, k_sig, starts, lengths, self.budget, k.shape[1],
+                                           per_group=self.per_group, strict=False)
+        out = kernels.sparse_decode(q[:, :, 0], k, v, idx, counts, scale)
+        state["fast_read"] = counts.sum(dtype=torch.float64)  # tokens read, for the handle's statistics
+        return out[:, :, None]
+
     def extra_bits_per_token(self, num_kv_heads: int, num_q_heads: int) -> int:
         return self.maps.config.bits * self.maps.config.key_heads
 

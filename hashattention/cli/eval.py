@@ -1,0 +1,68 @@
+"""`hashattention eval`: the RULER-style long-context suite + perplexity, every policy at equal budgets."""
+from __future__ import annotations
+
+
+def add_parser(sub):
+    p = sub.add_parser("eval", help="long-context suite (RULER-style) and perplexity, policies side by side")
+    p.add_argument("--model", default="default", help="'default', a local folder, a .gguf file or a hub id")
+    p.add_argument("--lengths", default="2K,4K,8K", help="context lengths, e.g. 2K,4K,8K")
+    p.add_argument("--tasks", default="all", help="comma list of tasks or 'all'")
+    p.add_argument("--policies", default="all", help="comma list: dense,oracle,hash,simhash,sink_window,quest,h2o,random")
+    p.add_argument("--budgets", default="1/4,1/8,1/16,1/32", help="heavy budgets (fractions of the context)")
+    p.add_argument("--modes", default="everywhere", help="everywhere and/or decode (comma list)")
+    p.add_argument("--decode-budgets", default="1/16,1/32")
+    p.add_argument("--decode-rounds", type=int, default=1)
+    p.add_argument("--samples", type=int, default=4, help="prompts per task and length")
+    p.add_argument("--round-size", type=int, default=2, help="samples per task in one batch round")
+    p.add_argument("--limit", type=int, default=None, help="cap --samples (quick runs)")
+    p.add_argument("--ppl-samples", type=int, default=2)
+    p.add_argument("--ppl-from", type=int, default=1024)
+    p.add_argument("--sink", type=int, default=128)
+    p.add_argument("--window", type=int, default=128)
+    p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--maps", default=None, help="maps file for policy 'hash' (default: the shipped maps)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="bench/results/eval_default.json", help="results JSON (+ .md, .png beside it)")
+    p.add_argument("--time-limit", type=float, default=None, help="stop starting new batches after this many seconds")
+    p.add_argument("--reference-path", action="store_true", help="use the fp32 reference attention/selection")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def load_model(name, device=None):
+    from ..models import load_model as _load
+    return _load(name, device=device)
+
+
+def run(args) -> int:
+    from ..core.budget import parse_heavy
+    from ..evaluation import ruler
+    from ..evaluation.runner import Suite, check_policies
+    from ..policies import POLICIES
+    ruler.check_tasks(args.tasks)  # bad names fail before the model loads
+    check_policies(args.policies, POLICIES)
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    for b in budgets:
+        parse_heavy(b)
+    model, tok, _ = load_model(args.model, args.device)
+    maps, maps_path = None, None
+    if "hash" in check_policies(args.policies, POLICIES):
+        from ..shipped import DEFAULT_MAPS, has_default_maps
+        from ..weights import load_maps
+        if args.maps:
+            maps_path = args.maps
+        elif has_default_maps():
+            maps_path = DEFAULT_MAPS
+        if maps_path:
+            maps = load_maps(maps_path, model.config, device=next(model.parameters()).device)
+    samples = min(args.samples, args.limit) if args.limit else args.samples
+    suite = Suite(model, tok, tasks=args.tasks, lengths=args.lengths, policies=args.policies, budgets=budgets,
+                  samples=samples, round_size=args.round_size, modes=args.modes.split(","),
+                  decode_budgets=args.decode_budgets.split(","), decode_rounds=args.decode_rounds, seed=args.seed,
+                  sink=args.sink, window=args.window, chunk=args.chunk, maps=maps, maps_path=maps_path,
+                  ppl_samples=args.ppl_samples, ppl_from=args.ppl_from, out=args.out,
+                  time_limit=args.time_limit, progress=not args.no_progress, accelerate=not args.reference_path)
+    suite.run()
+    print(open(suite.out.with_suffix(".md")).read() if suite.out else "")
+    return 0

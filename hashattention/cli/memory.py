@@ -1,0 +1,29 @@
+"""`hashattention memory`: KV-cache and signature bytes for a model, context and batch, before running."""
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub):
+    p = sub.add_parser("memory", help="KV cache vs signature memory for a model, context and batch")
+    p.add_argument("model", nargs="?", default="default",
+                   help="'default', a preset (llama-3.1-8b, llama-3.2-1b, llama-2-7b, mistral-7b, smollm2-135m), "
+                        "a local model folder or a config.json")
+    p.add_argument("--context", default="128K", help="tokens per sequence (e.g. 32768, 32K, 128K)")
+    p.add_argument("--batch", default="1", help="sequences")
+    p.add_argument("--dtype", default="bfloat16", help="KV cache dtype (bfloat16, float16, float32, fp8)")
+    p.add_argument("--bits", type=int, default=32, help="signature bits per token per head")
+    p.add_argument("--key-heads", choices=["kv", "q"], default="kv",
+                   help="signature heads: one per KV head (default maps) or per query head (authors' layout)")
+    p.add_argument("--gpu-memory", default="", help="GPU size (e.g. 80GiB) to say how many sequences fit")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..engine.memory import format_report, memory_report, parse_bytes
+    gpu = parse_bytes(args.gpu_memory) if args.gpu_memory else None
+    rep = memory_report(args.model, args.context, args.batch, dtype=args.dtype, bits=args.bits,
+                        key_heads=args.key_heads, gpu_memory=gpu)
+    print(json.dumps(rep, indent=1) if args.json else format_report(rep))
+    return 0

@@ -1,0 +1,123 @@
+"""`hashattention train`: learn the maps of a frozen model from long text."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def add_parser(sub):
+    p = sub.add_parser("train", help="train the hash maps of a model on long text",
+                       description="Run the frozen model over long text (chunked prefill), collect every layer's "
+                                   "queries/keys/values and train phi_q / phi_kv to find each query's heaviest keys.")
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a folder, .gguf or hub id")
+    p.add_argument("--data", default="pydoc",
+                   help="'pydoc' (Python standard-library docs, offline; held-out modules excluded), a .txt/.jsonl "
+                        "file or folder, or a Hugging Face dataset name")
+    p.add_argument("--text-field", default="text", help="field of jsonl rows / dataset rows holding the text")
+    p.add_argument("--heldout", default=None,
+                   help="text for the held-out recall in the progress bar (default: pydoc:heldout)")
+    p.add_argument("--out", required=True, help="output maps file (.safetensors + .json)")
+    p.add_argument("--context", type=int, default=8192, help="training sequence length in tokens")
+    p.add_argument("--sequences", type=int, default=None, help="at most this many training sequences (default: all)")
+    p.add_argument("--epochs", type=int, default=1, help="passes over the data (reshuffled each pass)")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop after this much training time")
+    p.add_argument("--qchunk", type=int, default=256, help="queries per optimizer step")
+    p.add_argument("--prefill-chunk", type=int, default=1024, help="tokens per prefill chunk of the frozen model")
+    p.add_argument("--topk", type=int, default=32, help="positive keys per query")
+    p.add_argument("--target", choices=["group", "head"], default="group",
+                   help="heaviest keys of each KV group (matches per-group selection) or of each query head (paper)")
+    p.add_argument("--score", choices=["weight", "weight_vnorm"], default="weight",
+                   help="rank keys by attention weight, or weight x ||v|| (Lemma 4.2)")
+    p.add_argument("--alpha", type=float, default=20.0, help="class-1 weight alpha (+ beta * context)")
+    p.add_argument("--beta", type=float, default=0.0)
+    p.add_argument("--threshold", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--bits", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--key-heads", choices=["kv", "q"], default="kv", help="one key map per KV head or per query head")
+    p.add_argument("--value-norm", action="store_true", help="key maps also read log||v||")
+    p.add_argument("--sink", type=int, default=128)
+    p.add_argument("--window", type=int, default=128)
+    p.add_argument("--finetune-passkey", type=int, default=0, metavar="N",
+                   help="mix N synthetic passkey prompts into the data (task fine-tuning; generic maps use 0)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="dtype of the saved maps")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt.pt when it exists")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run)
+    return p
+
+
+def _check_data_arg(data: str):
+    from ..training.corpus import PYDOC
+    if data.startswith(PYDOC):
+        return
+    p = Path(data)
+    if (p.suffix in (".txt", ".jsonl", ".md") or data.startswith((".", "/", "~"))) and not p.exists():
+        raise FileNotFoundError(f"training data {data} does not exist")
+    if p.is_file() and p.stat().st_size == 0:
+        raise ValueError(f"training data {data} is empty")
+
+
+def run(args) -> int:
+    import torch
+
+    from ..models import load_model
+    from ..training.capture import check_capturable
+    from ..training.corpus import load_documents, pack_sequences, text_sha
+    from ..training.trainer import TrainConfig, train
+    from ..weights import maps_config_for, save_maps
+
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    tc = TrainConfig(context=args.context, qchunk=args.qchunk, topk=args.topk, target=args.target, score=args.score,
+                     alpha=args.alpha, beta=args.beta, threshold=args.threshold, lr=args.lr, sink=args.sink,
+                     window=args.window, prefill_chunk=args.prefill_chunk, max_seconds=args.max_seconds,
+                     seed=args.seed)
+    if args.epochs <= 0:
+        raise ValueError(f"--epochs must be positive, got {args.epochs}")
+    if args.sequences is not None and args.sequences <= 0:
+        raise ValueError(f"--sequences must be positive, got {args.sequences}")
+    _check_data_arg(args.data)
+    t_start = time.perf_counter()
+    model, tok, model_id = load_model(args.model, device=args.device)
+    check_capturable(model, args.context)
+    mc = maps_config_for(model.config, bits=args.bits, hidden=args.hidden, depth=args.depth,
+                         value_norm=args.value_norm)
+    if args.key_heads == "q":
+        mc.key_heads = mc.num_q_heads
+    docs, desc = load_documents(args.data, "train", args.text_field)
+    seqs = pack_sequences(tok, docs, args.context, args.sequences, seed=args.seed)
+    if args.finetune_passkey:
+        from ..evaluation.passkey import passkey_prompt
+        extra = []
+        for i in range(args.finetune_passkey):  # seeds far from the evaluation's
+            ids, _ = passkey_prompt(tok, args.context, 10**7 + i)
+            extra.append(torch.nn.functional.pad(ids[0, :args.context], (0, max(0, args.context - ids.shape[1])),
+                                                 value=tok.eos_token_id or 0))
+        seqs = torch.cat([seqs, torch.stack(extra)])[torch.randperm(seqs.shape[0] + len(extra),
+                                                                    generator=torch.Generator().manual_seed(args.seed))]
+        desc += f" + {args.finetune_passkey} passkey prompts"
+    if args.epochs > 1:
+        g = torch.Generator().manual_seed(args.seed + 1)
+        seqs = torch.cat([seqs] + [seqs[torch.randperm(seqs.shape[0], generator=g)] for _ in range(args.epochs - 1)])
+    held_name = args.heldout or "pydoc:heldout"
+    held_docs, _ = load_documents(held_name, "validation", args.text_field)
+    held = pack_sequences(tok, held_docs, args.context, 1, seed=args.seed)
+    log(f"training maps for {model_id}: {seqs.shape[0]} sequences x {args.context} tokens of {desc}; "
+        f"target {args.target}/{args.score}, top-{args.topk}, alpha {args.alpha}")
+    tc.extra = {"data": desc, "epochs": args.epochs, "data_sha": text_sha(docs), "heldout": held_name,
+                "command": "hashattention train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else ""}
+    maps = train(model, seqs, mc, tc, heldout=held, checkpoint=str(Path(args.out).with_suffix("")) + ".ckpt.pt",
+                 resume=args.resume, progress=not args.quiet, log=log)
+    maps = maps.to(getattr(torch, args.dtype))
+    path = save_maps(maps, args.out)
+    e = maps.config.extra
+    log(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {e['tokens']} tokens, {e['steps']} steps, "
+        f"{e['seconds']} s training on {e['device']} ({time.perf_counter() - t_start:.0f} s in all), "
+        f"loss {e['final_loss']}, held-out recall@1/16 {e['heldout_recall_1_16']}")
+    print(json.dumps({"out": str(path), **e}))
+    return 0

@@ -1,0 +1,584 @@
+"""Decode-step kernels of the engine, each a Triton kernel with a PyTorch reference of the same semantics.
+
+- :func:`decode_attention`: split-K flash decoding for one query per sequence, GQA. Dense (the first
+  ``length`` cache rows) or sparse (a list of row indices per KV head, -1 = empty slot). One kernel reads
+  the keys of a KV head once for all query heads of its group; a second kernel merges the splits.
+- :func:`candidate_keys`: XOR-popcount bit matches of each KV group's query signatures against the
+  signature cache, as one integer key per token for ``torch.topk``: ``matches * S + position`` for heavy
+  candidates (so equal scores prefer the most recent token, as the shared selection rule does), -1 for
+  sink, window and not-yet-written positions.
+- :func:`select_indices`: the same keys' selection without a sort: per-block scores and histograms
+  (atomics), the per-row threshold and per-block counts, then each block writes its kept positions into the
+  fixed-size index list (sink and window slots first, -1 in slots the budget leaves empty).
+- :func:`fused_signatures`: phi_q of a step's query heads and phi_kv of its key heads (per-head MLPs,
+  fp32, tf32x3 tensor-core dots on the GPU), signed and packed, the key words written into the signature cache.
+- :func:`rms_norm`, :func:`rope_and_cache`, :func:`silu_mul`: the rest of a decode step in fewer kernels,
+  rounded like transformers' eager ops.
+- :func:`pack_signs32`: sign bits -> int32 words with the bit order of :mod:`hashattention.core.signatures`.
+
+The Triton versions run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests). Set
+``HASHATTENTION_ENGINE_KERNELS=torch`` to force the references.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..core.signatures import popcount32
+
+try:  # Triton is optional on CPU-only installs
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover
+    triton = None
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    if triton is None or os.environ.get("HASHATTENTION_ENGINE_KERNELS", "") == "torch":
+        return False
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def head_dim_ok(d: int) -> bool:
+    """The Triton kernels tile the head dimension whole: a power of two >= 16."""
+    return d >= 16 and d & (d - 1) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# signatures
+_BIT_WEIGHTS: dict = {}
+
+
+def pack_signs32(x: torch.Tensor) -> torch.Tensor:
+    """Sign bits of x [..., bits] (bit = x > 0) -> int32 [..., bits // 32]; same words as core pack_signs,
+    computed in int32 (three kernels instead of int64 arithmetic)."""
+    bits = x.shape[-1]
+    if bits % 32:
+        raise ValueError(f"signature width must be a multiple of 32, got {bits}")
+    key = x.device
+    w = _BIT_WEIGHTS.get(key)
+    if w is None:
+        w64 = torch.tensor([1 << i for i in range(32)], dtype=torch.int64)
+        w = torch.where(w64 >= 2 ** 31, w64 - 2 ** 32, w64).to(torch.int32).to(x.device)
+        _BIT_WEIGHTS[key] = w
+    b = (x > 0).to(torch.int32).view(*x.shape[:-1], bits // 32, 32)
+    # bits are disjoint, so the int32 sum never overflows: it equals the bitwise OR
+    return (b * w).sum(-1, dtype=torch.int32)
+
+
+def candidate_keys_reference(q_sig, sig_cache, length, sink: int, window: int, num_kv_heads: int):
+    """q_sig int32 [B, Hq, W]; sig_cache int32 [B, Hsig, S, W] (Hsig = Hkv, or Hq for per-query-head key
+    maps); length int64 [1]. Returns int64 [B, Hkv, S]."""
+    b, hq, w = q_sig.shape
+    s = sig_cache.shape[2]
+    g = hq // num_kv_heads
+    if sig_cache.shape[1] == num_kv_heads:
+        x = q_sig.view(b, num_kv_heads, g, 1, w) ^ sig_cache[:, :, None]
+    else:
+        x = (q_sig.view(b, hq, 1, w) ^ sig_cache).view(b, num_kv_heads, g, s, w)
+    matches = 32 * w * g - popcount32(x).sum((2, 4))
+    pos = torch.arange(s, device=q_sig.device)
+    cand = (pos >= sink) & (pos < length - window)
+    return torch.where(cand, matches.to(torch.int64) * s + pos, -1)
+
+
+def candidate_keys(q_sig, sig_cache, length, sink: int, window: int, num_kv_heads: int):
+    """See :func:`candidate_keys_reference`; int32 keys when they fit, else int64."""
+    if not use_triton(q_sig):
+        return candidate_keys_reference(q_sig, sig_cache, length, sink, window, num_kv_heads)
+    b, hq, w = q_sig.shape
+    hs, s = sig_cache.shape[1], sig_cache.shape[2]
+    g = hq // num_kv_heads
+    big = (32 * w * g + 1) * s >= 2 ** 31
+    out = torch.empty(b, num_kv_heads, s, device=q_sig.device, dtype=torch.int64 if big else torch.int32)
+    q_sig = q_sig.contiguous()
+    block = 1024
+    grid = (b * num_kv_heads, triton.cdiv(s, block))
+    _candidate_keys_kernel[grid](
+        q_sig, sig_cache, out, length, s, sink, window,
+        q_sig.stride(0), q_sig.stride(1), sig_cache.stride(0), sig_cache.stride(1), sig_cache.stride(2),
+        out.stride(0), out.stride(1),
+        HKV=num_kv_heads, G=g, W=w, PER_QHEAD=hs != num_kv_heads, BLOCK=block, num_warps=4)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _popcount(x):
+        v = x.to(tl.int64) & 0xFFFFFFFF
+        v = v - ((v >> 1) & 0x55555555)
+        v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+        v = (v + (v >> 4)) & 0x0F0F0F0F
+        return (((v * 0x01010101) & 0xFFFFFFFF) >> 24).to(tl.int32)
+
+    @triton.jit
+    def _candidate_keys_kernel(QS, KS, OUT, LEN, S, SINK, WINDOW,
+                               sq_b, sq_h, sk_b, sk_h, sk_n, so_b, so_h,
+                               HKV: tl.constexpr, G: tl.constexpr, W: tl.constexpr, PER_QHEAD: tl.constexpr,
+                               BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        b = pid // HKV
+        h = pid % HKV
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < S
+        length = tl.load(LEN)
+        mism = tl.zeros([BLOCK], dtype=tl.int32)
+        for gi in tl.static_range(G):
+            kh = h * G + gi if PER_QHEAD else h
+            for wi in tl.static_range(W):
+                qs = tl.load(QS + b * sq_b + (h * G + gi) * sq_h + wi)
+                ks = tl.load(KS + b * sk_b + kh * sk_h + offs * sk_n + wi, mask=inside, other=0)
+                mism += _popcount(qs ^ ks)
+        matches = 32 * W * G - mism
+        cand = (offs >= SINK) & (offs < length - WINDOW)
+        key = tl.where(cand, matches.to(tl.int64) * S + offs, -1)
+        tl.store(OUT + b * so_b + h * so_h + offs, key.to(OUT.dtype.element_ty), mask=inside)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decode attention
+def decode_attention_reference(q, k_cache, v_cache, length=None, index=None, scale=None):
+    """q [B, Hq, D]; k_cache, v_cache [B, Hkv, S, D]; either ``length`` int64 [1] (dense: rows < length)
+    or ``index`` int32 [B, Hkv, K] (rows to read, -1 = none). fp32 softmax. Returns [B, Hq, D] in q's dtype."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.view(b, hkv, hq // hkv, d).float()
+    if index is None:
+        k, v = k_cache.float(), v_cache.float()
+        valid = (torch.arange(k.shape[2], device=q.device) < length)[None, None, None, :]
+    else:
+        ix = index.long().clamp_min(0)[..., None].expand(-1, -1, -1, d)
+        k, v = torch.gather(k_cache, 2, ix).float(), torch.gather(v_cache, 2, ix).float()
+        valid = (index >= 0)[:, :, None, :]
+    s = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, N]
+    s = s.masked_fill(~valid, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return torch.matmul(p, v).view(b, hq, d).to(q.dtype)
+
+
+_SM_COUNT: dict = {}
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 8
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SM_COUNT:
+        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SM_COUNT[i]
+
+
+def decode_attention(q, k_cache, v_cache, length=None, index=None, scale=None):
+    """See :func:`decode_attention_reference` (same arguments and result)."""
+    if (length is None) == (index is None):
+        raise ValueError("give exactly one of length (dense) or index (sparse)")
+    if not use_triton(q) or not head_dim_ok(q.shape[-1]):
+        return decode_attention_reference(q, k_cache, v_cache, length, index, scale)
+    b, hq, d = q.shape
+    hkv, s = k_cache.shape[1], k_cache.shape[2]
+    g = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    n = s if index is None else index.shape[-1]
+    block_n = 64
+    blocks = triton.cdiv(n, block_n)
+    # enough programs to keep every SM busy: splits of the keys of one KV head
+    splits = max(1, min(blocks, triton.cdiv(4 * _num_sms(q.device), b * hkv)))
+    split_size = triton.cdiv(blocks, splits) * block_n
+    splits = triton.cdiv(n, split_size)
+    gp = max(16, triton.next_power_of_2(g))
+    o_part = torch.empty(b, hkv, splits, g, d, device=q.device, dtype=torch.float32)
+    m_part = torch.empty(b, hkv, splits, g, device=q.device, dtype=torch.float32)
+    l_part = torch.empty_like(m_part)
+    sparse = index is not None
+    idx = index if sparse else q  # unused pointer when dense
+    ln = length if not sparse else q
+    _decode_split_kernel[(b * hkv, splits)](
+        q, k_cache, v_cache, idx, ln, o_part, m_part, l_part,
+        n, split_size, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        index.stride(0) if sparse else 0, index.stride(1) if sparse else 0,
+        HKV=hkv, G=g, GP=gp, D=d, BLOCK_N=block_n, SPARSE=sparse, SPLITS=splits,
+        IEEE=q.dtype == torch.float32 or not q.is_cuda, num_warps=4, num_stages=2)
+    out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
+    _decode_combine_kernel[(b * hq,)](o_part, m_part, l_part, out, out.stride(0), out.stride(1),
+                                      HKV=hkv, G=g, D=d, SPLITS=splits, SP2=triton.next_power_of_2(splits),
+                                      num_warps=4)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _decode_split_kernel(Q, K, V, IDX, LEN, OP, MP, LP, N, SPLIT, qk_scale,
+                             sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h,
+                             HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                             BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, SPLITS: tl.constexpr,
+                             IEEE: tl.constexpr):
+        pid = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = pid // HKV
+        h = pid % HKV
+        rows_g = tl.arange(0, GP)
+        cols = tl.arange(0, D)
+        gmask = rows_g < G
+        q = tl.load(Q + b * sq_b + (h * G + rows_g)[:, None] * sq_h + cols[None, :], mask=gmask[:, None], other=0.0)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        start = sp * SPLIT
+        end = tl.minimum(start + SPLIT, N)
+        if not SPARSE:
+            end = tl.minimum(end, tl.load(LEN).to(tl.int32))
+        kb = K + b * sk_b + h * sk_h
+        vb = V + b * sv_b + h * sv_h
+        for n0 in range(start, end, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            inside = offs < end
+            if SPARSE:
+                rows = tl.load(IDX + b * si_b + h * si_h + offs, mask=inside, other=-1)
+                valid = rows >= 0
+                rows = tl.where(valid, rows, 0)
+            else:
+                rows = offs
+                valid = inside
+            k = tl.load(kb + rows[:, None].to(tl.int64) * sk_n + cols[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(vb + rows[:, None].to(tl.int64) * sv_n + cols[None, :], mask=valid[:, None], other=0.0)
+            if IEEE:  # fp32 inputs, or the CPU interpreter (which mishandles bf16 dots)
+                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        base = (b * HKV + h) * SPLITS + sp  # only the G real query rows are kept
+        tl.store(OP + (base * G + rows_g)[:, None] * D + cols[None, :], acc, mask=gmask[:, None])
+        tl.store(MP + base * G + rows_g, m_i, mask=gmask)
+        tl.store(LP + base * G + rows_g, l_i, mask=gmask)
+
+    @triton.jit
+    def _decode_combine_kernel(OP, MP, LP, OUT, so_b, so_h,
+                               HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+                               SP2: tl.constexpr):
+        pid = tl.program_id(0)  # one query head: (b, kv head, g)
+        g = pid % G
+        bh = pid // G
+        b = bh // HKV
+        h = bh % HKV
+        sp = tl.arange(0, SP2)
+        smask = sp < SPLITS
+        cols = tl.arange(0, D)
+        row = (bh * SPLITS + sp) * G + g
+        m = tl.load(MP + row, mask=smask, other=float("-inf"))  # log2-domain maxima of the splits
+        mx = tl.max(m, 0)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        w = tl.math.exp2(m - mx)
+        den = tl.sum(w * tl.load(LP + row, mask=smask, other=0.0), 0)
+        o = tl.load(OP + row[:, None] * D + cols[None, :], mask=smask[:, None], other=0.0)
+        out = tl.sum(w[:, None] * o, 0) / tl.where(den > 0, den, 1.0)
+        tl.store(OUT + b * so_b + (h * G + g) * so_h + cols, out.to(OUT.dtype.element_ty))
+
+
+# ---------------------------------------------------------------------------------------------------------
+#: fp32 matmul precision of the fused maps on the GPU: "tf32x3" (three tensor-core passes, ~fp32 accuracy)
+#: or "ieee" (exact fp32 FMA; slow for 128-wide tiles)
+MAPS_PRECISION = os.environ.get("HASHATTENTION_MAPS_PRECISION", "tf32x3")
+
+
+# fused maps: phi_q of the new query heads and phi_kv of the new key heads of one layer, signed and packed
+def fused_signatures(x: torch.Tensor, ws: list, bs: list | None, layer: int, num_q_heads: int,
+                     sig_cache_layer: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x [B, Hq + Hs, D] (the step's rotated queries, then its keys); ws[i] [L, Hq+Hs, a_i, b_i] fp32 stacked
+    map weights, bs[i] [L, Hq+Hs, 1, b_i] biases (or None). Writes the key signatures into
+    sig_cache_layer [B, Hs, S, W] at position ``pos`` and returns the query signatures int32 [B, Hq, W].
+    One program per (head, 16 sequences) runs the whole MLP and packs the sign bits."""
+    b, h, d = x.shape
+    depth = len(ws)
+    bits = ws[-1].shape[-1]
+    hid = ws[0].shape[-1] if depth > 1 else bits
+    words = bits // 32
+    q_out = torch.empty(b, num_q_heads, words, device=x.device, dtype=torch.int32)
+    x = x.contiguous()
+    bp = 16  # rows (sequences) per program: larger tiles spill registers at 128-wide maps
+    w = [t[layer] for t in ws] + [ws[0][layer]] * (3 - depth)  # unused slots point anywhere valid
+    bb = [t[layer] for t in bs] + [bs[0][layer]] * (3 - depth) if bs is not None else [w[0]] * 3
+    sc = sig_cache_layer
+    _maps_kernel[(h, triton.cdiv(b, bp))](x, w[0], bb[0], w[1], bb[1], w[2], bb[2], q_out, sc, pos, b,
+                       x.stride(0), x.stride(1), q_out.stride(0), q_out.stride(1),
+                       sc.stride(0), sc.stride(1), sc.stride(2),
+                       HQ=num_q_heads, D=d, HID=hid, BITS=bits, WORDS=words, DEPTH=depth, BP=bp,
+                       HAS_BIAS=bs is not None, PREC=MAPS_PRECISION if x.is_cuda else "ieee", num_warps=4)
+    return q_out
+
+
+if triton is not None:
+    @triton.jit
+    def _dense_layer(x, W, Bv, h, K: tl.constexpr, N: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                     PREC: tl.constexpr):
+        kk = tl.arange(0, K)
+        nn_ = tl.arange(0, N)
+        wt = tl.load(W + h * K * N + kk[:, None] * N + nn_[None, :])
+        y = tl.dot(x, wt, input_precision=PREC)
+        if HAS_BIAS:
+            y = y + tl.load(Bv + h * N + nn_)[None, :]
+        if ACT:
+            y = y * tl.sigmoid(y)
+        return y
+
+    @triton.jit
+    def _maps_kernel(X, W1, B1, W2, B2, W3, B3, QO, SC, POS, B,
+                     sx_b, sx_h, sq_b, sq_h, ss_b, ss_h, ss_n,
+                     HQ: tl.constexpr, D: tl.constexpr, HID: tl.constexpr, BITS: tl.constexpr,
+                     WORDS: tl.constexpr, DEPTH: tl.constexpr, BP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     PREC: tl.constexpr):
+        h = tl.program_id(0)
+        rows = tl.program_id(1) * BP + tl.arange(0, BP)
+        rmask = rows < B
+        cols = tl.arange(0, D)
+        x = tl.load(X + rows[:, None] * sx_b + h * sx_h + cols[None, :], mask=rmask[:, None], other=0.0)
+        x = x.to(tl.float32)
+        if DEPTH == 1:
+            y = _dense_layer(x, W1, B1, h, D, BITS, HAS_BIAS, False, PREC)
+        elif DEPTH == 2:
+            y = _dense_layer(x, W1, B1, h, D, HID, HAS_BIAS, True, PREC)
+            y = _dense_layer(y, W2, B2, h, HID, BITS, HAS_BIAS, False, PREC)
+        else:
+            y = _dense_layer(x, W1, B1, h, D, HID, HAS_BIAS, True, PREC)
+            y = _dense_layer(y, W2, B2, h, HID, HID, HAS_BIAS, True, PREC)
+            y = _dense_layer(y, W3, B3, h, HID, BITS, HAS_BIAS, False, PREC)
+        j = tl.arange(0, BITS)
+        one = tl.full([BP, BITS], 1, tl.int32)
+        bit = tl.where(y > 0, one << (j % 32)[None, :], 0)  # bit j of word j // 32; disjoint, so sum == OR
+        packed = tl.sum(tl.reshape(bit, [BP, WORDS, 32]), axis=2)  # [BP, WORDS]
+        wcol = tl.arange(0, WORDS)
+        hh = h + 0 * (rows[:, None] + wcol[None, :])  # the head index as a full [BP, WORDS] tensor
+        live = rmask[:, None] & (wcol[None, :] < WORDS)
+        tl.store(QO + rows[:, None] * sq_b + h * sq_h + wcol[None, :], packed, mask=live & (hh < HQ))
+        pos = tl.load(POS)
+        kh = tl.maximum(hh - HQ, 0)
+        tl.store(SC + rows[:, None] * ss_b + kh * ss_h + pos * ss_n + wcol[None, :], packed,
+                 mask=live & (hh >= HQ))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# counting selection: sink + window + the top heavy scores (ties to the most recent), as index lists
+def select_indices(q_sig, sig_cache, length, allowed, sink: int, window: int, num_kv_heads: int,
+                   heavy_slots: int) -> torch.Tensor:
+    """Token indices each KV head reads: int32 [B, Hkv, sink + window + heavy_slots], -1 = empty.
+
+    q_sig int32 [B, Hq, W]; sig_cache int32 [B, Hsig, S, W]; length int64 [1] (tokens in the cache);
+    allowed int64 [1] (the heavy budget at this length). Same set as :func:`hashattention.core.selection.
+    select` with bit-match scores summed over the query heads of each KV group: a histogram of the integer
+    scores gives the threshold (counting top-k, no sort), then each block writes its kept positions.
+    Three kernels: scores + histogram, per-block counts, compaction."""
+    b, hq, w = q_sig.shape
+    hs, s = sig_cache.shape[1], sig_cache.shape[2]
+    g = hq // num_kv_heads
+    r = b * num_kv_heads
+    max_score = 32 * w * g
+    nbins = triton.next_power_of_2(max_score + 2)  # the last bin collects the non-candidates
+    block = 1024
+    nblk = triton.cdiv(s, block)
+    dev = q_sig.device
+    k_total = sink + window + heavy_slots
+    q_sig = q_sig.contiguous()
+    hist = torch.zeros(r, nbins, device=dev, dtype=torch.int32)
+    scores = torch.empty(r, s, device=dev, dtype=torch.int32)
+    counts = torch.empty(r, triton.next_power_of_2(nblk), 2, device=dev, dtype=torch.int32)
+    idx = torch.empty(b, num_kv_heads, k_total, device=dev, dtype=torch.int32)
+    grid = (r, nblk)
+    common = dict(HKV=num_kv_heads, BLOCK=block, NBINS=nbins, MAXS=max_score)
+    _sel_scores_kernel[grid](q_sig, sig_cache, scores, hist, length, s, sink, window,
+                             q_sig.stride(0), q_sig.stride(1), sig_cache.stride(0), sig_cache.stride(1),
+                             sig_cache.stride(2), G=g, W=w, PER_QHEAD=hs != num_kv_heads, **common, num_warps=4)
+    _sel_count_kernel[grid](scores, hist, counts, idx, length, allowed, s, sink, window, heavy_slots, k_total,
+                            NBLKP=counts.shape[1], SINKP=triton.next_power_of_2(max(sink, 1)),
+                            WINP=triton.next_power_of_2(max(window, 1)), **common, num_warps=4)
+    if heavy_slots > 0:
+        _sel_write_kernel[grid](scores, hist, counts, idx, allowed, s, sink + window, k_total,
+                                NBLKP=counts.shape[1], **common, num_warps=4)
+    return idx
+
+
+if triton is not None:
+    @triton.jit
+    def _sel_scores_kernel(QS, KS, SCORES, HIST, LEN, S, SINK, WINDOW, sq_b, sq_h, sk_b, sk_h, sk_n,
+                           HKV: tl.constexpr, G: tl.constexpr, W: tl.constexpr, PER_QHEAD: tl.constexpr,
+                           BLOCK: tl.constexpr, NBINS: tl.constexpr, MAXS: tl.constexpr):
+        r = tl.program_id(0)
+        b = r // HKV
+        h = r % HKV
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < S
+        length = tl.load(LEN)
+        mism = tl.zeros([BLOCK], dtype=tl.int32)
+        for gi in tl.static_range(G):
+            kh = h * G + gi if PER_QHEAD else h
+            for wi in tl.static_range(W):
+                qs = tl.load(QS + b * sq_b + (h * G + gi) * sq_h + wi)
+                ks = tl.load(KS + b * sk_b + kh * sk_h + offs * sk_n + wi, mask=inside, other=0)
+                mism += _popcount(qs ^ ks)
+        cand = (offs >= SINK) & (offs < length - WINDOW) & inside
+        sc = tl.where(cand, MAXS - mism, -1)
+        tl.store(SCORES + r * S + offs, sc, mask=inside)
+        hb = tl.histogram(tl.where(cand, sc, NBINS - 1), NBINS)
+        tl.atomic_add(HIST + r * NBINS + tl.arange(0, NBINS), hb)
+
+    @triton.jit
+    def _sel_threshold(HIST, r, allowed, NBINS: tl.constexpr, MAXS: tl.constexpr):
+        """(threshold, #scores above it, #ties to take) of row r for k = min(allowed, candidates)."""
+        t = tl.arange(0, NBINS)
+        hh = tl.load(HIST + r * NBINS + t)
+        hh = tl.where(t <= MAXS, hh, 0)
+        total = tl.sum(hh, 0)
+        k = tl.minimum(allowed, total.to(tl.int64)).to(tl.int32)
+        ge = total - (tl.cumsum(hh, 0) - hh)  # ge[t] = #(score >= t)
+        thr = tl.sum(((ge >= k) & (t <= MAXS)).to(tl.int32), 0) - 1
+        thr = tl.where(k > 0, thr, MAXS + 1)  # k == 0: nothing above, no ties
+        gt = tl.sum(tl.where(t > thr, hh, 0), 0)
+        return thr, gt, k - gt, k
+
+    @triton.jit
+    def _sel_count_kernel(SCORES, HIST, COUNTS, IDX, LEN, ALLOWED, S, SINK, WINDOW, HEAVY, KT,
+                          HKV: tl.constexpr, BLOCK: tl.constexpr, NBINS: tl.constexpr, MAXS: tl.constexpr,
+                          NBLKP: tl.constexpr, SINKP: tl.constexpr, WINP: tl.constexpr):
+        r = tl.program_id(0)
+        blk = tl.program_id(1)
+        allowed = tl.load(ALLOWED)
+        thr, gt, need, k = _sel_threshold(HIST, r, allowed, NBINS, MAXS)
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        sc = tl.load(SCORES + r * S + offs, mask=offs < S, other=-1)
+        tl.store(COUNTS + (r * NBLKP + blk) * 2, tl.sum((sc > thr).to(tl.int32), 0))
+        tl.store(COUNTS + (r * NBLKP + blk) * 2 + 1, tl.sum((sc == thr).to(tl.int32), 0))
+        if blk == 0:  # the forced slots, and -1 in the heavy slots the budget leaves empty
+            length = tl.load(LEN).to(tl.int32)
+            si = tl.arange(0, SINKP)
+            tl.store(IDX + r * KT + si, tl.where(si < length, si, -1), mask=si < SINK)
+            wi = tl.arange(0, WINP)
+            wp = length - WINDOW + wi
+            tl.store(IDX + r * KT + SINK + wi, tl.where(wp >= SINK, wp, -1), mask=wi < WINDOW)
+            for j0 in range(0, HEAVY, BLOCK):
+                j = j0 + tl.arange(0, BLOCK)
+                tl.store(IDX + r * KT + SINK + WINDOW + j, tl.full([BLOCK], -1, tl.int32), mask=(j >= k) & (j < HEAVY))
+
+    @triton.jit
+    def _sel_write_kernel(SCORES, HIST, COUNTS, IDX, ALLOWED, S, FORCED, KT,
+                          HKV: tl.constexpr, BLOCK: tl.constexpr, NBINS: tl.constexpr, MAXS: tl.constexpr,
+                          NBLKP: tl.constexpr):
+        r = tl.program_id(0)
+        blk = tl.program_id(1)
+        allowed = tl.load(ALLOWED)
+        thr, gt, need, k = _sel_threshold(HIST, r, allowed, NBINS, MAXS)
+        jb = tl.arange(0, NBLKP)
+        nblk = tl.num_programs(1)
+        c_gt = tl.load(COUNTS + (r * NBLKP + jb) * 2, mask=jb < nblk, other=0)
+        c_eq = tl.load(COUNTS + (r * NBLKP + jb) * 2 + 1, mask=jb < nblk, other=0)
+        gt_before = tl.sum(tl.where(jb < blk, c_gt, 0), 0)
+        eq_after = tl.sum(tl.where(jb > blk, c_eq, 0), 0)
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        sc = tl.load(SCORES + r * S + offs, mask=offs < S, other=-1)
+        above = (sc > thr).to(tl.int32)
+        slot_a = gt_before + tl.cumsum(above, 0) - 1
+        tl.store(IDX + r * KT + FORCED + slot_a, offs, mask=above > 0)
+        tie = (sc == thr).to(tl.int32)
+        from_end = eq_after + tl.sum(tie, 0) - tl.cumsum(tie, 0)  # ties after this one (0 = most recent)
+        keep = (tie > 0) & (from_end < need)
+        tl.store(IDX + r * KT + FORCED + gt + from_end, offs, mask=keep)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fused pieces of the decode step outside attention (fewer kernels per layer inside the CUDA graph)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """transformers' LlamaRMSNorm of x [R, H] (or of x + residual, also returned): normalize in fp32, cast
+    to x's dtype, then scale by weight. Returns y, or (x + residual, y)."""
+    r, hdim = x.shape
+    y = torch.empty_like(x)
+    s = torch.empty_like(x) if residual is not None else x
+    _rms_kernel[(r,)](x, residual if residual is not None else x, weight, y, s, hdim, eps,
+                      HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(hdim), num_warps=8)
+    return (s, y) if residual is not None else y
+
+
+def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, pos: torch.Tensor, num_q_heads: int, num_kv_heads: int):
+    """qkv [B, (Hq + 2 Hkv) * D] of one step -> rotated q and k as one tensor [B, Hq + Hkv, D]; the
+    rotated k and the v are written into k_cache, v_cache [B, Hkv, S, D] at ``pos``. cos, sin [1, D] in
+    the model dtype (the products are rounded like transformers' bf16 arithmetic)."""
+    b = qkv.shape[0]
+    d = cos.shape[-1]
+    nqk = num_q_heads + num_kv_heads
+    out = torch.empty(b, nqk, d, device=qkv.device, dtype=qkv.dtype)
+    _rope_kernel[(b, nqk + num_kv_heads)](qkv, cos, sin, out, k_cache, v_cache, pos, qkv.stride(0),
+                                          k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                                          HQ=num_q_heads, NQK=nqk, D=d, num_warps=1)
+    return out
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """gu [R, 2 I] (gate then up) -> silu(gate) * up [R, I], rounded like the eager bf16 ops."""
+    r, two_i = gu.shape
+    i = two_i // 2
+    out = torch.empty(r, i, device=gu.device, dtype=gu.dtype)
+    block = 1024
+    _silu_mul_kernel[(r, triton.cdiv(i, block))](gu, out, i, BLOCK=block, num_warps=4)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _rms_kernel(X, RES, W, Y, S, H, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        m = cols < H
+        x = tl.load(X + row * H + cols, mask=m, other=0.0)
+        if HAS_RES:
+            x = (x.to(tl.float32) + tl.load(RES + row * H + cols, mask=m, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+            tl.store(S + row * H + cols, x, mask=m)
+        xf = x.to(tl.float32)
+        var = tl.sum(xf * xf, 0) / H
+        h = (xf * tl.math.rsqrt(var + eps)).to(X.dtype.element_ty)
+        w = tl.load(W + cols, mask=m, other=0.0)
+        tl.store(Y + row * H + cols, (w.to(tl.float32) * h.to(tl.float32)).to(Y.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _rope_kernel(QKV, COS, SIN, OUT, KC, VC, POS, s_row, sk_b, sk_h, sk_n,
+                     HQ: tl.constexpr, NQK: tl.constexpr, D: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        half: tl.constexpr = D // 2
+        j = tl.arange(0, D)
+        x = tl.load(QKV + b * s_row + h * D + j)
+        pos = tl.load(POS)
+        if h < NQK:
+            partner = tl.load(QKV + b * s_row + h * D + (j + half) % D)
+            rot = tl.where(j < half, -partner.to(tl.float32), partner.to(tl.float32)).to(x.dtype)
+            c = tl.load(COS + j)
+            s = tl.load(SIN + j)
+            a = (x.to(tl.float32) * c.to(tl.float32)).to(x.dtype)
+            bb = (rot.to(tl.float32) * s.to(tl.float32)).to(x.dtype)
+            y = (a.to(tl.float32) + bb.to(tl.float32)).to(x.dtype)
+            tl.store(OUT + (b * NQK + h) * D + j, y)
+            if h >= HQ:
+                tl.store(KC + b * sk_b + (h - HQ) * sk_h + pos * sk_n + j, y)
+        else:
+            tl.store(VC + b * sk_b + (h - NQK) * sk_h + pos * sk_n + j, x)
+
+    @triton.jit
+    def _silu_mul_kernel(GU, OUT, I, BLOCK: tl.constexpr):
+        r = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < I
+        g = tl.load(GU + r * 2 * I + cols, mask=m, other=0.0)
+        u = tl.load(GU + r * 2 * I + I + cols, mask=m, other=0.0)
+        gf = g.to(tl.float32)
+        act = (gf * tl.sigmoid(gf)).to(g.dtype)
+        tl.store(OUT + r * I + cols, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=m)

@@ -1,0 +1,552 @@
+"""A gpt-fast-style Llama for fast decoding, dense or HashAttention, in one file.
+
+Everything the decode step touches is preallocated with static shapes, so one step is a fixed sequence of
+kernels that a CUDA graph can replay without host syncs:
+
+    k_cache, v_cache: [L, B, Hkv, S, D]   model dtype      (S = max_seq_len, the cache length)
+    sig_cache:        [L, B, Hsig, S, W]  int32            (HashAttention: W = bits // 32 words per token)
+    cos, sin:         [S, D]              fp32 rotary tables (made by transformers' own rotary class, so
+                                                           llama3 / linear / dynamic scaling all match)
+
+All sequences of a batch share one position (equal-length prompts, no padding), as in gpt-fast.
+
+Prefill is dense (SDPA, causal), in chunks of ``prefill_chunk`` tokens; the keys it writes are signed at
+the same time. Decode is one token per sequence; on CUDA each layer is about a dozen kernels (fused RMSNorm +
+residual, rotary + cache write, silu * up, cuBLAS matmuls; :mod:`hashattention.engine.kernels`):
+
+  - ``dense``: split-K flash decoding over the first ``pos + 1`` cache rows.
+  - ``hash``:  one kernel signs the step's query heads with phi_q and its key heads with phi_kv (written to
+    the signature cache), three kernels score the signature cache (bit matches summed over the query heads
+    of a KV group, one selection per KV head) and select by counting, and attention reads a *fixed-size*
+    list of K = sink + window + heavy token indices (heavy = the budget at the cache length, static);
+    slots the budget leaves empty are -1 and skipped. The selection is the shared rule of
+    :func:`hashattention.core.selection.select`: sink and window always read, the heavy budget at the
+    *current* length (a fraction of it, or a count) goes to the highest scores, ties to the most recent
+    token. So the engine reads exactly what the Hugging Face integration reads.
+  - ``hash-team``: the same with :mod:`hashattention.kernels` (score_select + sparse_decode) for the
+    selection and the sparse attention; ``none`` and ``hash-fixed`` are ablations for time breakdowns.
+
+Without CUDA (or with ``HASHATTENTION_ENGINE_KERNELS=torch``) the same step runs on PyTorch references.
+
+Supported: Hugging Face ``llama``, ``mistral`` (no sliding window) and ``qwen2`` (q/k/v bias) models.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.budget import Budget
+from ..core.maps import HashMaps
+from . import kernels
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ATTENTION_MODES = ("dense", "hash", "none", "hash-fixed", "hash-team")
+
+
+class UnsupportedModelError(ValueError):
+    """The engine cannot run this model (family or feature)."""
+
+
+class CacheError(ValueError):
+    """A request that does not fit the preallocated caches (too long, too many sequences)."""
+
+
+@dataclass
+class EngineConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 8192
+    sliding_window: int | None = None  # the engine attends to the whole cache: caches may not exceed it
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_hf(cls, config) -> "EngineConfig":
+        """From a transformers config; raises :class:`UnsupportedModelError` naming what is not supported."""
+        mt = getattr(config, "model_type", None)
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModelError(f"the fast decode engine supports model types "
+                                        f"{', '.join(SUPPORTED_MODEL_TYPES)}; got {mt!r}")
+        sw = getattr(config, "sliding_window", None)
+        if mt == "qwen2" and not getattr(config, "use_sliding_window", False):
+            sw = None
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"activation {config.hidden_act!r} is not supported (silu only)")
+        hq = config.num_attention_heads
+        hkv = getattr(config, "num_key_value_heads", None) or hq
+        return cls(model_type=mt, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                   intermediate_size=config.intermediate_size, num_layers=config.num_hidden_layers,
+                   num_heads=hq, num_kv_heads=hkv,
+                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // hq,
+                   rms_norm_eps=config.rms_norm_eps,
+                   attention_bias=bool(getattr(config, "attention_bias", False) or mt == "qwen2"),
+                   tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+                   max_position_embeddings=getattr(config, "max_position_embeddings", 8192),
+                   sliding_window=sw)
+
+
+# --- presets: shapes of public checkpoints (for random-weight benchmarks and the memory report) ----------
+PRESETS = {
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=False,
+                         rope_theta=500000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=True,
+                         rope_theta=500000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "llama-2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+                       rms_norm_eps=1e-5, max_position_embeddings=4096, tie_word_embeddings=False,
+                       rope_theta=10000.0),
+    "mistral-7b": dict(model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       rms_norm_eps=1e-5, max_position_embeddings=32768, tie_word_embeddings=False,
+                       rope_theta=1000000.0, sliding_window=None),
+    # the embedded default model (SmolLM2-135M-Instruct), so "default" needs no GGUF file for a report
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=True,
+                         rope_theta=100000.0),
+}
+PRESET_ALIASES = {"default": "smollm2-135m", "llama-3.1-8b-instruct": "llama-3.1-8b", "llama3.1-8b": "llama-3.1-8b",
+                  "8b": "llama-3.1-8b", "mistral-7b-instruct-v0.3": "mistral-7b"}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS) + sorted(PRESET_ALIASES)
+
+
+def preset_config(name: str):
+    """A transformers config object (no weights) for a preset name."""
+    import transformers
+    key = PRESET_ALIASES.get(name.lower(), name.lower())
+    if key not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(preset_names())}")
+    kw = dict(PRESETS[key])
+    mt = kw.pop("model_type")
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+           "qwen2": transformers.Qwen2Config}[mt]
+    cfg = cls(**kw)
+    cfg._name_or_path = key
+    return cfg
+
+
+def rotary_tables(hf_config, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos, sin [length, D] from transformers' rotary class for this config (exactly what HF applies)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    rot = LlamaRotaryEmbedding(hf_config)
+    pos = torch.arange(length, dtype=torch.int64)[None]
+    cos, sin = rot(torch.zeros(1, dtype=torch.float32), pos)
+    return cos[0].to(device), sin[0].to(device)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # as transformers' LlamaRMSNorm: normalize in fp32, cast back, then scale
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: EngineConfig):
+        super().__init__()
+        self.c = c
+        self.wqkv = nn.Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * c.head_dim, bias=c.attention_bias)
+        self.wo = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: EngineConfig):
+        super().__init__()
+        self.w13 = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)  # gate and up in one matmul
+        self.w2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        g, u = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(g) * u)
+
+
+class Block(nn.Module):
+    def __init__(self, c: EngineConfig):
+        super().__init__()
+        self.attention = Attention(c)
+        self.mlp = MLP(c)
+        self.attention_norm = nn.Parameter(torch.ones(c.hidden_size))
+        self.ffn_norm = nn.Parameter(torch.ones(c.hidden_size))
+
+
+class Transformer(nn.Module):
+    """The model plus its static caches. Build with :meth:`from_hf` / :meth:`random`, then
+    :meth:`setup_caches`, then :meth:`prefill` and :meth:`decode_step` (or use
+    :class:`hashattention.engine.generate.Generator`)."""
+
+    def __init__(self, c: EngineConfig, hf_config):
+        super().__init__()
+        self.c = c
+        self.hf_config = hf_config
+        self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+        self.norm = nn.Parameter(torch.ones(c.hidden_size))
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.batch = self.max_seq_len = 0
+        self.maps = None
+        self.budget = None
+        self.k_cache = self.v_cache = self.sig_cache = None
+
+    # -- construction --------------------------------------------------------------------------------
+    @classmethod
+    def random(cls, hf_config, device=None, dtype=torch.bfloat16, seed: int = 0) -> "Transformer":
+        """Random weights of the right shapes and a sane scale (for speed measurements: no download)."""
+        c = EngineConfig.from_hf(hf_config)
+        with torch.device("meta"):
+            m = cls(c, hf_config)
+        m = m.to_empty(device=device or "cpu").to(dtype)._tie()
+        g = torch.Generator(device=m.norm.device).manual_seed(seed)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if p.dim() == 1:
+                    p.fill_(1.0) if "norm" in name else p.zero_()
+                else:
+                    p.normal_(0.0, 0.02, generator=g)
+        return m.eval()
+
+    @classmethod
+    def from_hf(cls, hf_model, device=None, dtype=None) -> "Transformer":
+        """Copy the weights of a transformers LlamaForCausalLM-like model (e.g. from
+        :func:`hashattention.models.load_model`) into an engine model."""
+        cfg = hf_model.config
+        c = EngineConfig.from_hf(cfg)
+        src = hf_model.model
+        p0 = next(hf_model.parameters())
+        device = torch.device(device) if device is not None else p0.device
+        dtype = dtype or p0.dtype
+        with torch.device("meta"):
+            m = cls(c, cfg)
+        m = m.to_empty(device=device).to(dtype)._tie()
+        with torch.no_grad():
+            m.embed.weight.copy_(src.embed_tokens.weight)
+            for blk, hl in zip(m.layers, src.layers):
+                a = hl.self_attn
+                blk.attention.wqkv.weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+                if c.attention_bias:
+                    blk.attention.wqkv.bias.copy_(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
+                blk.attention.wo.weight.copy_(a.o_proj.weight)
+                blk.mlp.w13.weight.copy_(torch.cat([hl.mlp.gate_proj.weight, hl.mlp.up_proj.weight]))
+                blk.mlp.w2.weight.copy_(hl.mlp.down_proj.weight)
+                blk.attention_norm.copy_(hl.input_layernorm.weight)
+                blk.ffn_norm.copy_(hl.post_attention_layernorm.weight)
+            m.norm.copy_(src.norm.weight)
+            if not c.tie_word_embeddings:
+                m.lm_head.weight.copy_(hf_model.lm_head.weight)
+        return m.eval()
+
+    def _tie(self) -> "Transformer":
+        # to_empty() / .to() give the head its own tensor: share the embedding again when the model ties them
+        if self.c.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        return self
+
+    @property
+    def device(self):
+        return self.embed.weight.device
+
+    @property
+    def dtype(self):
+        return self.embed.weight.dtype
+
+    # -- caches --------------------------------------------------------------------------------------
+    def setup_caches(self, batch: int, max_seq_len: int, maps: HashMaps | None = None,
+                     budget: Budget | None = None, check_memory: bool = True):
+        """Allocate the static caches for ``batch`` sequences of up to ``max_seq_len`` tokens (prompt plus
+        generated), and the signature cache when ``maps`` are given. Checks the memory *before* allocating."""
+        from .memory import cache_bytes, check_fits
+        c = self.c
+        if not isinstance(batch, int) or batch < 1:
+            raise CacheError(f"batch must be a positive integer, got {batch!r}")
+        if not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise CacheError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+        if maps is not None:
+            mc = maps.config
+            want = (c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim)
+            got = (mc.num_layers, mc.num_q_heads, mc.num_kv_heads, mc.head_dim)
+            if got != want:
+                raise ValueError(f"maps (layers, q heads, kv heads, head_dim) = {got} do not fit the model {want}")
+        if c.sliding_window is not None and max_seq_len > c.sliding_window:
+            raise UnsupportedModelError(f"this {c.model_type} model attends through a sliding window of "
+                                        f"{c.sliding_window} tokens; the engine has none: use max_seq_len <= "
+                                        f"{c.sliding_window}")
+        self.k_cache = self.v_cache = self.sig_cache = None  # free the old caches before sizing the new
+        if check_memory and self.device.type == "cuda":
+            need = cache_bytes(c, batch, max_seq_len, self.dtype, maps.config if maps is not None else None)
+            check_fits(need, self.device, what=f"caches for batch {batch} x {max_seq_len} tokens")
+        kv_shape = (c.num_layers, batch, c.num_kv_heads, max_seq_len, c.head_dim)
+        self.k_cache = torch.zeros(kv_shape, device=self.device, dtype=self.dtype)
+        self.v_cache = torch.zeros(kv_shape, device=self.device, dtype=self.dtype)
+        self.batch, self.max_seq_len = batch, max_seq_len
+        cos, sin = rotary_tables(self.hf_config, max_seq_len, self.device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.maps = self.budget = self.sig_cache = None
+        if maps is not None:
+            mc = maps.config
+            self.maps = maps.to(self.device).eval()
+            self.sig_cache = torch.zeros(c.num_layers, batch, mc.key_heads, max_seq_len, mc.words,
+                                         device=self.device, dtype=torch.int32)
+            self.set_budget(budget if budget is not None else Budget())
+        self._stack_maps()
+
+    def set_budget(self, budget: Budget):
+        """The HashAttention budget; K = sink + window + heavy(max_seq_len) index slots per KV head."""
+        if not isinstance(budget, Budget):
+            raise TypeError(f"budget must be a hashattention.Budget, got {type(budget).__name__}")
+        self.budget = budget
+        s = self.max_seq_len
+        self.heavy_slots = int(min(max(budget.heavy_count(s), 0), s))
+
+    def _stack_maps(self):
+        """phi_q and phi_kv weights of each layer stacked over heads, so one batched matmul per Linear signs
+        the new query heads and key heads of a step together (when both maps have the same layer sizes)."""
+        self._fused_maps = None
+        if self.maps is None:
+            return
+        mc = self.maps.config
+        if mc.value_norm or mc.dims(True) != mc.dims(False) or (mc.bias and self.maps.q.biases is None):
+            return
+        ws, bs = [], []
+        for i in range(len(self.maps.q.weights)):
+            ws.append(torch.cat([self.maps.q.weights[i], self.maps.k.weights[i]], dim=1).detach())  # [L, Hq+Hs, a, b]
+            if mc.bias:
+                bs.append(torch.cat([self.maps.q.biases[i], self.maps.k.biases[i]], dim=1).detach()[:, :, None, :])
+        self._fused_maps = (ws, bs if mc.bias else None)
+
+    def _triton_maps_ok(self) -> bool:
+        """The fused Triton maps kernel handles depth 1-3 MLPs with power-of-two sizes >= 16."""
+        if self._fused_maps is None:
+            return False
+        ws = self._fused_maps[0]
+        sizes = [ws[0].shape[-2]] + [w.shape[-1] for w in ws]
+        return len(ws) <= 3 and all(n >= 16 and n & (n - 1) == 0 for n in sizes)
+
+    def _signatures(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """q [B, Hq, T, D], k, v [B, Hkv, T, D] -> packed (q_sig [B, Hq, T, W], k_sig [B, Hsig, T, W])."""
+        mc = self.maps.config
+        if mc.key_heads != k.shape[1]:  # authors' layout: one key map per query head
+            rep = mc.key_heads // k.shape[1]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        if self._fused_maps is None:
+            return (self.maps.query_signature(layer, q),
+                    self.maps.key_signature(layer, k, v if mc.value_norm else None))
+        ws, bs = self._fused_maps
+        x = torch.cat([q, k], dim=1).to(ws[0].dtype)  # [B, Hq+Hs, T, D]
+        for i, w in enumerate(ws):
+            x = torch.matmul(x, w[layer]) if bs is None else torch.matmul(x, w[layer]) + bs[i][layer]
+            if i < len(ws) - 1:
+                x = F.silu(x)
+        sig = kernels.pack_signs32(x)
+        return sig[:, :q.shape[1]], sig[:, q.shape[1]:]
+
+    def _check_caches(self):
+        if self.k_cache is None:
+            raise CacheError("call setup_caches(batch, max_seq_len) first")
+
+    # -- forward -------------------------------------------------------------------------------------
+    def _qkv(self, blk: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, T, H] -> q [B, Hq, T, D], k, v [B, Hkv, T, D] (rotary applied to q and k together)."""
+        c = self.c
+        b, t, _ = x.shape
+        qkv = blk.attention.wqkv(_rms_norm(x, blk.attention_norm, c.rms_norm_eps))
+        qkv = qkv.view(b, t, c.num_heads + 2 * c.num_kv_heads, c.head_dim).transpose(1, 2)
+        nqk = c.num_heads + c.num_kv_heads
+        qk, v = qkv[:, :nqk], qkv[:, nqk:]
+        qk = qk * cos + _rotate_half(qk) * sin  # cos, sin [T, D] in the model dtype, as HF applies them
+        return qk[:, :c.num_heads], qk[:, c.num_heads:], v
+
+    def _finish(self, blk: Block, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """attn [B, Hq, T, D] -> residual, MLP, residual."""
+        b, hq, t, d = attn.shape
+        x = x + blk.attention.wo(attn.transpose(1, 2).reshape(b, t, hq * d))
+        return x + blk.mlp(_rms_norm(x, blk.ffn_norm, self.c.rms_norm_eps))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(_rms_norm(x, self.norm, self.c.rms_norm_eps)).float()
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """Dense prefill of equal-length prompts ``input_ids`` [B, T] into empty caches; keys are signed
+        as they are written. Returns the logits of the last position [B, V] (fp32)."""
+        self._check_caches()
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        if b != self.batch:
+            raise CacheError(f"the caches were set up for batch {self.batch}, got {b} prompts")
+        if t < 1:
+            raise ValueError("empty prompt")
+        if t >= self.max_seq_len:
+            raise CacheError(f"prompt of {t} tokens leaves no room in a cache of {self.max_seq_len} tokens "
+                             "(max_seq_len counts the prompt and the generated tokens)")
+        c = self.c
+        ids = input_ids.to(self.device)
+        for s in range(0, t, chunk):
+            e = min(t, s + chunk)
+            x = self.embed(ids[:, s:e])
+            for li, blk in enumerate(self.layers):
+                q, k, v = self._qkv(blk, x, self.cos[s:e].to(x.dtype), self.sin[s:e].to(x.dtype))
+                self.k_cache[li, :, :, s:e] = k
+                self.v_cache[li, :, :, s:e] = v
+                if self.maps is not None:
+                    self.sig_cache[li, :, :, s:e] = self._signatures(li, q, k, v)[1]
+                if s == 0:
+                    o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=c.group > 1)
+                else:  # later chunks: queries s..e-1 against keys 0..e-1, a boolean causal mask
+                    kk = self.k_cache[li, :, :, :e].repeat_interleave(c.group, 1)
+                    vv = self.v_cache[li, :, :, :e].repeat_interleave(c.group, 1)
+                    mask = (torch.arange(e, device=self.device)[None, :]
+                            <= torch.arange(s, e, device=self.device)[:, None])
+                    o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+                x = self._finish(blk, x, o)
+        return self.logits(x[:, -1])
+
+    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, mode: str = "dense",
+                    fixed_index: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per sequence. tokens [B] int64, pos int64 [1] (the position written, on the device).
+        Returns logits [B, V] fp32. No host syncs: capturable in a CUDA graph.
+
+        mode: "dense", "hash", or two ablations used by the benchmark's time breakdown: "none" (no
+        attention at all: weights and overhead) and "hash-fixed" (sparse attention over ``fixed_index``,
+        no scoring or selection).
+        """
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
+        c = self.c
+        x = self.embed(tokens)  # [B, H]
+        cos = self.cos.index_select(0, pos).to(x.dtype)  # [1, D]
+        sin = self.sin.index_select(0, pos).to(x.dtype)
+        length = pos + 1  # [1] keys visible after writing this token
+        plan = self.selection_plan(length) if mode == "hash" else None  # shared by all layers
+        fast = kernels.use_triton(x) and kernels.head_dim_ok(c.head_dim)  # fused norm / rotary / silu-mul
+        triton_hash = mode == "hash" and fast and self._triton_maps_ok()
+        if mode == "hash-team":
+            if not (fast and self._triton_maps_ok() and self.maps.config.key_heads == c.num_kv_heads):
+                raise ValueError("mode 'hash-team' needs CUDA (or TRITON_INTERPRET=1) and KV-head maps")
+            plan = (torch.zeros(self.batch, dtype=torch.int64, device=x.device), length.repeat(self.batch))
+        eps = c.rms_norm_eps
+        h = kernels.rms_norm(x, self.layers[0].attention_norm, eps) if fast else None
+        for li, blk in enumerate(self.layers):
+            kc, vc = self.k_cache[li], self.v_cache[li]
+            if fast:
+                qk = kernels.rope_and_cache(blk.attention.wqkv(h), cos, sin, kc, vc, pos, c.num_heads,
+                                            c.num_kv_heads)  # [B, Hq + Hkv, D]
+                q, k = qk[:, :c.num_heads], qk[:, c.num_heads:]
+            else:
+                q4, k4, v4 = self._qkv(blk, x[:, None], cos, sin)  # [B, H*, 1, D]
+                kc.index_copy_(2, pos, k4)
+                vc.index_copy_(2, pos, v4)
+                q, k = q4[:, :, 0], k4[:, :, 0]
+            if mode == "dense":
+                o = kernels.decode_attention(q, kc, vc, length=length)
+            elif mode == "none":
+                o = q
+            elif mode == "hash" and triton_hash:  # fused maps (1 kernel), counting selection (3 kernels)
+                mc = self.maps.config
+                x_maps = qk if mc.key_heads == c.num_kv_heads else \
+                    torch.cat([q, k.repeat_interleave(mc.key_heads // c.num_kv_heads, 1)], 1)
+                ws, bs = self._fused_maps
+                q_sig = kernels.fused_signatures(x_maps, ws, bs, li, c.num_heads, self.sig_cache[li], pos)
+                idx = kernels.select_indices(q_sig, self.sig_cache[li], length, plan[2], self.budget.sink,
+                                             self.budget.window, c.num_kv_heads, self.heavy_slots)
+                o = kernels.decode_attention(q, kc, vc, index=idx)
+            elif mode == "hash":
+                v = vc.index_select(2, pos)
+                q_sig, k_sig = self._signatures(li, q[:, :, None], k[:, :, None], v)
+                self.sig_cache[li].index_copy_(2, pos, k_sig)
+                idx = self.select(q_sig[:, :, 0], self.sig_cache[li], length, plan)
+                o = kernels.decode_attention(q, kc, vc, index=idx)
+            elif mode == "hash-team":  # the same step through hashattention.kernels (score_select,
+                # sparse_decode): same maps kernel, the team's selection and sparse attention kernels
+                from ..kernels import score_select, sparse_decode
+                ws, bs = self._fused_maps
+                q_sig = kernels.fused_signatures(qk, ws, bs, li, c.num_heads, self.sig_cache[li], pos)
+                idx, counts = score_select(q_sig, self.sig_cache[li], plan[0], plan[1], self.budget,
+                                           c.num_kv_heads, per_group=True, strict=False)
+                o = sparse_decode(q.contiguous(), kc, vc, idx, counts)
+            else:  # "hash-fixed"
+                o = kernels.decode_attention(q, kc, vc, index=fixed_index)
+            if fast:
+                a = blk.attention.wo(o.reshape(o.shape[0], -1))
+                x, h = kernels.rms_norm(a, blk.ffn_norm, eps, residual=x)
+                m = blk.mlp.w2(kernels.silu_mul(blk.mlp.w13(h)))
+                nxt = self.layers[li + 1].attention_norm if li + 1 < len(self.layers) else self.norm
+                x, h = kernels.rms_norm(m, nxt, eps, residual=x)
+            else:
+                x = self._finish(blk, x[:, None], o[:, :, None])[:, 0]
+        if fast:
+            return self.lm_head(h).float()
+        return self.logits(x)
+
+    def selection_plan(self, length: torch.Tensor):
+        """What does not depend on the layer: the forced (sink, window) indices int32 [B, Hkv, sink+window]
+        (-1 = empty) and the heavy budget at this length (int64 [1])."""
+        bud, c = self.budget, self.c
+        dev = length.device
+        sink = torch.arange(bud.sink, device=dev)
+        sink = torch.where(sink < length, sink, -1)
+        win = length - bud.window + torch.arange(bud.window, device=dev)  # the last `window` positions
+        win = torch.where(win >= bud.sink, win, -1)  # never twice: positions < sink are sink tokens
+        forced = torch.cat([sink, win]).to(torch.int32).expand(self.batch, c.num_kv_heads, -1)
+        if isinstance(bud.heavy, float):  # floor(length * fraction), as Budget.heavy_count
+            allowed = torch.floor(length.to(torch.float64) * bud.heavy).to(torch.int64)
+        else:
+            allowed = torch.full_like(length, bud.heavy)
+        rank = torch.arange(self.heavy_slots, device=dev)
+        return forced, rank < allowed, allowed
+
+    def select(self, q_sig: torch.Tensor, sig_cache: torch.Tensor, length: torch.Tensor, plan=None) -> torch.Tensor:
+        """Token indices each KV head reads at this step: int32 [B, Hkv, K], -1 = empty slot.
+
+        q_sig int32 [B, Hq, W]; sig_cache int32 [B, Hsig, S, W]; length int64 [1].
+        K = sink + window + heavy slots (static). Same set as core.selection.select with bit-match scores
+        summed over each KV group (HashAttentionPolicy with per_group=True).
+        """
+        forced, in_budget, _ = plan if plan is not None else self.selection_plan(length)
+        if self.heavy_slots == 0:
+            return forced.contiguous()
+        bud = self.budget
+        keys = kernels.candidate_keys(q_sig, sig_cache, length, bud.sink, bud.window, self.c.num_kv_heads)
+        top, where = torch.topk(keys, self.heavy_slots, dim=-1, sorted=True)  # [B, Hkv, heavy]
+        # -1 keys are not candidates (fewer candidates than slots); ranks past the budget are dropped
+        heavy = torch.where((top >= 0) & in_budget, where, -1).to(torch.int32)
+        return torch.cat([forced, heavy], dim=-1)
+
+    def index_slots(self) -> int:
+        return self.budget.sink + self.budget.window + self.heavy_slots

@@ -1,0 +1,542 @@
+"""Suite runner: every task x policy x budget x length, in both settings, resumable, with a table and a plot.
+
+Settings (``modes``):
+  - ``everywhere``: every query is sparse, the prompt is prefilled in chunks of ``chunk`` queries (one
+    model call per chunk, so a chunk's queries only see the keys before them), then greedy decoding.
+  - ``decode``: the prompt minus its last token is prefilled once with dense attention and shared by all
+    policies (the cache is cropped back after each); the last prompt token is the first sparse query, so
+    every answer token comes from sparse attention.
+
+Work is batched: all tasks' prompts of one length and one round (``round_size`` samples per task) run as
+one left-padded batch per policy; perplexity rows ride in the same batch. Results go to a JSON file after
+every (policy, budget) unit, keyed ``mode|policy|budget|length|task|index``; a rerun skips what is there.
+Aggregates use, for each (mode, length, task), only the sample indices every policy finished, so a run cut
+short by ``time_limit`` is still compared on equal prompts.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..core.budget import Budget
+from ..integration.hf import enable
+from . import ruler
+from .fastpath import accelerate as _accelerate
+from .perplexity import perplexity_rows, ppl, token_nll
+
+POLICY_ORDER = ["dense", "oracle", "hash", "simhash", "sink_window", "quest", "h2o", "random"]
+DEFAULT_BUDGETS = ["1/4", "1/8", "1/16", "1/32"]
+MODES = ("everywhere", "decode")
+DENSE_BUDGET = "full"
+PPL_TASK = "ppl"
+#: fields of the settings that must match for a results file to be resumed
+RESUME_KEYS = ("model", "seed", "sink", "window", "chunk", "page_size", "heldout_sha256", "max_new",
+               "ppl_from", "ppl_length", "dtype")
+
+
+# ---------------------------------------------------------------------------------------------- batches
+def _left_pad(rows: list, pad: int, device):
+    p = max(len(r) for r in rows)
+    ids = torch.full((len(rows), p), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), p), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, p - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, p - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def _decode_loop(model, tok, cache, first: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                 max_new: list, answers: list | None, first_is_prompt: bool):
+    """Greedy decoding. ``first`` [B, 1]: the next input (a prompt token when ``first_is_prompt``, else the
+    first generated token). Returns the generated ids per row. A row stops at EOS, at its ``max_new``, or
+    once every expected answer string is in its text (more tokens cannot change its score)."""
+    b = first.shape[0]
+    dev = first.device
+    eos = {int(t) for t in ([tok.eos_token_id] if not isinstance(tok.eos_token_id, list) else tok.eos_token_id)
+           if t is not None}
+    out = [[] for _ in range(b)]
+    done = [m <= 0 for m in max_new]
+    cur, cur_pos = first, pos
+    if not first_is_prompt:
+        _append(out, done, cur, max_new, eos, tok, answers)
+    while not all(done):
+        mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=dev)], -1)
+        res = model(input_ids=cur, attention_mask=mask, position_ids=cur_pos, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        cur = res.logits[:, -1].argmax(-1, keepdim=True)
+        cur_pos = cur_pos + 1
+        _append(out, done, cur, max_new, eos, tok, answers)
+    return out
+
+
+def _append(out, done, cur, max_new, eos, tok, answers):
+    toks = cur[:, 0].tolist()
+    for i, t in enumerate(toks):
+        if done[i]:
+            continue
+        if t in eos:
+            done[i] = True
+            continue
+        out[i].append(t)
+        if len(out[i]) >= max_new[i]:
+            done[i] = True
+        elif answers is not None and answers[i]:
+            text = tok.decode(out[i], skip_special_tokens=True).lower()
+            done[i] = all(a.lower() in text for a in answers[i])
+
+
+@torch.no_grad()
+def run_batch(model, policy, rows: list, max_new: list, mode: str = "everywhere", ppl: list | None = None,
+              ppl_from: int = 1024, chunk: int = 128, tok=None, answers: list | None = None,
+              accelerate: bool = True, shared: dict | None = None) -> dict:
+    """Run one left-padded batch with ``policy`` (None = dense SDPA).
+
+    rows: token id lists; max_new: answer tokens per row (0 for perplexity rows); ppl: bool per row, count
+    its NLL (positions >= ppl_from, everywhere mode only). ``shared`` (decode mode): the dense prefill from
+    :func:`dense_prefill`, reused by every policy. Returns {"tokens": generated ids per row, "nll", "count",
+    "stats": tokens read per query (layer 0) or None}.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    dev = next(model.parameters()).device
+    pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+    ppl = ppl or [False] * len(rows)
+    if policy is not None and accelerate:
+        policy = _accelerate(policy)
+    nll = [0.0] * len(rows)
+    count = [0] * len(rows)
+    if mode == "decode":
+        if any(ppl):
+            raise ValueError("perplexity rows need mode='everywhere'")
+        sh = shared if shared is not None else dense_prefill(model, rows, pad)
+        cache, ids, mask = sh["cache"], sh["ids"], sh["mask"]
+        pos = _positions(mask)
+        handle = enable(model, policy, mode="decode") if policy is not None else None
+        try:
+            gen = _decode_loop(model, tok, cache, ids[:, -1:], mask[:, :-1], pos[:, -1:], max_new, answers,
+                               first_is_prompt=True)
+        finally:
+            stats = handle.stats() if handle is not None else None
+            if handle is not None:
+                handle.disable()
+            _crop(cache, ids.shape[1] - 1)
+        return {"tokens": gen, "nll": nll, "count": count, "stats": stats}
+
+    ids, mask = _left_pad(rows, pad, dev)
+    pos = _positions(mask)
+    lens = mask.sum(-1)
+    p = ids.shape[1]
+    want_ppl = torch.tensor(ppl, device=dev)
+    nll_t = torch.zeros(len(rows), dtype=torch.float64, device=dev)
+    cnt_t = torch.zeros(len(rows), dtype=torch.int64, device=dev)
+    handle = enable(model, policy, mode="everywhere", chunk=chunk) if policy is not None else None
+    try:
+        cache, last = None, None
+        for s in range(0, p, chunk):
+            e = min(p, s + chunk)
+            res = model(input_ids=ids[:, s:e], attention_mask=mask[:, :e], position_ids=pos[:, s:e],
+                        past_key_values=cache, use_cache=True, logits_to_keep=0 if any(ppl) else 1)
+            cache = res.past_key_values
+            last = res.logits[:, -1]
+            if any(ppl):
+                sel = want_ppl.nonzero()[:, 0]
+                hi = min(e, p - 1)  # targets are the next tokens
+                if hi > s:
+                    lg = res.logits[sel, : hi - s]
+                    tgt = ids[sel, s + 1:hi + 1]
+                    row_pos = pos[sel, s + 1:hi + 1]  # position of the predicted token in its row
+                    w = mask[sel, s + 1:hi + 1].bool() & mask[sel, s:hi].bool() & (row_pos >= ppl_from)
+                    a, c = token_nll(lg, tgt, w)
+                    nll_t[sel] += a
+                    cnt_t[sel] += c
+            del res
+        first = last.argmax(-1, keepdim=True)
+        gen = _decode_loop(model, tok, cache, first, mask, pos[:, -1:] + 1, max_new, answers,
+                           first_is_prompt=False) if any(m > 0 for m in max_new) else [[] for _ in rows]
+        stats = handle.stats() if handle is not None else None
+    finally:
+        if handle is not None:
+            handle.disable()
+    del lens
+    return {"tokens": gen, "nll": nll_t.tolist(), "count": cnt_t.tolist(), "stats": stats}
+
+
+def _crop(cache, length: int):
+    """Cut the cache back to ``length`` tokens (transformers changed crop's argument between versions)."""
+    extra = cache.get_seq_length() - length
+    if extra <= 0:
+        return
+    try:
+        cache.crop(-extra)
+    except (ValueError, TypeError):
+        cache.crop(length)
+    if cache.get_seq_length() != length:
+        raise RuntimeError(f"could not crop the shared prefill cache to {length} tokens")
+
+
+@torch.no_grad()
+def dense_prefill(model, rows: list, pad: int) -> dict:
+    """Dense prefill of every row but its last token, shared by the policies of a decode-mode batch."""
+    dev = next(model.parameters()).device
+    ids, mask = _left_pad(rows, pad, dev)
+    res = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=_positions(mask)[:, :-1],
+                use_cache=True, logits_to_keep=1)
+    return {"cache": res.past_key_values, "ids": ids, "mask": mask}
+
+
+# ------------------------------------------------------------------------------------------- the suite
+def budget_label(b) -> str:
+    return Budget(heavy=b).describe().split()[0].split("=")[1]
+
+
+def check_policies(names, available=None) -> list:
+    from ..policies import POLICIES
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    avail = list(available or POLICIES)
+    if not names or names == ["all"]:
+        return [p for p in POLICY_ORDER if p in avail]
+    bad = [n for n in names if n not in avail]
+    if bad:
+        raise ValueError(f"unknown policy(ies) {', '.join(bad)}; available: {', '.join(avail)}")
+    return list(dict.fromkeys(names))
+
+
+def check_lengths(lengths, model) -> list:
+    if isinstance(lengths, str):
+        lengths = [parse_length(x) for x in lengths.split(",") if x.strip()]
+    window = getattr(model.config, "max_position_embeddings", None)
+    bad = [L for L in lengths if window is not None and L > window]
+    if bad:
+        raise ValueError(f"length(s) {', '.join(map(str, bad))} exceed the model's window of {window} tokens; "
+                         f"available: lengths up to {window}")
+    if not lengths or any(L < 256 for L in lengths):
+        raise ValueError(f"lengths must be at least 256 tokens, got {lengths}")
+    return sorted(dict.fromkeys(lengths))
+
+
+def parse_length(x) -> int:
+    x = str(x).strip().upper()
+    try:
+        return int(float(x[:-1]) * 1024) if x.endswith("K") else int(x)
+    except ValueError:
+        raise ValueError(f"cannot read a context length from {x!r}: use e.g. 2048 or 2K") from None
+
+
+def device_name(model) -> str:
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _key(mode, policy, budget, length, task, index) -> str:
+    return f"{mode}|{policy}|{budget}|{length}|{task}|{index}"
+
+
+class Suite:
+    """Runs the suite and keeps every number in ``self.data`` (written to ``out`` as JSON)."""
+
+    def __init__(self, model, tok, *, tasks="all", lengths=(2048, 4096, 8192), policies="all",
+                 budgets=DEFAULT_BUDGETS, samples=4, round_size=2, modes=("everywhere",),
+                 decode_policies=None, decode_budgets=("1/16", "1/32"), decode_rounds=1, seed=0,
+                 sink=128, window=128, chunk=128, page_size=16, maps=None, maps_path=None,
+                 ppl_samples=2, ppl_from=1024, out=None, time_limit=None, progress=True, accelerate=True,
+                 resources=None, log=print):
+        from ..policies import POLICIES
+        self.model, self.tok, self.log = model, tok, log
+        self.tasks = ruler.check_tasks(tasks)
+        self.lengths = check_lengths(lengths, model)
+        self.policies = check_policies(policies, POLICIES)
+        self.modes = [m for m in (modes.split(",") if isinstance(modes, str) else modes) if m]
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"unknown mode(s) {bad}; available: {', '.join(MODES)}")
+        self.budgets = [budget_label(b) for b in budgets]
+        self.decode_budgets = [budget_label(b) for b in decode_budgets]
+        self.decode_policies = check_policies(decode_policies or self.policies, POLICIES)
+        self.maps = maps
+        if "hash" in self.policies and maps is None:
+            log("policy 'hash' skipped: no maps (the shipped maps are not present; name a file with --maps)")
+            self.policies = [p for p in self.policies if p != "hash"]
+            self.decode_policies = [p for p in self.decode_policies if p != "hash"]
+        self.samples, self.round_size, self.decode_rounds = samples, max(1, round_size), decode_rounds
+        self.seed, self.sink, self.window, self.chunk, self.page_size = seed, sink, window, chunk, page_size
+        self.ppl_samples, self.ppl_from = ppl_samples, ppl_from
+        self.out = Path(out) if out else None
+        self.time_limit, self.progress, self.accelerate = time_limit, progress, accelerate
+        self.res = resources or ruler.Resources()
+        self.t0 = time.perf_counter()
+        from .heldout import text_digest
+        import transformers
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        self.settings = {
+            "model": getattr(model.config, "_hashattention_model_id", "") or getattr(model.config, "_name_or_path", ""),
+            "device": device_name(model), "dtype": dtype, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "tasks": self.tasks, "lengths": self.lengths, "policies": self.policies, "budgets": self.budgets,
+            "modes": self.modes, "decode_policies": self.decode_policies, "decode_budgets": self.decode_budgets,
+            "decode_rounds": decode_rounds, "samples": samples, "round_size": self.round_size, "seed": seed,
+            "sink": sink, "window": window, "chunk": chunk, "page_size": page_size,
+            "ppl_samples": ppl_samples, "ppl_from": ppl_from, "ppl_length": "each length",
+            "max_new": {t: ruler.TASKS[t].max_new for t in self.tasks},
+            "maps": str(maps_path) if maps_path else None,
+            "heldout_sha256": text_digest(), "accelerated_path": accelerate,
+            "scoring": "RULER string match: % of expected strings in the greedy answer",
+        }
+        self.data = {"settings": self.settings, "records": {}, "stats": {}, "timing": {}}
+        if self.out and self.out.is_file():
+            self._resume()
+
+    # -- persistence --------------------------------------------------------------------------------
+    def _resume(self):
+        old = json.loads(self.out.read_text())
+        prev = old.get("settings", {})
+        diff = [k for k in RESUME_KEYS if prev.get(k) != self.settings.get(k)]
+        if diff:
+            raise ValueError(f"{self.out} was written with other settings ({', '.join(diff)} differ): "
+                             "use another --out or delete it")
+        self.data["records"] = old.get("records", {})
+        self.data["stats"] = old.get("stats", {})
+        self.data["timing"] = old.get("timing", {})
+        self.log(f"resuming {self.out}: {len(self.data['records'])} results already there")
+
+    def save(self):
+        if not self.out:
+            return
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=False))
+        os.replace(tmp, self.out)
+
+    def _out_of_time(self) -> bool:
+        return self.time_limit is not None and time.perf_counter() - self.t0 > self.time_limit
+
+    # -- policies -----------------------------------------------------------------------------------
+    def make(self, name: str, budget: str):
+        from ..policies import make_policy
+        if name == "dense":
+            return None
+        b = Budget(heavy=budget, sink=self.sink, window=self.window)
+        kw = {"page_size": self.page_size} if name == "quest" else {}
+        return make_policy(name, b, maps=self.maps, model_config=self.model.config, **kw)
+
+    def configs(self, mode: str) -> list:
+        pols = self.policies if mode == "everywhere" else self.decode_policies
+        buds = self.budgets if mode == "everywhere" else self.decode_budgets
+        out = [("dense", DENSE_BUDGET)] if "dense" in pols else []
+        return out + [(p, b) for b in buds for p in pols if p != "dense"]
+
+    # -- running ------------------------------------------------------------------------------------
+    def run(self):
+        from tqdm.auto import tqdm
+        rounds = math.ceil(self.samples / self.round_size)
+        units = sum(len(self.lengths) * len(self.configs(m)) * (rounds if m == "everywhere"
+                    else min(rounds, self.decode_rounds)) for m in self.modes)
+        bar = tqdm(total=units, disable=not self.progress, desc="eval", unit="batch", dynamic_ncols=True)
+        stopped = False
+        for r in range(rounds):
+            idx = list(range(r * self.round_size, min(self.samples, (r + 1) * self.round_size)))
+            for L in self.lengths:
+                samples = [ruler.make_sample(self.tok, t, L, i, self.seed, self.res) for t in self.tasks for i in idx]
+                prows = perplexity_rows(self.tok, self.ppl_samples, L, self.seed) if r == 0 and self.ppl_samples else []
+                for mode in self.modes:
+                    if mode == "decode" and r >= self.decode_rounds:
+                        continue
+                    shared = None
+                    for pol, bud in self.configs(mode):
+                        bar.set_postfix_str(f"round {r} {L} {mode} {pol} {bud}")
+                        if self._out_of_time():
+                            stopped = True
+                            break
+                        todo = [s for s in samples if _key(mode, pol, bud, L, s.task, s.index) not in self.data["records"]]
+                        pt = [i for i in range(len(prows)) if mode == "everywhere"
+                              and _key(mode, pol, bud, L, PPL_TASK, i) not in self.data["records"]]
+                        if todo or pt:
+                            if mode == "decode" and shared is None:
+                                shared = dense_prefill(self.model, [s.ids for s in samples], self._pad())
+                            self._unit(mode, pol, bud, L, todo if mode == "everywhere" else samples,
+                                       [prows[i] for i in pt], pt, shared)
+                        bar.update(1)
+                    del shared
+                    if stopped:
+                        break
+                if stopped:
+                    break
+            self.report()
+            if stopped:
+                self.log(f"time limit of {self.time_limit} s reached: stopping after {len(self.data['records'])} results")
+                break
+        bar.close()
+        self.data["timing"]["total_s"] = self.data["timing"].get("total_s", 0) + time.perf_counter() - self.t0
+        self.report()
+        return self.data
+
+    def _pad(self):
+        return self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+
+    def _unit(self, mode, pol, bud, L, samples, prows, pidx, shared):
+        policy = self.make(pol, bud)
+        rows = [s.ids for s in samples] + prows
+        max_new = [s.max_new for s in samples] + [0] * len(prows)
+        answers = [s.answers for s in samples] + [None] * len(prows)
+        flags = [False] * len(samples) + [True] * len(prows)
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = run_batch(self.model, policy, rows, max_new, mode=mode, ppl=flags, ppl_from=self.ppl_from,
+                        chunk=self.chunk, tok=self.tok, answers=answers, accelerate=self.accelerate,
+                        shared=shared if mode == "decode" else None)
+        dt = time.perf_counter() - t
+        rec = self.data["records"]
+        for s, gen in zip(samples, out["tokens"]):
+            pred = self.tok.decode(gen, skip_special_tokens=True)
+            rec[_key(mode, pol, bud, L, s.task, s.index)] = {
+                "score": ruler.score(pred, s.answers, s.metric), "pred": pred.strip()[:200],
+                "answers": s.answers, "prompt_tokens": len(s.ids)}
+        for i, j in enumerate(pidx):
+            n, c = out["nll"][len(samples) + i], out["count"][len(samples) + i]
+            rec[_key(mode, pol, bud, L, PPL_TASK, j)] = {"nll": n, "tokens": c}
+        unit = f"{mode}/{pol}/{bud}/{L}"
+        if out["stats"] is not None:
+            self.data["stats"][unit] = out["stats"]
+        self.data["timing"][unit] = self.data["timing"].get(unit, 0) + dt
+        self.save()
+
+    # -- aggregation --------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        return summarize(self.data)
+
+    def report(self):
+        if not self.out:
+            return
+        summary = self.summary()
+        self.data["summary"] = summary
+        self.save()
+        md = markdown_table(self.data, summary)
+        self.out.with_suffix(".md").write_text(md)
+        try:
+            plot(self.data, summary, self.out.with_suffix(".png"))
+        except Exception as e:  # a plot failure must not lose the numbers
+            self.log(f"plot failed: {e}")
+
+
+def summarize(data: dict) -> dict:
+    """Scores averaged over the sample indices that every config of a (mode, length, task) finished."""
+    s = data["settings"]
+    recs = data["records"]
+    by = {}  # (mode, length, task) -> {(policy, budget): {index: score}}
+    ppl_by = {}
+    for k, v in recs.items():
+        mode, pol, bud, L, task, idx = k.split("|")
+        if task == PPL_TASK:
+            ppl_by.setdefault((mode, int(L)), {}).setdefault((pol, bud), {})[int(idx)] = v
+        else:
+            by.setdefault((mode, int(L), task), {}).setdefault((pol, bud), {})[int(idx)] = v["score"]
+    out = {}
+    for (mode, L, task), cfgs in by.items():
+        common = set.intersection(*(set(d) for d in cfgs.values()))
+        for cfg, d in cfgs.items():
+            if common:
+                e = out.setdefault(mode, {}).setdefault(f"{cfg[0]}@{cfg[1]}", {"tasks": {}, "ppl": {}})
+                e["tasks"].setdefault(task, {})[str(L)] = sum(d[i] for i in common) / len(common)
+                e.setdefault("n", {})[f"{task}/{L}"] = len(common)
+    for (mode, L), cfgs in ppl_by.items():
+        common = set.intersection(*(set(d) for d in cfgs.values()))
+        for cfg, d in cfgs.items():
+            if common:
+                e = out.setdefault(mode, {}).setdefault(f"{cfg[0]}@{cfg[1]}", {"tasks": {}, "ppl": {}})
+                e["ppl"][str(L)] = ppl(sum(d[i]["nll"] for i in common), sum(d[i]["tokens"] for i in common))
+    for mode, cfgs in out.items():
+        # averages only over the (task, length) cells every config of the mode has
+        cells = set.intersection(*({(t, L) for t, ls in e["tasks"].items() for L in ls} for e in cfgs.values()))
+        for e in cfgs.values():
+            vals = [e["tasks"][t][L] for t, L in cells]
+            e["average"] = sum(vals) / len(vals) if vals else None
+            e["by_length"] = {}
+            for L in sorted({L for _, L in cells}, key=int):
+                lv = [e["tasks"][t][L] for t, LL in cells if LL == L]
+                e["by_length"][L] = sum(lv) / len(lv)
+            e["by_task"] = {t: sum(e["tasks"][t][L] for tt, L in cells if tt == t)
+                            / max(1, sum(1 for tt, _ in cells if tt == t)) for t in sorted({t for t, _ in cells})}
+    return out
+
+
+def _sort_cfgs(cfgs):
+    def key(c):
+        pol, bud = c.split("@")
+        frac = 1.0 if bud == DENSE_BUDGET else float(Budget(heavy=bud).heavy)
+        order = POLICY_ORDER.index(pol) if pol in POLICY_ORDER else len(POLICY_ORDER)
+        return (-frac, order)
+    return sorted(cfgs, key=key)
+
+
+def markdown_table(data: dict, summary: dict) -> str:
+    s = data["settings"]
+    lines = [f"# Long-context evaluation: {s['model']}", "",
+             f"Device: {s['device']} ({s['dtype']}); torch {s['torch']}, transformers {s['transformers']}. "
+             f"Sink {s['sink']}, window {s['window']}, chunk {s['chunk']}, Quest page {s['page_size']}, "
+             f"seed {s['seed']}. Scores: RULER string match (%), mean over lengths {s['lengths']}. "
+             f"PPL: held-out pydoc text, positions >= {s['ppl_from']}.", ""]
+    for mode, cfgs in summary.items():
+        tasks = sorted({t for e in cfgs.values() for t in e["by_task"]}, key=lambda t: s["tasks"].index(t) if t in s["tasks"] else 99)
+        lengths = sorted({L for e in cfgs.values() for L in e["by_length"]}, key=int)
+        plens = sorted({L for e in cfgs.values() for L in e["ppl"]}, key=int)
+        n = sorted({v for e in cfgs.values() for v in e.get("n", {}).values()})
+        lines += [f"## Sparse {'everywhere (chunked prefill + decode)' if mode == 'everywhere' else 'decoding only (dense prefill)'}",
+                  "", f"Samples per task and length: {n[0] if len(n) == 1 else n}.", ""]
+        head = ["policy", "budget"] + tasks + ["avg"] + [f"{int(L) // 1024}K" for L in lengths] + [f"ppl {int(L) // 1024}K" for L in plens]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for c in _sort_cfgs(cfgs):
+            e = cfgs[c]
+            pol, bud = c.split("@")
+            cells = [pol, bud] + [f"{e['by_task'].get(t, float('nan')):.1f}" for t in tasks]
+            cells += [f"**{e['average']:.1f}**" if e["average"] is not None else "-"]
+            cells += [f"{e['by_length'].get(L, float('nan')):.1f}" for L in lengths]
+            cells += [f"{e['ppl'].get(L, float('nan')):.2f}" for L in plens]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(data: dict, summary: dict, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    s = data["settings"]
+    modes = list(summary)
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.6), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        cfgs = summary[mode]
+        pols = sorted({c.split("@")[0] for c in cfgs}, key=lambda p: POLICY_ORDER.index(p) if p in POLICY_ORDER else 99)
+        for pol in pols:
+            pts = sorted(((1 / float(Budget(heavy=c.split("@")[1]).heavy), e["average"]) for c, e in cfgs.items()
+                          if c.startswith(pol + "@") and c.split("@")[1] != DENSE_BUDGET and e["average"] is not None))
+            if pol == "dense":
+                d = cfgs.get(f"dense@{DENSE_BUDGET}")
+                if d and d["average"] is not None:
+                    ax.axhline(d["average"], color="black", ls="--", lw=1.2, label="dense")
+                continue
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=pol)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sparsity (context / heavy tokens)")
+        ax.set_ylabel("suite average (%)")
+        ax.set_title(f"sparse {mode}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{s['model']} — RULER-style suite, lengths {s['lengths']} — {s['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

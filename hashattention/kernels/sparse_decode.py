@@ -1,0 +1,164 @@
+"""Kernel 2: decode attention over selected tokens, split along the selected list (flash-decoding).
+
+    out = sparse_decode(q, k_cache, v_cache, idx, counts, scale=None)
+
+Shapes: q [B, Hq, D] (bf16 or fp16; D a power of two <= 256); k_cache, v_cache [B, Hkv, N, D] (same dtype,
+last dim contiguous, any other strides); idx int32 [B, Hsel, K] with Hsel = Hkv (one list shared by a KV
+group) or Hq (one list per query head); counts int32 [B]: sequence b reads idx[b, h, :counts[b]].
+Returns [B, Hq, D] in q's dtype; fp32 softmax and accumulation. A sequence with counts 0 gets zeros.
+
+Launch 1: program (row, split) takes one slice of a selection row's list; when the list is shared, it holds
+the G query heads of the group as one [G, D] tile, so each selected K/V row is read once per KV head.
+Launch 2: per query head, the splits' (max, sum, acc) are merged in one tile.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import INTERPRET, check_tensor, next_pow2, num_sms, tl, triton, use_triton
+from .reference import sparse_decode_reference
+
+DTYPES = (torch.bfloat16, torch.float16)
+
+#: launch shape (the benchmark may retune these): rows per step, warps, pipeline depth, programs per SM
+CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4}
+MAX_SPLITS = 64
+
+
+def check_decode_args(q, k_cache, v_cache, idx, counts, kernel: bool = True):
+    """``kernel``: the Triton path's limits (bf16/fp16, power-of-two head_dim) apply."""
+    check_tensor("q", q, 3, DTYPES if kernel else DTYPES + (torch.float32,))
+    dev = q.device
+    check_tensor("k_cache", k_cache, 4, (q.dtype,), dev)
+    check_tensor("v_cache", v_cache, 4, (q.dtype,), dev)
+    check_tensor("idx", idx, 3, (torch.int32,), dev)
+    check_tensor("counts", counts, 1, (torch.int32, torch.int64), dev)
+    b, hq, d = q.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    if k_cache.shape[0] != b or k_cache.shape[3] != d:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)} (batch, head_dim)")
+    hkv = k_cache.shape[1]
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+    if kernel and (d & (d - 1) or not 16 <= d <= 256):
+        raise ValueError(f"head_dim must be a power of two in 16..256, got {d}")
+    if idx.shape[0] != b or idx.shape[1] not in (hkv, hq):
+        raise ValueError(f"idx {tuple(idx.shape)} must be [{b}, {hkv} or {hq}, K]")
+    if counts.shape[0] != b:
+        raise ValueError(f"counts {tuple(counts.shape)} must be [{b}]")
+
+
+def sparse_decode(q, k_cache, v_cache, idx, counts, scale: float | None = None, check: bool = True):
+    """See the module docstring."""
+    kernel = use_triton(q)
+    if check:
+        check_decode_args(q, k_cache, v_cache, idx, counts, kernel)
+    if not kernel:
+        return sparse_decode_reference(q, k_cache, v_cache, idx, counts, scale)
+    b, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    hsel, kmax = idx.shape[1], idx.shape[2]
+    g = hq // hkv
+    gq = hq // hsel  # query heads sharing one list: G, or 1 for per-query-head lists
+    gp = max(16, next_pow2(gq))  # tl.dot needs >= 16 rows
+    scale = d ** -0.5 if scale is None else float(scale)
+    r = b * hsel
+    cfg = CONFIG
+    bn = cfg["block_n"]
+    nblocks = max(1, triton.cdiv(kmax, bn))
+    # enough programs to fill the GPU; at most MAX_SPLITS so the merge holds all splits in one tile
+    splits = max(1, min(nblocks, MAX_SPLITS, triton.cdiv(cfg["programs_per_sm"] * num_sms(q.device), r)))
+    split = triton.cdiv(nblocks, splits) * bn
+    splits = max(1, triton.cdiv(kmax, split))
+    dev = q.device
+    o_part = torch.empty(r, splits, gp, d, dtype=torch.float32, device=dev)
+    ml_part = torch.empty(r, splits, 2, gp, dtype=torch.float32, device=dev)
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=dev)
+    _split_kernel[(r, splits)](
+        q, k_cache, v_cache, idx, counts, o_part, ml_part, scale * 1.4426950408889634, split,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), idx.stride(0), idx.stride(1),
+        splits, HSEL=hsel, G=g, GQ=gq, GP=gp, D=d, BLOCK_N=bn, DOT_F32=INTERPRET,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _combine_kernel[(r, gq)](o_part, ml_part, out, out.stride(0), out.stride(1), splits,
+                             HSEL=hsel, GQ=gq, GP=gp, D=d, SP=next_pow2(splits), num_warps=4)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _split_kernel(Q, K, V, IDX, CNT, OP, MLP, qk_scale, SPLIT,
+                      sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, SPLITS,
+                      HSEL: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr,
+                      D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+        row = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = row // HSEL
+        hs = row % HSEL
+        qh0 = hs * GQ  # first query head of the row
+        kvh = qh0 // G
+        g_rows = tl.arange(0, GP)
+        gmask = g_rows < GQ
+        cols = tl.arange(0, D)
+        q = tl.load(Q + b * sq_b + (qh0 + g_rows)[:, None] * sq_h + cols[None, :], mask=gmask[:, None], other=0.0)
+        count = tl.load(CNT + b).to(tl.int32)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        lo = sp * SPLIT
+        hi = tl.minimum(lo + SPLIT, count)
+        ib = IDX + b.to(tl.int64) * si_b + hs * si_h
+        kb = K + b.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h
+        vb = V + b.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h
+        for n0 in range(lo, hi, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            live = offs < hi
+            rows = tl.load(ib + offs, mask=live, other=0)
+            live = live & (rows >= 0)
+            rows = tl.where(live, rows, 0).to(tl.int64)
+            k = tl.load(kb + rows[:, None] * sk_n + cols[None, :], mask=live[:, None], other=0.0)
+            v = tl.load(vb + rows[:, None] * sv_n + cols[None, :], mask=live[:, None], other=0.0)
+            if DOT_F32:  # Triton's CPU interpreter gets bf16 dots wrong: fp32 there
+                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * qk_scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * qk_scale  # [GP, BLOCK_N], log2 domain
+            s = tl.where(live[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if DOT_F32:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32),
+                                                    input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        base = row * SPLITS + sp
+        tl.store(OP + (base * GP + g_rows)[:, None] * D + cols[None, :], acc, mask=gmask[:, None])
+        tl.store(MLP + (base * 2) * GP + g_rows, m_i, mask=gmask)
+        tl.store(MLP + (base * 2 + 1) * GP + g_rows, l_i, mask=gmask)
+
+    @triton.jit
+    def _combine_kernel(OP, MLP, OUT, so_b, so_h, SPLITS, HSEL: tl.constexpr, GQ: tl.constexpr,
+                        GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr):
+        # one program per (row, query head): all splits in one [SP, D] tile, so a single round trip
+        row = tl.program_id(0)
+        gi = tl.program_id(1)
+        b = row // HSEL
+        qh = (row % HSEL) * GQ + gi
+        sp = tl.arange(0, SP)
+        smask = sp < SPLITS
+        cols = tl.arange(0, D)
+        base = row * SPLITS + sp
+        m = tl.load(MLP + (base * 2) * GP + gi, mask=smask, other=float("-inf"))
+        lsum = tl.load(MLP + (base * 2 + 1) * GP + gi, mask=smask, other=0.0)
+        acc = tl.load(OP + (base * GP + gi)[:, None] * D + cols[None, :], mask=smask[:, None], other=0.0)
+        mx = tl.max(m, 0)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        w = tl.where(smask, tl.math.exp2(m - mx), 0.0)
+        den = tl.sum(w * lsum, 0)
+        num = tl.sum(w[:, None] * acc, 0)
+        out = num / tl.where(den > 0, den, 1.0)
+        tl.store(OUT + b * so_b + qh * so_h + cols, out.to(OUT.dtype.element_ty))

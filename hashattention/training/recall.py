@@ -1,0 +1,156 @@
+"""Attention-level evaluation that needs no task: how well do the signatures find the truly heavy keys?
+
+For queries at the end of a captured held-out sequence (decode-like: each sees the whole context), every
+layer is scored at once (layers stacked in the batch dimension, no loop over heads):
+
+  recall    = |hash top-k  ∩  oracle top-k| / |oracle top-k|   (heavy tokens only; sink and window are read
+              by both), with the library's own selection rule (``core.selection.select``) and one selection per
+              KV group (the default policy): the oracle sums the group's softmax weights, the hash policy the
+              group's bit matches.
+  rel_error = ||o_sparse - o_dense|| / ||o_dense|| of the attention output, per query head, averaged.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..core.attention import sparse_attention
+from ..core.budget import Budget
+from ..core.maps import HashMaps, _StackedMLP
+from ..core.selection import forced_and_candidates, select
+
+
+def project_all(mlp: _StackedMLP, x: torch.Tensor, layers: slice = slice(None)) -> torch.Tensor:
+    """Every layer at once: x [layers, H, N, d_in] -> [layers, H, N, d_out] (pre-sign projections);
+    ``layers`` picks the maps' layers when x holds only some."""
+    n = len(mlp.weights)
+    for i, w in enumerate(mlp.weights):
+        x = torch.matmul(x, w[layers].to(x.dtype))
+        if mlp.biases is not None:
+            x = x + mlp.biases[i][layers].to(x.dtype)[:, :, None, :]
+        if i < n - 1:
+            x = torch.nn.functional.silu(x)
+    return x
+
+
+def key_input(maps: HashMaps, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Keys as the key map reads them: repeated to query heads for per-query-head key maps, with log||v||
+    appended for value-norm maps. k, v: [layers, Hkv, T, D]."""
+    c = maps.config
+    if c.key_heads != k.shape[1]:
+        g = c.key_heads // k.shape[1]
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    if c.value_norm:
+        k = torch.cat([k, torch.log(v.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(k.dtype)], -1)
+    return k
+
+
+def group_similarity(sq: torch.Tensor, sk: torch.Tensor, hkv: int) -> torch.Tensor:
+    """sq [Ly, Hq, C, b], sk [Ly, Hkv or Hq, T, b] -> per-query-head similarity [Ly, Hkv, G, C, T]."""
+    ly, hq, c, b = sq.shape
+    g = hq // hkv
+    sq = sq.view(ly, hkv, g, c, b)
+    if sk.shape[1] == hkv:
+        return torch.matmul(sq, sk.unsqueeze(2).transpose(-1, -2))
+    return torch.matmul(sq, sk.view(ly, hkv, g, -1, b).transpose(-1, -2))
+
+
+@torch.no_grad()
+def hash_group_scores(maps: HashMaps, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      layers: slice = slice(None)) -> torch.Tensor:
+    """Integer bit matches summed over each KV group: q [Ly, Hq, C, D], k/v [Ly, Hkv, T, D] -> int64
+    [Ly, Hkv, C, T] in 0..bits*G (the hash policy's per-group score)."""
+    dt = maps.q.weights[0].dtype
+    sq = torch.sign(project_all(maps.q, q.to(dt), layers).float())
+    sk = torch.sign(project_all(maps.k, key_input(maps, k, v).to(dt), layers).float())
+    sq[sq == 0] = -1  # pack_signs reads 0 as bit 0, i.e. -1
+    sk[sk == 0] = -1
+    dot = group_similarity(sq, sk, k.shape[1])  # exact integers in fp32 (|dot| <= bits)
+    return ((dot + maps.config.bits) / 2).sum(2).round().to(torch.int64)
+
+
+@torch.no_grad()
+def evaluate_layers(maps_by_name: dict, cap, budgets=(1 / 8, 1 / 16, 1 / 32), queries: int = 64,
+                    sink: int = 128, window: int = 128, layer_block: int = 10) -> dict:
+    """Recall and output error per layer for each named maps (plus the oracle's own output error).
+
+    cap: a :class:`~hashattention.training.capture.Capture`. Returns
+    {name: {budget_str: {"recall": [per layer], "rel_error": [per layer]}}}, budget_str like "1/16".
+    """
+    L = cap.length
+    if queries >= L:
+        raise ValueError(f"{queries} queries do not fit in a {L}-token sequence")
+    dev = cap.k.device
+    nl, hq, _, d = cap.q.shape
+    hkv = cap.k.shape[1]
+    names = list(maps_by_name) + ["oracle"]
+    out = {n: {_bstr(b): {"recall": [], "rel_error": []} for b in budgets} for n in names}
+    qpos = torch.arange(L - queries, L, device=dev)
+    valid = (torch.arange(L, device=dev)[None, :] <= qpos[:, None])  # [C, T]
+    for l0 in range(0, nl, layer_block):  # blocks of layers bound the memory; heads are never looped
+        sl = slice(l0, min(nl, l0 + layer_block))
+        q = cap.q[sl, :, L - queries:].float()
+        k, v = cap.k[sl].float(), cap.v[sl].float()
+        ly = q.shape[0]
+        vmask = valid.expand(ly, 1, queries, L)
+        dense = sparse_attention(q, k, v, vmask, cap.scale)
+        logits = group_similarity(q, k, hkv) * cap.scale  # [Ly, Hkv, G, C, T]
+        probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), -1)
+        oracle = probs.sum(2)
+        del logits, probs
+        hashed = {n: hash_group_scores(m, q, k, v, sl) for n, m in maps_by_name.items()}
+        for b in budgets:
+            bud = Budget(heavy=b, sink=sink, window=window)
+            forced, _, _ = forced_and_candidates(vmask, bud)
+            keep_o = select(oracle, vmask, bud)
+            heavy_o = keep_o & ~forced
+            n_o = heavy_o.sum(-1).clamp_min(1).float()
+            for n in names:
+                if n == "oracle":
+                    keep, rec = keep_o, torch.ones(ly, device=dev)
+                else:
+                    c = maps_by_name[n].config
+                    keep = select(hashed[n], vmask, bud, max_score=c.bits * (hq // hkv))
+                    rec = ((keep & heavy_o).sum(-1).float() / n_o).mean((1, 2))
+                o = sparse_attention(q, k, v, keep, cap.scale)
+                err = ((o - dense).norm(dim=-1) / dense.norm(dim=-1).clamp_min(1e-6)).mean((1, 2))
+                out[n][_bstr(b)]["recall"] += rec.tolist()
+                out[n][_bstr(b)]["rel_error"] += err.tolist()
+    return out
+
+
+def _bstr(b) -> str:
+    if isinstance(b, float) and b < 1 and abs(1 / b - round(1 / b)) < 1e-9:
+        return f"1/{round(1 / b)}"
+    return str(b)
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """Average per-layer numbers over several sequences (same structure as :func:`evaluate_layers`)."""
+    out = {}
+    for n, per_b in runs[0].items():
+        out[n] = {}
+        for b, m in per_b.items():
+            out[n][b] = {key: [sum(r[n][b][key][i] for r in runs) / len(runs) for i in range(len(m[key]))]
+                         for key in m}
+    return out
+
+
+def table(result: dict, groups: int = 3) -> str:
+    """Markdown table: recall and relative error per layer group, every maps and budget."""
+    names = list(result)
+    budgets = list(result[names[0]])
+    nl = len(result[names[0]][budgets[0]]["recall"])
+    size = -(-nl // groups)
+    spans = [(s, min(nl, s + size)) for s in range(0, nl, size)] + [(0, nl)]
+    head = "| maps | budget | " + " | ".join(f"layers {a}-{b - 1}" if (a, b) != (0, nl) else "all layers"
+                                            for a, b in spans) + " |"
+    lines = [head, "|" + "---|" * (2 + len(spans))]
+    for key, label in (("recall", "recall"), ("rel_error", "rel. error")):
+        for n in names:
+            if key == "recall" and n == "oracle":
+                continue
+            for b in budgets:
+                vals = result[n][b][key]
+                cells = [f"{sum(vals[a:c]) / (c - a):.3f}" for a, c in spans]
+                lines.append(f"| {n} ({label}) | {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

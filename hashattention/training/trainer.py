@@ -1,0 +1,210 @@
+"""Training the maps online while a frozen model reads long text (the paper's recipe, all layers at once).
+
+For each training sequence the model runs once (chunked prefill, :mod:`.capture`); then query blocks of
+``qchunk`` consecutive positions are trained in order, each against all keys before it, every layer and
+head in one batched computation:
+
+  target  = top-``topk`` keys among the candidates (not sink, not window) by the attention weight
+            (``score="weight"``) or weight x ||v|| (``score="weight_vnorm"``, the paper's Lemma 4.2), either per
+            query head (``target="head"``, the paper) or per KV group (``target="group"``: the group's summed
+            weights, matching the default per-group selection);
+  predict = sigmoid(<tanh(phi_q(q)), tanh(phi_k(k))> - threshold)  (for "group" the group's mean similarity);
+  loss    = binary cross-entropy over the candidates, class-1 weight alpha + beta * context length.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..core.maps import HashMaps, MapsConfig
+from .capture import Capture, capture, check_capturable
+from .recall import evaluate_layers, group_similarity, key_input, project_all
+
+TARGETS = ("group", "head")
+SCORES = ("weight", "weight_vnorm")
+
+
+@dataclass
+class TrainConfig:
+    context: int = 8192
+    qchunk: int = 256  # queries per step
+    topk: int = 32  # positives per query (the paper's top-32)
+    target: str = "group"
+    score: str = "weight"
+    alpha: float = 20.0
+    beta: float = 0.0
+    threshold: float = 0.0
+    lr: float = 1e-3
+    sink: int = 128
+    window: int = 128
+    prefill_chunk: int = 1024
+    max_seconds: float | None = None
+    eval_every: int = 50  # steps between held-out recall checks
+    save_every: int = 10  # sequences between checkpoints
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        for n in ("context", "qchunk", "topk", "prefill_chunk"):
+            if getattr(self, n) <= 0:
+                raise ValueError(f"{n} must be positive, got {getattr(self, n)}")
+        if self.context < self.first_query + 1:
+            raise ValueError(f"context {self.context} is too short: queries start after sink {self.sink} + window "
+                             f"{self.window} + top-k {self.topk} tokens")
+
+    @property
+    def first_query(self) -> int:
+        """First position with at least ``topk`` candidate keys."""
+        return self.sink + self.window + self.topk - 1
+
+
+@torch.no_grad()
+def targets(cap: Capture, s: int, e: int, tc: TrainConfig):
+    """Labels and candidate mask for queries s..e-1 against keys 0..e-1, all layers.
+
+    Returns labels bool [Ly, Hkv, C, T] ("group") or [Ly, Hkv, G, C, T] ("head"), candidates bool [C, T].
+    """
+    q = cap.q[:, :, s:e].float()
+    k, v = cap.k[:, :, :e].float(), cap.v[:, :, :e].float()
+    hkv = k.shape[1]
+    dev = q.device
+    qpos = torch.arange(s, e, device=dev)[:, None]
+    kpos = torch.arange(e, device=dev)[None, :]
+    causal = kpos <= qpos
+    cand = (kpos >= tc.sink) & (kpos <= qpos - tc.window)
+    logits = group_similarity(q, k, hkv) * cap.scale  # [Ly, Hkv, G, C, T]
+    w = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
+    del logits
+    if tc.score == "weight_vnorm":
+        w = w * v.norm(dim=-1)[:, :, None, None, :]
+    if tc.target == "group":
+        w = w.sum(2)
+    w = w.masked_fill(~cand, -1.0)
+    kk = min(tc.topk, int(cand.sum(-1).min()))
+    idx = w.topk(kk, dim=-1).indices
+    labels = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, idx, True) & cand
+    return labels, cand
+
+
+def chunk_loss(maps: HashMaps, cap: Capture, s: int, e: int, tc: TrainConfig):
+    """Weighted BCE of queries s..e-1 (all layers, all heads). Returns (loss, labels, candidates)."""
+    labels, cand = targets(cap, s, e, tc)
+    dt = maps.q.weights[0].dtype
+    q = cap.q[:, :, s:e].to(dt)
+    k = key_input(maps, cap.k[:, :, :e], cap.v[:, :, :e]).to(dt)
+    sq = torch.tanh(project_all(maps.q, q))
+    sk = torch.tanh(project_all(maps.k, k))
+    sim = group_similarity(sq, sk, cap.k.shape[1]).float()  # [Ly, Hkv, G, C, T]
+    if tc.target == "group":
+        sim = sim.mean(2)
+    pos_w = tc.alpha + tc.beta * torch.arange(s + 1, e + 1, device=sim.device, dtype=sim.dtype)[:, None]
+    bce = F.binary_cross_entropy_with_logits(sim - tc.threshold, labels.to(sim.dtype), reduction="none")
+    weight = torch.where(labels, pos_w, torch.ones_like(pos_w))
+    n = cand.sum() * (sim.numel() // cand.numel())
+    loss = (bce * weight).masked_fill(~cand, 0.0).sum() / n
+    return loss, labels, cand
+
+
+def _steps_of(length: int, tc: TrainConfig) -> list[tuple[int, int]]:
+    return [(s, min(s + tc.qchunk, length)) for s in range(tc.first_query, length, tc.qchunk)]
+
+
+def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, heldout: torch.Tensor | None = None,
+          checkpoint: str | None = None, resume: bool = False, progress: bool = True, log=print) -> HashMaps:
+    """Train maps on ``seqs`` [N, context] token ids with the frozen ``model``. Returns fp32 maps (on CPU),
+    with the training facts in ``config.extra``.
+
+    heldout: token ids [1, L] for the periodic held-out recall (at 1/16, per-group selection).
+    checkpoint: file for resumable state (written every ``save_every`` sequences and at the end).
+    """
+    check_capturable(model, seqs.shape[1])
+    dev = next(model.parameters()).device
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(tc.seed)
+    maps = HashMaps(maps_config).to(dev)
+    opt = torch.optim.Adam(maps.parameters(), lr=tc.lr)
+    state = {"seq": 0, "step": 0, "tokens": 0, "seconds": 0.0, "loss": float("nan"), "recall": float("nan")}
+    if resume and checkpoint and os.path.isfile(checkpoint):
+        ck = torch.load(checkpoint, map_location=dev, weights_only=True)
+        if ck["maps_config"] != {k: v for k, v in maps_config.to_dict().items() if k != "extra"}:
+            raise ValueError(f"checkpoint {checkpoint} was written for other maps settings; remove it or drop --resume")
+        maps.load_state_dict(ck["maps"])
+        opt.load_state_dict(ck["opt"])
+        state.update(ck["state"])
+        log(f"resumed from {checkpoint}: sequence {state['seq']}, step {state['step']}")
+
+    def save_ckpt():
+        if checkpoint:
+            os.makedirs(os.path.dirname(os.path.abspath(checkpoint)), exist_ok=True)
+            tmp = checkpoint + ".tmp"
+            torch.save({"maps": maps.state_dict(), "opt": opt.state_dict(), "state": dict(state),
+                        "maps_config": {k: v for k, v in maps_config.to_dict().items() if k != "extra"}}, tmp)
+            os.replace(tmp, checkpoint)
+
+    held = capture(model, heldout.to(dev), tc.prefill_chunk) if heldout is not None else None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=seqs.shape[0] * seqs.shape[1], initial=state["tokens"], unit="tok", dynamic_ncols=True)
+    t0 = time.perf_counter() - state["seconds"]
+    stopped = False
+    for i in range(state["seq"], seqs.shape[0]):
+        cap = capture(model, seqs[i:i + 1].to(dev), tc.prefill_chunk)
+        for s, e in _steps_of(cap.length, tc):
+            loss, _, _ = chunk_loss(maps, cap, s, e, tc)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            state["step"] += 1
+            lv = float(loss.detach())
+            state["loss"] = 0.9 * state["loss"] + 0.1 * lv if math.isfinite(state["loss"]) else lv
+            if held is not None and state["step"] % tc.eval_every == 0:
+                state["recall"] = heldout_recall(maps, held, tc)
+            if bar is not None:
+                bar.set_postfix(loss=f"{state['loss']:.3f}", recall16=f"{state['recall']:.3f}", refresh=False)
+        del cap
+        state["seq"] = i + 1
+        state["tokens"] += seqs.shape[1]
+        state["seconds"] = time.perf_counter() - t0
+        if bar is not None:
+            bar.update(seqs.shape[1])
+        if checkpoint and state["seq"] % tc.save_every == 0:
+            save_ckpt()
+        if tc.max_seconds is not None and state["seconds"] >= tc.max_seconds:
+            stopped = True
+            break
+    if bar is not None:
+        bar.close()
+    if held is not None:
+        state["recall"] = heldout_recall(maps, held, tc)
+    save_ckpt()
+    maps = maps.cpu()
+    maps.config.extra = {**maps.config.extra, **tc.extra, "kind": "learned", "target": tc.target,
+                         "score": tc.score, "topk": tc.topk, "alpha": tc.alpha, "beta": tc.beta,
+                         "threshold": tc.threshold, "lr": tc.lr, "optimizer": "Adam", "context": tc.context,
+                         "qchunk": tc.qchunk, "sink": tc.sink, "window": tc.window,
+                         "sequences": state["seq"], "tokens": state["tokens"], "steps": state["step"],
+                         "seconds": round(state["seconds"], 1), "final_loss": round(state["loss"], 4),
+                         "heldout_recall_1_16": round(state["recall"], 4), "stopped_by_time": stopped,
+                         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                         "torch": torch.__version__}
+    return maps
+
+
+@torch.no_grad()
+def heldout_recall(maps: HashMaps, held: Capture, tc: TrainConfig, queries: int = 32) -> float:
+    """Mean over layers of the per-group oracle top-k recall at a 1/16 heavy budget on the held-out capture."""
+    r = evaluate_layers({"m": maps}, held, budgets=(1 / 16,), queries=min(queries, held.length - 1),
+                        sink=tc.sink, window=tc.window)
+    vals = r["m"]["1/16"]["recall"]
+    return sum(vals) / len(vals)

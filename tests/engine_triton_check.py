@@ -1,0 +1,88 @@
+"""Run by tests/test_engine.py with TRITON_INTERPRET=1: the engine's Triton kernels against their PyTorch
+references, and the engine (Triton path) against the Hugging Face integration. Prints ALL OK."""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+assert os.environ.get("TRITON_INTERPRET") == "1"
+from conftest import tiny_model  # noqa: E402
+from hashattention import HashAttentionPolicy, enable  # noqa: E402
+from hashattention.core.budget import Budget  # noqa: E402
+from hashattention.core.maps import HashMaps, MapsConfig  # noqa: E402
+from hashattention.engine import Generator, Transformer, kernels as K  # noqa: E402
+from hashattention.engine.model import _rms_norm, _rotate_half  # noqa: E402
+from hashattention.weights import maps_config_for  # noqa: E402
+
+torch.manual_seed(0)
+# decode attention, dense and sparse (with empty slots and an all-empty row)
+for (b, hq, hkv, d, s) in [(2, 8, 2, 32, 700), (1, 4, 4, 16, 300)]:
+    q, kc, vc = torch.randn(b, hq, d), torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, d)
+    L = torch.tensor([s - 7])
+    assert torch.allclose(K.decode_attention(q, kc, vc, length=L), K.decode_attention_reference(q, kc, vc, length=L),
+                          atol=1e-5)
+    idx = torch.randint(-1, s, (b, hkv, 150), dtype=torch.int32)
+    idx[0, 0] = -1
+    o = K.decode_attention(q, kc, vc, index=idx)
+    assert torch.allclose(o, K.decode_attention_reference(q, kc, vc, index=idx), atol=1e-5)
+    assert o[0, :hq // hkv].abs().max() == 0
+# bf16 (the GPU dtype)
+q, kc, vc = torch.randn(2, 6, 16).bfloat16(), torch.randn(2, 2, 80, 16).bfloat16(), torch.randn(2, 2, 80, 16).bfloat16()
+idx = torch.randint(-1, 70, (2, 2, 30), dtype=torch.int32)
+assert (K.decode_attention(q, kc, vc, index=idx).float()
+        - K.decode_attention_reference(q, kc, vc, index=idx).float()).abs().max() < 2e-2
+# counting selection vs torch.topk on the composite keys (many ties: 7 distinct signatures)
+for (b, hq, hkv, s, L, sink, window, hs, allowed, w, perq) in [
+        (2, 8, 2, 3000, 2900, 16, 16, 100, 90, 1, False), (1, 9, 3, 500, 20, 16, 16, 40, 0, 1, False),
+        (2, 4, 4, 2100, 2100, 4, 8, 200, 200, 2, False), (1, 8, 2, 1500, 1400, 0, 0, 1500, 1400, 1, True)]:
+    q_sig = torch.randint(-2 ** 31, 2 ** 31 - 1, (b, hq, w), dtype=torch.int32)
+    sc = torch.randint(-2 ** 31, 2 ** 31 - 1, (b, hq if perq else hkv, 7, w), dtype=torch.int32)
+    sc = sc[:, :, torch.randint(0, 7, (s,))]
+    Lt, al = torch.tensor([L]), torch.tensor([allowed])
+    idx = K.select_indices(q_sig, sc, Lt, al, sink, window, hkv, hs)
+    keys = K.candidate_keys(q_sig, sc, Lt, sink, window, hkv)
+    assert torch.equal(keys.long(), K.candidate_keys_reference(q_sig, sc, Lt, sink, window, hkv))
+    top, where = torch.topk(keys.long(), hs, dim=-1, sorted=True)
+    ref = torch.where((top >= 0) & (torch.arange(hs) < allowed), where, -1)
+    assert torch.equal(idx[..., sink + window:].sort(-1).values.long(), ref.sort(-1).values), (b, s, L)
+# fused maps vs HashMaps (depth 3 with bias, depth 1 SimHash-like)
+for depth, bias, hqq, hkv, d in [(3, True, 8, 2, 32), (1, False, 6, 3, 16)]:
+    maps = HashMaps(MapsConfig(num_layers=2, num_q_heads=hqq, num_kv_heads=hkv, head_dim=d, depth=depth,
+                               bias=bias, hidden=32))
+    ws = [torch.cat([maps.q.weights[i], maps.k.weights[i]], 1).detach() for i in range(depth)]
+    bs = [torch.cat([maps.q.biases[i], maps.k.biases[i]], 1).detach()[:, :, None] for i in range(depth)] \
+        if bias else None
+    q, k = torch.randn(3, hqq, 1, d), torch.randn(3, hkv, 1, d)
+    sig = torch.zeros(3, hkv, 10, 1, dtype=torch.int32)
+    qs = K.fused_signatures(torch.cat([q[:, :, 0], k[:, :, 0]], 1), ws, bs, 1, hqq, sig, torch.tensor([4]))
+    assert torch.equal(qs, maps.query_signature(1, q)[:, :, 0])
+    assert torch.equal(sig[:, :, 4], maps.key_signature(1, k)[:, :, 0]) and sig[:, :, 5].abs().sum() == 0
+# norm, rotary + cache write, silu * up (bit-exact with the eager ops)
+x, r, wt = torch.randn(3, 96), torch.randn(3, 96), torch.randn(96)
+s_, y = K.rms_norm(x, wt, 1e-5, residual=r)
+assert torch.equal(s_, x + r) and torch.allclose(y, _rms_norm(x + r, wt, 1e-5), atol=1e-6)
+gu = torch.randn(3, 64)
+assert torch.allclose(K.silu_mul(gu), torch.nn.functional.silu(gu[:, :32]) * gu[:, 32:], atol=1e-6)
+hq, hkv, d = 4, 2, 16
+qkv = torch.randn(2, (hq + 2 * hkv) * d)
+cos, sin = torch.randn(1, d), torch.randn(1, d)
+kc, vc = torch.zeros(2, hkv, 8, d), torch.zeros(2, hkv, 8, d)
+qk = K.rope_and_cache(qkv, cos, sin, kc, vc, torch.tensor([5]), hq, hkv)
+x4 = qkv.view(2, hq + 2 * hkv, d)
+ref = x4[:, :hq + hkv] * cos + _rotate_half(x4[:, :hq + hkv]) * sin
+assert torch.allclose(qk, ref, atol=1e-6) and torch.equal(kc[:, :, 5], qk[:, hq:]) and torch.equal(vc[:, :, 5], x4[:, hq + hkv:])
+# the whole engine on the Triton path: the HF integration's tokens
+hf = tiny_model("llama", layers=2)
+torch.manual_seed(3)
+ids = torch.randint(3, 97, (2, 60))
+bud = Budget(heavy=1 / 4, sink=4, window=4)
+maps = HashMaps(maps_config_for(hf.config))
+m = Transformer.from_hf(hf)
+m.setup_caches(2, 80, maps=maps, budget=bud)
+with enable(hf, HashAttentionPolicy(maps, bud, per_group=True), mode="decode"):
+    ref = hf.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)[:, 60:]
+dense_ref = hf.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)[:, 60:]
+assert torch.equal(Generator(m).generate(ids, 10, mode="hash"), ref)
+assert torch.equal(Generator(m).generate(ids, 10, mode="dense"), dense_ref)
+print("ALL OK")

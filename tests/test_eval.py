@@ -1,0 +1,62 @@
+"""RULER-style generators, scoring, bad input, and one tiny CPU suite run (byte tokenizer, tiny model)."""
+import json
+
+import pytest
+
+from hashattention.evaluation import ruler
+
+
+class ByteTok:
+    eos_token_id = 0
+    pad_token_id = 0
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=False):
+        return [b % 250 + 3 for b in text.encode()]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(i - 3 for i in ids if i >= 3).decode(errors="replace")
+
+
+RES = ruler.Resources(sentences=[f"Sentence number {i} says nothing much." for i in range(50)],
+                      words=[f"word{chr(97 + i % 26)}{chr(97 + i // 26)}" for i in range(60)])
+
+
+def test_same_seed_same_prompt_and_fits():
+    tok = ByteTok()
+    a = ruler.make_sample(tok, "niah_single_noise", 600, 0, 0, RES)
+    b = ruler.make_sample(tok, "niah_single_noise", 600, 0, 0, RES)
+    c = ruler.make_sample(tok, "niah_single_noise", 600, 1, 0, RES)
+    assert a.ids == b.ids and a.ids != c.ids
+    assert len(a.ids) + a.max_new <= 600 and len(a.ids) > 500
+    assert a.answers[0] in tok.decode(a.ids)
+
+
+def test_score_and_bad_input():
+    assert ruler.score("the numbers are 123 and 456", ["123", "456"]) == 100.0
+    assert ruler.score("only 123", ["123", "456"]) == 50.0
+    with pytest.raises(ValueError, match="available"):
+        ruler.check_tasks("niah_single_noise,nope")
+    with pytest.raises(ValueError, match="empty"):
+        ruler.Resources(sentences=[], words=RES.words)
+
+
+def test_tiny_suite_runs_and_resumes(tmp_path, tiny):
+    from hashattention.evaluation.runner import Suite
+    model = tiny("llama", vocab=256, heads=4, kv_heads=2)
+    with pytest.raises(ValueError, match="window"):
+        Suite(model, ByteTok(), lengths=[8192], resources=RES)
+    with pytest.raises(ValueError, match="available"):
+        Suite(model, ByteTok(), lengths=[512], policies="dense,bogus", resources=RES)
+    out = tmp_path / "r.json"
+    kw = dict(tasks="niah_single_noise", lengths=[512], policies="dense,quest,h2o,sink_window",
+              budgets=["1/4"], samples=1, ppl_samples=0, out=out, progress=False, resources=RES,
+              modes=("everywhere", "decode"), decode_budgets=["1/4"], sink=16, window=16)
+    Suite(model, ByteTok(), **kw).run()
+    data = json.loads(out.read_text())
+    assert len(data["records"]) == 8  # 4 configs x 2 modes
+    assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
+    s = Suite(model, ByteTok(), **kw)
+    before = dict(s.data["records"])
+    s.run()
+    assert s.data["records"] == before

@@ -1,0 +1,211 @@
+"""Training the maps: corpus, capture, targets, loss, resume, recall evaluation, CLI and shipped maps."""
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from hashattention.core.budget import Budget
+from hashattention.core.maps import HashMaps
+from hashattention.evaluation.heldout import HELDOUT_MODULES
+from hashattention.policies.hash import HashAttentionPolicy
+from hashattention.training.capture import capture, check_capturable
+from hashattention.training.corpus import load_documents, pack_sequences, pydoc_modules
+from hashattention.training.recall import evaluate_layers, hash_group_scores
+from hashattention.training.trainer import TrainConfig, chunk_loss, targets, train
+from hashattention.weights import maps_config_for
+
+SMALL = dict(context=320, qchunk=64, topk=8, sink=16, window=16, prefill_chunk=64, eval_every=3)
+
+
+def test_pydoc_split_is_disjoint_and_packs():
+    train_mods = set(pydoc_modules("train"))
+    assert train_mods and not train_mods & set(HELDOUT_MODULES)
+    assert "json" in train_mods and "difflib" not in train_mods
+
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return type("E", (), {"input_ids": [ord(c) % 50 + 1 for c in text]})()
+    seqs = pack_sequences(Tok(), ["a" * 100, "b" * 130], 50)
+    assert seqs.shape == (4, 50) and (seqs == 0).sum() >= 1  # documents joined by EOS
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        pack_sequences(Tok(), ["abc"], 50)
+
+
+def test_local_data_and_errors(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"body": "hello world"}) + "\n\n" + json.dumps({"body": "x"}) + "\n")
+    docs, _ = load_documents(str(tmp_path / "a.jsonl"), text_field="body")
+    assert docs == ["hello world", "x"]
+    with pytest.raises(ValueError, match="no string field 'text'"):
+        load_documents(str(tmp_path / "a.jsonl"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_documents(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no"):
+        load_documents(str(tmp_path / "empty"))
+    (tmp_path / "blank.txt").write_text("   \n")
+    with pytest.raises(ValueError, match="is empty"):
+        load_documents(str(tmp_path / "blank.txt"))
+
+
+def test_capture_matches_the_cache_and_chunking():
+    from transformers import DynamicCache
+    model = tiny_model(layers=2)
+    ids = torch.randint(3, 97, (1, 200))
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    a, b = capture(model, ids, chunk=64), capture(model, ids, chunk=500)
+    assert a.q.shape == (2, 6, 200, 16) and a.k.shape == (2, 2, 200, 16)
+    for layer in range(2):  # post-rotary keys/values: exactly what the cache holds
+        torch.testing.assert_close(a.k[layer], cache.layers[layer].keys[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.v[layer], cache.layers[layer].values[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.q, b.q, atol=1e-5, rtol=1e-5)
+    assert model.config._attn_implementation == "sdpa"  # restored
+
+
+def test_capture_errors():
+    model = tiny_model(layers=1)
+    with pytest.raises(ValueError, match="longer than the model supports"):
+        check_capturable(model, 10_000)
+    import transformers
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="cannot capture"):
+        check_capturable(gpt2, 10)
+
+
+@pytest.mark.parametrize("target,score", [("group", "weight"), ("head", "weight_vnorm")])
+def test_targets_are_the_heaviest_candidates(target, score):
+    model = tiny_model(layers=2)
+    cap = capture(model, torch.randint(3, 97, (1, 200)))
+    tc = TrainConfig(**{**SMALL, "context": 200, "target": target, "score": score})
+    s, e = 60, 80
+    labels, cand = targets(cap, s, e, tc)
+    assert not (labels & ~cand).any()
+    assert (labels.sum(-1) == tc.topk).all()
+    # brute force for one layer / KV head / query
+    layer, h, i = 1, 1, 7
+    p = e - 1 - (e - s - 1) + i  # position of query i
+    qh = cap.q[layer, 3 * h:3 * h + 3, s + i]  # the group's query heads
+    logits = qh @ cap.k[layer, h, :p + 1].T * cap.scale
+    w = torch.softmax(logits, -1)
+    if score == "weight_vnorm":
+        w = w * cap.v[layer, h, :p + 1].norm(dim=-1)
+    w = w.sum(0, keepdim=True) if target == "group" else w
+    w[:, :tc.sink] = -1
+    w[:, p - tc.window + 1:] = -1
+    want = torch.zeros(w.shape[0], e, dtype=torch.bool)
+    want.scatter_(-1, w.topk(tc.topk, -1).indices, True)
+    got = labels[layer, h, i] if target == "group" else labels[layer, h, :, i]
+    assert torch.equal(got.reshape(want.shape), want)
+
+
+def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
+    model = tiny_model(layers=2)
+    seqs = torch.randint(3, 97, (4, 320))
+    cfg = maps_config_for(model.config, hidden=32)
+    tc = TrainConfig(**SMALL, lr=1e-2)
+    cap = capture(model, seqs[:1])
+    torch.manual_seed(0)  # the trainer's initial maps
+    before = float(chunk_loss(HashMaps(cfg), cap, 100, 164, tc)[0].detach())
+    full = train(model, seqs, cfg, tc, checkpoint=str(tmp_path / "a.pt"), progress=False)
+    after = float(chunk_loss(full, cap, 100, 164, tc)[0].detach())
+    assert after < 0.95 * before  # random tiny model: weak signal, but a no-op trainer fails
+    assert full.config.extra["sequences"] == 4 and full.config.extra["steps"] == 4 * 5
+    # stop after 2 sequences, resume from the checkpoint: same maps as the uninterrupted run
+    train(model, seqs[:2], maps_config_for(model.config, hidden=32), tc, checkpoint=str(tmp_path / "b.pt"),
+          progress=False)
+    resumed = train(model, seqs, maps_config_for(model.config, hidden=32), tc, checkpoint=str(tmp_path / "b.pt"),
+                    resume=True, progress=False, log=lambda *a: None)
+    assert resumed.config.extra["steps"] == 20
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="other maps settings"):
+        train(model, seqs, maps_config_for(model.config, hidden=16), tc, checkpoint=str(tmp_path / "b.pt"),
+              resume=True, progress=False)
+
+
+def test_recall_scores_are_the_policys_scores():
+    model = tiny_model(layers=2)
+    cap = capture(model, torch.randint(3, 97, (1, 150)))
+    maps = HashMaps(maps_config_for(model.config, hidden=32))
+    pol = HashAttentionPolicy(maps, Budget(1 / 8, 16, 16))
+    q, k, v = cap.q[:, :, -10:], cap.k, cap.v
+    mine = hash_group_scores(maps, q, k, v)
+    for layer in range(2):
+        st = {}
+        pol.update(layer, st, k[layer:layer + 1], v[layer:layer + 1], 0)
+        ref = pol.scores(layer, st, q[layer:layer + 1], k[layer:layer + 1], v[layer:layer + 1], None, cap.scale)
+        assert torch.equal(mine[layer], ref[0].long())
+    r = evaluate_layers({"m": maps}, cap, budgets=(1 / 4,), queries=8, sink=16, window=16)
+    rec = r["m"]["1/4"]["recall"]
+    assert len(rec) == 2 and all(0 <= x <= 1 for x in rec)
+    assert r["oracle"]["1/4"]["recall"] == [1.0, 1.0]
+    assert all(e <= m + 1e-6 for e, m in zip(r["oracle"]["1/4"]["rel_error"], [10, 10]))
+
+
+def _tiny_folder(tmp_path):
+    """A tiny llama model with a real (byte-level BPE) tokenizer, saved to a folder: no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+    text = [t for _, t in __import__("hashattention.training.corpus", fromlist=["x"]).pydoc_documents(
+        "train", limit_chars=60000)]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    model = tiny_model(layers=2, vocab=tk.get_vocab_size())
+    model.config.max_position_embeddings = 1024
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    half = len(text) // 2
+    (tmp_path / "train.txt").write_text("\n".join(text[:half]))
+    (tmp_path / "held.txt").write_text("\n".join(text[half:]))
+    return str(tmp_path / "m")
+
+
+def test_cli_train_and_recall_end_to_end(tmp_path, capsys):
+    from hashattention.cli.main import main
+    folder = _tiny_folder(tmp_path)
+    common = ["--model", folder, "--device", "cpu"]
+    out = tmp_path / "maps"
+    rc = main(["train", *common, "--data", str(tmp_path / "train.txt"), "--heldout", str(tmp_path / "held.txt"),
+               "--context", "320", "--sequences", "3", "--qchunk", "64", "--topk", "8", "--sink", "16",
+               "--window", "16", "--hidden", "32", "--dtype", "float32", "--out", str(out), "--quiet",
+               "--finetune-passkey", "1"])
+    assert rc == 0
+    meta = json.loads((tmp_path / "maps.json").read_text())["config"]
+    assert meta["extra"]["sequences"] == 4 and meta["extra"]["tokens"] == 1280 and meta["extra"]["steps"] > 0
+    assert "1 passkey prompts" in meta["extra"]["data"]
+    assert meta["extra"]["target"] == "group" and "train.txt" in meta["extra"]["data"]
+    capsys.readouterr()
+    rc = main(["recall", *common, "--maps", str(out), "--names", "learned", "--data", str(tmp_path / "held.txt"),
+               "--context", "320", "--sequences", "1", "--queries", "16", "--sink", "16", "--window", "16",
+               "--budgets", "1/4,1/8", "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert set(res) == {"learned", "simhash-32", "oracle"} and len(res["learned"]["1/8"]["recall"]) == 2
+    assert "| learned (recall) | 1/8 |" in capsys.readouterr().out
+    # bad input: clear one-line errors before any long work
+    for argv, msg in [(["--data", str(tmp_path / "missing.txt")], "does not exist"),
+                      (["--data", str(tmp_path / "train.txt"), "--context", "5000"], "longer than the model supports")]:
+        assert main(["train", *common, *argv, "--out", str(tmp_path / "x"), "--quiet"]) == 2
+        assert msg in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["train", *common, "--data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "x")]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_shipped_maps_fit_the_default_model():
+    from hashattention.shipped import DEFAULT_MAPS, has_default_maps, load_default_maps
+    assert has_default_maps()
+    maps = load_default_maps()
+    c = maps.config
+    assert (c.num_layers, c.num_q_heads, c.num_kv_heads, c.head_dim, c.bits) == (30, 9, 3, 64, 32)
+    assert c.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    e = c.extra
+    assert e["kind"] == "learned" and e["data"].startswith("pydoc:train") and e["tokens"] > 10**6
+    assert DEFAULT_MAPS.stat().st_size < 10 * 2**20
