@@ -78,7 +78,7 @@ def load_maps(path, model_config=None, allow_other_model: bool = False, device=N
         tensors = load_file(str(st))
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{st} is not a readable safetensors file: {e}") from None
-    maps = HashMaps(cfg)
+    maps = HashMaps(cfg, init=False)  # every tensor is loaded below; the global RNG stays untouched
     expected = maps.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

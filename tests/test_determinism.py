@@ -50,3 +50,21 @@ def test_seed_policies_use_explicit_generators():
     torch.manual_seed(0)
     make_policy("random", B, seed=3).scores(0, {}, q, k, k, valid, 0.25)
     assert torch.equal(torch.rand(3), expect), "the random policy consumed the global RNG"
+
+
+def test_building_and_loading_maps_leave_the_global_rng_alone(tmp_path):
+    """SimHash maps and loaded maps set every weight themselves: making them must not consume the caller's
+    random stream (a user's seeded experiment would otherwise change with the policy they build)."""
+    from hashattention.core.maps import HashMaps, MapsConfig
+    from hashattention.weights import load_maps, save_maps
+    cfg = MapsConfig(num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=8, hidden=16)
+    trained = HashMaps(cfg)
+    save_maps(trained, tmp_path / "m")
+    torch.manual_seed(7)
+    expect = torch.rand(3)
+    torch.manual_seed(7)
+    HashMaps.simhash(cfg, seed=3)
+    loaded = load_maps(tmp_path / "m")
+    assert torch.equal(torch.rand(3), expect), "building or loading maps consumed the global RNG"
+    for a, b in zip(trained.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)

@@ -60,3 +60,30 @@ def test_tiny_suite_runs_and_resumes(tmp_path, tiny):
     before = dict(s.data["records"])
     s.run()
     assert s.data["records"] == before
+
+
+def test_heldout_text_is_the_same_in_every_process():
+    """The held-out text (haystacks, perplexity) must not depend on the process: pydoc prints object
+    addresses in default values, which change with every run."""
+    import subprocess
+    import sys
+    code = "from hashattention.evaluation.heldout import text_digest; print(text_digest())"
+    a, b = (subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2))
+    assert a.strip() and a == b
+
+
+def test_report_renders_a_subset_of_a_results_file(tmp_path):
+    """`hashattention eval --report`: a run cut short by its time limit is still readable for the configs that
+    finished every length (the committed H100 run stopped inside 8K)."""
+    from pathlib import Path
+    from hashattention.evaluation.runner import render
+    src = Path(__file__).resolve().parents[1] / "bench/results/eval_everywhere_H100.json"
+    everything = render(src, tmp_path / "all.json")
+    assert "| 8K |" not in everything and "| 4K |" in everything  # 8K is not finished by every config
+    sub = render(src, tmp_path / "sub.json", policies=["dense", "hash"], budgets=["1/16"])
+    assert "| 8K |" in sub and "| simhash |" not in sub and (tmp_path / "sub.png").stat().st_size > 0
+    rows = [l for l in sub.splitlines() if l.startswith("| dense") or l.startswith("| hash")]
+    assert len(rows) == 2
+    with pytest.raises(ValueError, match="no results"):
+        render(src, tmp_path / "none.json", policies=["nope"])

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 
+DEFAULT_LENGTHS, DEFAULT_BUDGETS = "2K,4K,8K", "1/4,1/8,1/16,1/32"
+REPORT_DEFAULT_OUT = "bench/results/eval_default.json"
+
+
 def add_parser(sub):
     p = sub.add_parser("eval", help="long-context suite (RULER-style) and perplexity, policies side by side")
     p.add_argument("--model", default="default", help="'default', a local folder, a .gguf file or a hub id")
-    p.add_argument("--lengths", default="2K,4K,8K", help="context lengths, e.g. 2K,4K,8K")
+    p.add_argument("--lengths", default=DEFAULT_LENGTHS, help="context lengths, e.g. 2K,4K,8K")
     p.add_argument("--tasks", default="all", help="comma list of tasks or 'all'")
     p.add_argument("--policies", default="all", help="comma list: dense,oracle,hash,simhash,sink_window,quest,h2o,random")
-    p.add_argument("--budgets", default="1/4,1/8,1/16,1/32", help="heavy budgets (fractions of the context)")
+    p.add_argument("--budgets", default=DEFAULT_BUDGETS, help="heavy budgets (fractions of the context)")
     p.add_argument("--modes", default="everywhere", help="everywhere and/or decode (comma list)")
     p.add_argument("--decode-budgets", default="1/16,1/32")
     p.add_argument("--decode-rounds", type=int, default=1)
@@ -23,10 +27,13 @@ def add_parser(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--maps", default=None, help="maps file for policy 'hash' (default: the shipped maps)")
     p.add_argument("--device", default=None)
-    p.add_argument("--out", default="bench/results/eval_default.json", help="results JSON (+ .md, .png beside it)")
+    p.add_argument("--out", default=REPORT_DEFAULT_OUT, help="results JSON (+ .md, .png beside it)")
     p.add_argument("--time-limit", type=float, default=None, help="stop starting new batches after this many seconds")
     p.add_argument("--reference-path", action="store_true", help="use the fp32 reference attention/selection")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--report", default=None, metavar="JSON",
+                   help="only render the table and plot of a results file (with --policies/--budgets/--lengths "
+                        "as filters, 'all' for none) into --out's .md/.png")
     p.set_defaults(func=run)
 
 
@@ -40,6 +47,13 @@ def run(args) -> int:
     from ..evaluation import ruler
     from ..evaluation.runner import Suite, check_policies
     from ..policies import POLICIES
+    if args.report:
+        from ..evaluation.runner import render
+        pick = lambda x: None if x in ("all", None) else [v.strip() for v in x.split(",") if v.strip()]  # noqa: E731
+        out = None if args.out == REPORT_DEFAULT_OUT else args.out
+        print(render(args.report, out, pick(args.policies), pick(args.budgets) if args.budgets != DEFAULT_BUDGETS
+                     else None, pick(args.lengths) if args.lengths != DEFAULT_LENGTHS else None))
+        return 0
     ruler.check_tasks(args.tasks)  # bad names fail before the model loads
     check_policies(args.policies, POLICIES)
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]

@@ -64,13 +64,13 @@ class MapsConfig:
 
 
 class _StackedMLP(nn.Module):
-    def __init__(self, layers: int, heads: int, dims: list[int], bias: bool):
+    def __init__(self, layers: int, heads: int, dims: list[int], bias: bool, init: bool = True):
         super().__init__()
         self.weights = nn.ParameterList(
             nn.Parameter(torch.empty(layers, heads, a, b)) for a, b in zip(dims[:-1], dims[1:]))
         self.biases = nn.ParameterList(
             nn.Parameter(torch.zeros(layers, heads, b)) for b in dims[1:]) if bias else None
-        for w in self.weights:  # Kaiming-uniform like nn.Linear, per head
+        for w in self.weights if init else ():  # Kaiming-uniform like nn.Linear, per head
             bound = 1.0 / math.sqrt(w.shape[-2])
             nn.init.uniform_(w, -bound, bound)
 
@@ -89,12 +89,14 @@ class _StackedMLP(nn.Module):
 class HashMaps(nn.Module):
     """``phi_q`` and ``phi_kv`` for all layers of one model. See the module docstring for shapes."""
 
-    def __init__(self, config: MapsConfig):
+    def __init__(self, config: MapsConfig, init: bool = True):
+        """``init=False`` leaves the weights uninitialized (they are about to be loaded or copied) and does
+        not touch the global random generator."""
         super().__init__()
         self.config = config
         c = config
-        self.q = _StackedMLP(c.num_layers, c.num_q_heads, c.dims(key=False), c.bias)
-        self.k = _StackedMLP(c.num_layers, c.key_heads, c.dims(key=True), c.bias)
+        self.q = _StackedMLP(c.num_layers, c.num_q_heads, c.dims(key=False), c.bias, init)
+        self.k = _StackedMLP(c.num_layers, c.key_heads, c.dims(key=True), c.bias, init)
 
     @classmethod
     def simhash(cls, config: MapsConfig, seed: int = 0) -> "HashMaps":
@@ -102,7 +104,7 @@ class HashMaps(nn.Module):
         query heads of its group and by the keys, so matching bits estimate the query-key angle."""
         c = MapsConfig(**{**config.to_dict(), "depth": 1, "bias": False, "value_norm": False,
                           "key_heads": config.num_kv_heads})
-        maps = cls(c)
+        maps = cls(c, init=False)  # every weight is set below; the global RNG stays untouched
         g = torch.Generator().manual_seed(seed)
         proj = torch.randn(c.num_layers, c.num_kv_heads, c.head_dim, c.bits, generator=g)
         group = c.num_q_heads // c.num_kv_heads

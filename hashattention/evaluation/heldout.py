@@ -31,7 +31,7 @@ def _clean(text: str) -> str:
         if _DROP.search(line):
             continue
         lines.append(line)
-    text = "\n".join(lines)
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", "\n".join(lines))  # object addresses differ per process
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 

@@ -432,6 +432,36 @@ class Suite:
             self.log(f"plot failed: {e}")
 
 
+def render(path, out=None, policies=None, budgets=None, lengths=None) -> str:
+    """Table (.md) and plot (.png) of a results JSON, optionally for a subset of policies, budgets and lengths
+    (e.g. the configurations a run cut short by its time limit finished everywhere). Returns the Markdown."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    keep_pol = set(policies) if policies else None
+    keep_bud = {budget_label(b) for b in budgets} | {DENSE_BUDGET} if budgets else None
+    keep_len = {str(parse_length(L)) for L in lengths} if lengths else None
+    recs = {}
+    for k, v in data["records"].items():
+        mode, pol, bud, L, task, idx = k.split("|")
+        if (keep_pol is None or pol in keep_pol) and (keep_bud is None or bud in keep_bud) \
+                and (keep_len is None or L in keep_len):
+            recs[k] = v
+    if not recs:
+        raise ValueError(f"no results in {path} for policies={policies} budgets={budgets} lengths={lengths}")
+    data = {**data, "records": recs}
+    summary = summarize(data)
+    md = markdown_table(data, summary)
+    out = Path(out) if out else path
+    out.with_suffix(".md").write_text(md)
+    plot(data, summary, out.with_suffix(".png"))
+    return md
+
+
+def _len_label(L) -> str:
+    L = int(L)
+    return f"{L // 1024}K" if L % 1024 == 0 else str(L)
+
+
 def summarize(data: dict) -> dict:
     """Scores averaged over the sample indices that every config of a (mode, length, task) finished."""
     s = data["settings"]
@@ -487,7 +517,7 @@ def markdown_table(data: dict, summary: dict) -> str:
     lines = [f"# Long-context evaluation: {s['model']}", "",
              f"Device: {s['device']} ({s['dtype']}); torch {s['torch']}, transformers {s['transformers']}. "
              f"Sink {s['sink']}, window {s['window']}, chunk {s['chunk']}, Quest page {s['page_size']}, "
-             f"seed {s['seed']}. Scores: RULER string match (%), mean over lengths {s['lengths']}. "
+             f"seed {s['seed']}. Scores: RULER string match (%), mean over the lengths every row finished. "
              f"PPL: held-out pydoc text, positions >= {s['ppl_from']}.", ""]
     for mode, cfgs in summary.items():
         tasks = sorted({t for e in cfgs.values() for t in e["by_task"]}, key=lambda t: s["tasks"].index(t) if t in s["tasks"] else 99)
@@ -496,7 +526,7 @@ def markdown_table(data: dict, summary: dict) -> str:
         n = sorted({v for e in cfgs.values() for v in e.get("n", {}).values()})
         lines += [f"## Sparse {'everywhere (chunked prefill + decode)' if mode == 'everywhere' else 'decoding only (dense prefill)'}",
                   "", f"Samples per task and length: {n[0] if len(n) == 1 else n}.", ""]
-        head = ["policy", "budget"] + tasks + ["avg"] + [f"{int(L) // 1024}K" for L in lengths] + [f"ppl {int(L) // 1024}K" for L in plens]
+        head = ["policy", "budget"] + tasks + ["avg"] + [_len_label(L) for L in lengths] + [f"ppl {_len_label(L)}" for L in plens]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for c in _sort_cfgs(cfgs):
             e = cfgs[c]
@@ -536,7 +566,9 @@ def plot(data: dict, summary: dict, path):
         ax.set_title(f"sparse {mode}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{s['model']} — RULER-style suite, lengths {s['lengths']} — {s['device']}", fontsize=10)
+    lens = sorted({int(L) for m in summary.values() for e in m.values() for L in e.get("by_length", {})})
+    fig.suptitle(f"{s['model']}: RULER-style suite, lengths {', '.join(_len_label(L) for L in lens)}\n"
+                 f"{s['device']}, {s['dtype']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

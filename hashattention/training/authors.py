@@ -71,7 +71,7 @@ def import_usa(state_dict: dict, num_kv_heads: int, model_id: str = "", model_ty
     cfg = MapsConfig(num_layers=layers, num_q_heads=heads, num_kv_heads=num_kv_heads, head_dim=head_dim, bits=bits,
                      hidden=hidden, depth=depth, key_heads=heads, bias=has_bias, model_id=model_id,
                      model_type=model_type, extra={"kind": "imported", "source_layout": "HashAttention-1.0 USA"})
-    maps = HashMaps(cfg)
+    maps = HashMaps(cfg, init=False)  # every tensor is loaded below; the global RNG stays untouched
     dims = cfg.dims(key=False)
     with torch.no_grad():
         for side, mlp in (("q", maps.q), ("k", maps.k)):

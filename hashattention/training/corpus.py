@@ -33,8 +33,7 @@ def _module_doc(name: str) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mod = importlib.import_module(name)
-            text = _clean(pydoc.render_doc(mod, renderer=pydoc.plaintext))
-        return re.sub(r" at 0x[0-9a-f]+", "", text)  # object addresses differ per run
+            return _clean(pydoc.render_doc(mod, renderer=pydoc.plaintext))  # _clean drops object addresses
     except Exception:  # noqa: BLE001 - a module that cannot be imported/rendered here is simply not in the corpus
         return ""
 
