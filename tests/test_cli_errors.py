@@ -75,3 +75,18 @@ def test_demo_missing_maps_file_and_bad_lengths(capsys, monkeypatch):
     if "import-maps" in COMMANDS:
         assert cli.main(["import-maps", "/no/such/authors.pt", "--out", "/tmp/ha_never_written"]) == 2
         assert "/no/such/authors.pt" in capsys.readouterr().err
+
+
+def test_eval_bad_names_fail_before_the_model_loads(capsys, monkeypatch):
+    import hashattention.cli.eval as ev
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: pytest.fail("the model was loaded before checking"))
+    assert cli.main(["eval", "--tasks", "niah_single_noise,bogus_task"]) == 2
+    err = capsys.readouterr().err
+    assert "bogus_task" in err and "available" in err and "niah_multikey_text" in err
+    assert cli.main(["eval", "--policies", "hash,bogus_policy"]) == 2
+    err = capsys.readouterr().err
+    assert "bogus_policy" in err and "available" in err and "quest" in err
+    assert cli.main(["eval", "--budgets", "1/16,two"]) == 2
+    assert "two" in capsys.readouterr().err
+    assert cli.main(["eval", "--report", "/no/such/results.json"]) == 2
+    assert "/no/such/results.json" in capsys.readouterr().err

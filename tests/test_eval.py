@@ -87,3 +87,29 @@ def test_report_renders_a_subset_of_a_results_file(tmp_path):
     assert len(rows) == 2
     with pytest.raises(ValueError, match="no results"):
         render(src, tmp_path / "none.json", policies=["nope"])
+
+
+def test_ctrl_c_during_eval_keeps_the_finished_results(tmp_path, tiny, monkeypatch):
+    """Ctrl-C inside a batch: every finished (policy, budget) unit is on disk as valid JSON, and the rerun
+    completes with the same records as an uninterrupted run."""
+    import hashattention.evaluation.runner as R
+    model = tiny("llama", vocab=256, heads=4, kv_heads=2)
+    kw = dict(tasks="niah_single_noise", lengths=[512], policies="dense,sink_window,random", budgets=["1/4"],
+              samples=1, ppl_samples=0, progress=False, resources=RES, sink=16, window=16)
+    R.Suite(model, ByteTok(), out=tmp_path / "full.json", **kw).run()
+    real, calls = R.run_batch, []
+
+    def batch_then_ctrl_c(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(R, "run_batch", batch_then_ctrl_c)
+    out = tmp_path / "cut.json"
+    with pytest.raises(KeyboardInterrupt):
+        R.Suite(model, ByteTok(), out=out, **kw).run()
+    assert len(json.loads(out.read_text())["records"]) == 2
+    monkeypatch.setattr(R, "run_batch", real)
+    R.Suite(model, ByteTok(), out=out, **kw).run()
+    full, cut = (json.loads((tmp_path / f).read_text())["records"] for f in ("full.json", "cut.json"))
+    assert cut.keys() == full.keys() and all(cut[k]["pred"] == full[k]["pred"] for k in full)

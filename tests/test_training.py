@@ -209,3 +209,33 @@ def test_shipped_maps_fit_the_default_model():
     e = c.extra
     assert e["kind"] == "learned" and e["data"].startswith("pydoc:train") and e["tokens"] > 10**6
     assert DEFAULT_MAPS.stat().st_size < 10 * 2**20
+
+
+def test_ctrl_c_during_training_leaves_a_usable_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of a run: the checkpoint holds what was learned, and --resume finishes the run."""
+    import hashattention.training.trainer as T
+    model = tiny_model(layers=2)
+    seqs = torch.randint(3, 97, (4, 320))
+    tc = TrainConfig(**SMALL, lr=1e-2)  # save_every=10: no regular checkpoint before the interruption
+    ck = str(tmp_path / "c.pt")
+    real, calls = T.capture, []
+
+    def capture_then_ctrl_c(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(T, "capture", capture_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, seqs, maps_config_for(model.config, hidden=32), tc, checkpoint=ck, progress=False,
+              log=lambda *a: None)
+    saved = torch.load(ck, weights_only=True)
+    assert saved["state"]["seq"] == 2 and saved["state"]["step"] == 2 * 5
+    monkeypatch.setattr(T, "capture", real)
+    resumed = train(model, seqs, maps_config_for(model.config, hidden=32), tc, checkpoint=ck, resume=True,
+                    progress=False, log=lambda *a: None)
+    assert resumed.config.extra["sequences"] == 4 and resumed.config.extra["steps"] == 20
+    torch.manual_seed(0)
+    full = train(model, seqs, maps_config_for(model.config, hidden=32), tc, progress=False)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b)  # interrupted at a sequence boundary: the same maps

@@ -158,31 +158,40 @@ def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, h
         bar = tqdm(total=seqs.shape[0] * seqs.shape[1], initial=state["tokens"], unit="tok", dynamic_ncols=True)
     t0 = time.perf_counter() - state["seconds"]
     stopped = False
-    for i in range(state["seq"], seqs.shape[0]):
-        cap = capture(model, seqs[i:i + 1].to(dev), tc.prefill_chunk)
-        for s, e in _steps_of(cap.length, tc):
-            loss, _, _ = chunk_loss(maps, cap, s, e, tc)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            state["step"] += 1
-            lv = float(loss.detach())
-            state["loss"] = 0.9 * state["loss"] + 0.1 * lv if math.isfinite(state["loss"]) else lv
-            if held is not None and state["step"] % tc.eval_every == 0:
-                state["recall"] = heldout_recall(maps, held, tc)
+    try:
+        for i in range(state["seq"], seqs.shape[0]):
+            cap = capture(model, seqs[i:i + 1].to(dev), tc.prefill_chunk)
+            for s, e in _steps_of(cap.length, tc):
+                loss, _, _ = chunk_loss(maps, cap, s, e, tc)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                state["step"] += 1
+                lv = float(loss.detach())
+                state["loss"] = 0.9 * state["loss"] + 0.1 * lv if math.isfinite(state["loss"]) else lv
+                if held is not None and state["step"] % tc.eval_every == 0:
+                    state["recall"] = heldout_recall(maps, held, tc)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{state['loss']:.3f}", recall16=f"{state['recall']:.3f}", refresh=False)
+            del cap
+            state["seq"] = i + 1
+            state["tokens"] += seqs.shape[1]
+            state["seconds"] = time.perf_counter() - t0
             if bar is not None:
-                bar.set_postfix(loss=f"{state['loss']:.3f}", recall16=f"{state['recall']:.3f}", refresh=False)
-        del cap
-        state["seq"] = i + 1
-        state["tokens"] += seqs.shape[1]
-        state["seconds"] = time.perf_counter() - t0
+                bar.update(seqs.shape[1])
+            if checkpoint and state["seq"] % tc.save_every == 0:
+                save_ckpt()
+            if tc.max_seconds is not None and state["seconds"] >= tc.max_seconds:
+                stopped = True
+                break
+    except KeyboardInterrupt:  # Ctrl-C: keep what was learned; a resumed run redoes the interrupted sequence
         if bar is not None:
-            bar.update(seqs.shape[1])
-        if checkpoint and state["seq"] % tc.save_every == 0:
-            save_ckpt()
-        if tc.max_seconds is not None and state["seconds"] >= tc.max_seconds:
-            stopped = True
-            break
+            bar.close()
+        state["seconds"] = time.perf_counter() - t0
+        save_ckpt()
+        if checkpoint:
+            log(f"interrupted: checkpoint {checkpoint} saved at sequence {state['seq']} (continue with --resume)")
+        raise
     if bar is not None:
         bar.close()
     if held is not None:
