@@ -175,3 +175,20 @@ def test_maps_shapes_and_value_norm():
         y = y @ w[2, h] + maps.q.biases[i][2, h]
         y = F.silu(y) if i < 2 else y
     torch.testing.assert_close(out[0, h], y)
+
+
+@pytest.mark.parametrize("g,w", [(1, 1), (3, 1), (4, 2), (2, 3)])
+def test_group_match_scores_equal_summed_popcount_matches(g, w):
+    """The policy's ±1-product scorer gives exactly the XOR + popcount matches, summed over a KV group."""
+    from hashattention.core.signatures import group_match_scores
+    gen = torch.Generator().manual_seed(g * 10 + w)
+    q = torch.randint(-2 ** 31, 2 ** 31 - 1, (2, 3, g, 5, w), dtype=torch.int32, generator=gen)
+    k = torch.randint(-2 ** 31, 2 ** 31 - 1, (2, 3, 37, w), dtype=torch.int32, generator=gen)
+    k[0, 0, :4] = q[0, 0, 0, :4]  # exact matches and their complements: the extreme scores
+    k[0, 1, :4] = ~q[0, 1, 0, :4]
+    want = sum(ha.match_scores(q[:, :, i], k).long() for i in range(g))
+    got = group_match_scores(q, k)
+    assert got.dtype == torch.int32 and torch.equal(got.long(), want)
+    assert int(got.max()) <= 32 * w * g and int(got.min()) >= 0
+    with pytest.raises(TypeError, match="int32"):
+        group_match_scores(q.long(), k)

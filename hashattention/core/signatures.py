@@ -60,3 +60,30 @@ def match_scores(q_sig: torch.Tensor, k_sig: torch.Tensor) -> torch.Tensor:
     x = q_sig.unsqueeze(-2) ^ k_sig.unsqueeze(-3)  # [B, H, Lq, Lk, W]
     mismatches = popcount32(x).sum(-1)
     return (WORD_BITS * q_sig.shape[-1] - mismatches).to(torch.int32)
+
+
+def _signs(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int32 [..., W] -> ±1 [..., W * 32] in ``dtype`` (bit 1 -> +1)."""
+    return unpack_bits(words).to(dtype) * 2 - 1
+
+
+def group_match_scores(q_sig: torch.Tensor, k_sig: torch.Tensor) -> torch.Tensor:
+    """Bit matches summed over the query heads of each KV group, as one ±1 matrix product.
+
+    q_sig: int32 [B, Hk, G, Lq, W]; k_sig: int32 [B, Hk, Lk, W]. Returns int32 [B, Hk, Lq, Lk] equal to
+    ``match_scores(q_sig[:, :, g], k_sig).sum over g`` (G = 1 gives :func:`match_scores`). The sum of matches
+    is (G * bits + (sum_g q_g) . k) / 2 with ±1 vectors; the products of small integers are exact in
+    fp16 (GPU, |score| <= 2048) and fp32 (CPU), and the GEMM is far cheaper than XOR + popcount over every
+    (query, key) pair."""
+    if q_sig.dtype != torch.int32 or k_sig.dtype != torch.int32:
+        raise TypeError(f"signatures must be int32, got {q_sig.dtype} and {k_sig.dtype}")
+    if q_sig.dim() != 5 or k_sig.dim() != 4 or q_sig.shape[-1] != k_sig.shape[-1]:
+        raise ValueError(f"expected q_sig [B, Hk, G, Lq, W] and k_sig [B, Hk, Lk, W], got {tuple(q_sig.shape)} "
+                         f"and {tuple(k_sig.shape)}")
+    g, bits = q_sig.shape[2], WORD_BITS * q_sig.shape[-1]
+    exact16 = q_sig.is_cuda and g * bits <= 2048
+    dt = torch.float16 if exact16 else torch.float32
+    qs = _signs(q_sig, torch.float32).sum(2).to(dt)  # [B, Hk, Lq, bits], integers in -G..G
+    ks = _signs(k_sig, dt)  # [B, Hk, Lk, bits]
+    dot = torch.matmul(qs, ks.transpose(-1, -2))  # [B, Hk, Lq, Lk]
+    return ((dot.float() + g * bits) * 0.5).round().to(torch.int32)

@@ -4,13 +4,14 @@ from __future__ import annotations
 import torch
 
 from ..core.maps import HashMaps
-from ..core.signatures import match_scores
+from ..core.signatures import group_match_scores
 from .base import SelectionPolicy
 
 
 class HashAttentionPolicy(SelectionPolicy):
     """Keys are signed once when they enter the cache (``state['sig']``: int32 [B, key_heads, Lk, W]);
-    each query is signed and scored against every cached signature by XOR + popcount.
+    each query is signed and scored against every cached signature (bit matches: XOR + popcount in the
+    kernels, an exact ±1 matrix product here).
 
     Shared by a KV group (``per_group=True``) the score of a key is the sum of the group's bit matches.
     """
@@ -46,15 +47,17 @@ class HashAttentionPolicy(SelectionPolicy):
         q_sig = self.maps.query_signature(layer, q)  # [B, Hq, Lq, W]
         k_sig = state["sig"]  # [B, key_heads, Lk, W]
         b, hq, lq, w = q_sig.shape
-        if c.key_heads == hq:
-            s = match_scores(q_sig, k_sig)  # [B, Hq, Lq, Lk]
+        if c.key_heads == hq:  # one key map per query head (the authors' layout)
+            s = group_match_scores(q_sig.unsqueeze(2), k_sig)  # [B, Hq, Lq, Lk]
             if self.per_group:
                 s = s.view(b, k.shape[1], hq // k.shape[1], lq, -1).sum(2)
             return s
         hkv = k_sig.shape[1]
-        s = match_scores(q_sig.view(b, hkv, (hq // hkv) * lq, w), k_sig)  # [B, Hkv, G*Lq, Lk]
-        s = s.view(b, hkv, hq // hkv, lq, -1)
-        return s.sum(2) if self.per_group else s.flatten(1, 2)
+        g = hq // hkv
+        if self.per_group:  # the group's bit matches summed: one product with the summed ±1 queries
+            return group_match_scores(q_sig.view(b, hkv, g, lq, w), k_sig)  # [B, Hkv, Lq, Lk]
+        s = group_match_scores(q_sig.view(b, hkv, 1, g * lq, w), k_sig)  # [B, Hkv, G*Lq, Lk]
+        return s.view(b, hkv, g, lq, -1).flatten(1, 2)  # [B, Hq, Lq, Lk]
 
     #: run the fused kernels on CPU tensors too (tests under TRITON_INTERPRET=1 only)
     kernels_on_cpu = False
