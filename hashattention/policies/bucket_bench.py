@@ -358,7 +358,11 @@ def cmd_determinism(a) -> int:
 
 # ----------------------------------------------------------------------------------------- table, plot
 def _split_key(k: str, n_tail: int):
-    """Record keys are mode/policy/budget/.../...; a budget label such as "1/16" holds a slash itself."""
+    """Record keys are mode|policy|budget|... (runner) or mode/policy/budget/... (stats, older files; a budget
+    label such as "1/16" holds a slash itself)."""
+    if "|" in k:
+        parts = k.split("|")
+        return parts[0], parts[1], parts[2], parts[3:]
     parts = k.split("/")
     return parts[0], parts[1], "/".join(parts[2:len(parts) - n_tail]), parts[len(parts) - n_tail:]
 
