@@ -78,33 +78,9 @@ def _load(device=None):
 
 
 # ------------------------------------------------------------------------------------------------ eval
-def _crop_compat():
-    """This process only: newer transformers (5.2x) reject DynamicCache.crop(absolute length), which the
-    suite runner's decode mode calls; translate a positive length into the negative count they expect."""
-    from transformers import DynamicCache
-    orig = DynamicCache.crop
-    if getattr(orig, "_bucket_compat", False):
-        return
-
-    def crop(self, n):
-        if n > 0:
-            n = n - self.get_seq_length()
-            if n == 0:
-                return None
-        return orig(self, n)
-    probe = DynamicCache()
-    probe.update(torch.zeros(1, 1, 2, 1), torch.zeros(1, 1, 2, 1), 0)
-    try:
-        probe.crop(1)  # old versions: keep 1 token; new ones raise
-    except ValueError:
-        crop._bucket_compat = True
-        DynamicCache.crop = crop
-
-
 def cmd_eval(a) -> int:
     from ..evaluation import runner
     from ..policies import POLICIES
-    _crop_compat()
     model, tok, _ = _load(a.device)
     bucket = [n for n in a.policies.split(",") if n.startswith("bucket")]
     for n in bucket:  # validate, then make the names known to the suite's policy check (this process only)
