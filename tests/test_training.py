@@ -239,3 +239,28 @@ def test_ctrl_c_during_training_leaves_a_usable_checkpoint(tmp_path, monkeypatch
     full = train(model, seqs, maps_config_for(model.config, hidden=32), tc, progress=False)
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b)  # interrupted at a sequence boundary: the same maps
+
+
+def test_hub_dataset_path_on_local_rows(monkeypatch):
+    """A Hugging Face dataset name goes through datasets.load_dataset (streaming); here a stand-in module
+    serves local rows, so the path is tested without a download."""
+    import sys
+    import types
+    calls = []
+
+    def load_dataset(name, split, streaming):
+        calls.append((name, split, streaming))
+        rows = {"org/good": [{"text": "first document " * 50}, {"text": "second document " * 50}],
+                "org/empty": [], "org/nofield": [{"content": "x"}]}[name]
+        return iter(rows)
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    docs, desc = load_documents("org/good", split="train", limit_chars=100)
+    assert docs == ["first document " * 50] and desc == "hf:org/good:train"  # stops at limit_chars
+    assert calls == [("org/good", "train", True)]
+    with pytest.raises(ValueError, match="empty"):
+        load_documents("org/empty")
+    with pytest.raises(ValueError, match="--text-field"):
+        load_documents("org/nofield")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(ValueError, match="pip install datasets"):
+        load_documents("org/good")
