@@ -264,3 +264,30 @@ def test_hub_dataset_path_on_local_rows(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
     with pytest.raises(ValueError, match="pip install datasets"):
         load_documents("org/good")
+
+
+def test_cli_train_fits_a_bucket_projection(tmp_path, capsys):
+    """`hashattention train --bucket-projection`: the learned projection of bucket hashing comes from the same
+    training command and data pipeline; the file loads into the same variant and is refused by another."""
+    from hashattention.cli.main import main
+    from hashattention.core.budget import Budget
+    from hashattention.policies.bucket_bench import parse_variant
+    folder = _tiny_folder(tmp_path)
+    out = tmp_path / "proj"
+    rc = main(["train", "--model", folder, "--device", "cpu", "--data", str(tmp_path / "train.txt"),
+               "--context", "256", "--sequences", "2", "--sink", "16", "--window", "16", "--out", str(out), "--quiet",
+               "--bucket-projection", "bucket-lsh_b4"])
+    assert rc == 0
+    res = json.loads((tmp_path / "proj.json").read_text())
+    assert res["sequences"] == 2 and res["config"]["agg"] == "proj" and res["config"]["bits"] == 4
+    assert res["mse_proj"] <= res["mse_mean"] + 1e-9  # least squares never loses to its own mean-pool input
+    cls, kw = parse_variant("bucket-lsh_b4_proj")
+    pol = cls(Budget(heavy="1/16", sink=128, window=128), **kw).load_projection(str(tmp_path / "proj.safetensors"))
+    assert len(pol.projection) == 2
+    cls, kw = parse_variant("bucket-lsh_b8_proj")
+    with pytest.raises(ValueError, match="another bucket configuration"):
+        cls(Budget(heavy="1/16"), **kw).load_projection(str(tmp_path / "proj.safetensors"))
+    capsys.readouterr()
+    assert main(["train", "--model", folder, "--device", "cpu", "--data", str(tmp_path / "train.txt"),
+                 "--context", "256", "--out", str(out), "--bucket-projection", "bucket-nope"]) == 2
+    assert "unknown bucket policy" in capsys.readouterr().err

@@ -47,6 +47,10 @@ def add_parser(sub):
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt.pt when it exists")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bucket-projection", default=None, metavar="VARIANT",
+                   help="instead of maps: fit the learned projection of a bucket-hashing variant (e.g. "
+                        "bucket-lsh_b8_proj) on the same data; writes OUT.safetensors + OUT.json")
+    p.add_argument("--ridge", type=float, default=1e-2, help="ridge of --bucket-projection's closed-form fit")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
     return p
@@ -63,6 +67,33 @@ def _check_data_arg(data: str):
         raise ValueError(f"training data {data} is empty")
 
 
+def _fit_bucket_projection(args, model, model_id, seqs, desc, log) -> int:
+    """The ``proj`` aggregation of bucket hashing (docs/bucket-hash-report.md): a closed-form ridge fit per
+    layer and head from the bucket's mean value to the model's dense attention output."""
+    from tqdm.auto import tqdm
+
+    from ..core.budget import Budget
+    from ..policies.bucket import fit_projection
+    from ..policies.bucket_bench import parse_variant
+    cls, kw = parse_variant(args.bucket_projection)
+    kw["agg"] = "proj"
+    pol = cls(Budget(heavy="1/16", sink=args.sink, window=args.window), **kw)
+    log(f"fitting the bucket projection of {args.bucket_projection} for {model_id} on {seqs.shape[0]} sequences "
+        f"x {args.context} tokens of {desc}")
+    t = time.perf_counter()
+    with tqdm(total=seqs.shape[0], unit="seq", disable=args.quiet) as bar:
+        res = fit_projection(model, pol, seqs, ridge=args.ridge, progress=bar)
+    out = Path(args.out).with_suffix(".safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pol.save_projection(str(out))
+    res.update({"seconds": round(time.perf_counter() - t, 1), "sequences": seqs.shape[0], "context": args.context,
+                "ridge": args.ridge, "data": desc, "variant": args.bucket_projection, "model": model_id,
+                "config": pol.config()})
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    print(json.dumps({"out": str(out), **{k: v for k, v in res.items() if k != "config"}}))
+    return 0
+
+
 def run(args) -> int:
     import torch
 
@@ -73,6 +104,9 @@ def run(args) -> int:
     from ..weights import maps_config_for, save_maps
 
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    if args.bucket_projection:  # a bad variant name fails before the model loads
+        from ..policies.bucket_bench import parse_variant
+        parse_variant(args.bucket_projection)
     tc = TrainConfig(context=args.context, qchunk=args.qchunk, topk=args.topk, target=args.target, score=args.score,
                      alpha=args.alpha, beta=args.beta, threshold=args.threshold, lr=args.lr, sink=args.sink,
                      window=args.window, prefill_chunk=args.prefill_chunk, max_seconds=args.max_seconds,
@@ -104,6 +138,8 @@ def run(args) -> int:
     if args.epochs > 1:
         g = torch.Generator().manual_seed(args.seed + 1)
         seqs = torch.cat([seqs] + [seqs[torch.randperm(seqs.shape[0], generator=g)] for _ in range(args.epochs - 1)])
+    if args.bucket_projection:
+        return _fit_bucket_projection(args, model, model_id, seqs, desc, log)
     held_name = args.heldout or "pydoc:heldout"
     held_docs, _ = load_documents(held_name, "validation", args.text_field)
     held = pack_sequences(tok, held_docs, args.context, 1, seed=args.seed)
