@@ -36,3 +36,19 @@ def test_default_model_passkey_at_1k(default_model):
     assert res["dense"].correct == 1, res["dense"].answers
     assert res["oracle"].correct == 1, res["oracle"].answers
     assert res["oracle"].tokens_read < 0.2 * res["oracle"].context
+
+
+def test_readme_example_runs_and_finds_the_key(default_model, monkeypatch, capsys):
+    """The README's Python example, as written (the model load is served by this module's fixture)."""
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
+    assert "ha.load_model()" in code and "load_default_maps" in code
+    model, tok = default_model
+    monkeypatch.setattr(ha, "load_model", lambda *a, **k: (model, tok, "HuggingFaceTB/SmolLM2-135M-Instruct"))
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "12345" in out and "'fraction'" in out
+    frac = float(re.search(r"'fraction': ([0-9.]+)", out).group(1))
+    assert frac < 0.5  # 1/16 + sink 128 + window 128 of ~1K tokens really is sparse
