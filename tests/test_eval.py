@@ -113,3 +113,19 @@ def test_ctrl_c_during_eval_keeps_the_finished_results(tmp_path, tiny, monkeypat
     R.Suite(model, ByteTok(), out=out, **kw).run()
     full, cut = (json.loads((tmp_path / f).read_text())["records"] for f in ("full.json", "cut.json"))
     assert cut.keys() == full.keys() and all(cut[k]["pred"] == full[k]["pred"] for k in full)
+
+
+def test_per_head_selection_is_a_setting_that_resume_checks(tmp_path, tiny):
+    from hashattention.evaluation.runner import Suite
+    model = tiny("llama", vocab=256, heads=4, kv_heads=2)
+    kw = dict(tasks="niah_single_noise", lengths=[512], policies="dense,random", budgets=["1/4"], samples=1,
+              ppl_samples=0, progress=False, resources=RES, sink=16, window=16, out=tmp_path / "r.json")
+    s = Suite(model, ByteTok(), per_group=False, **kw)
+    assert s.make("random", "1/4").per_group is False and s.settings["selection"] == "per query head"
+    s.run()
+    with pytest.raises(ValueError, match="selection"):
+        Suite(model, ByteTok(), **kw)  # per KV group: another setting, refused instead of mixed
+    data = json.loads((tmp_path / "r.json").read_text())
+    del data["settings"]["selection"]  # a file written before the setting existed reads as per KV group
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    assert len(Suite(model, ByteTok(), **kw).data["records"]) == 2

@@ -31,6 +31,7 @@ def add_parser(sub):
     p.add_argument("--time-limit", type=float, default=None, help="stop starting new batches after this many seconds")
     p.add_argument("--reference-path", action="store_true", help="use the fp32 reference attention/selection")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--per-head", action="store_true", help="one selection per query head (default: per KV group)")
     p.add_argument("--report", default=None, metavar="JSON",
                    help="only render the table and plot of a results file (with --policies/--budgets/--lengths "
                         "as filters, 'all' for none) into --out's .md/.png")
@@ -76,7 +77,8 @@ def run(args) -> int:
                   decode_budgets=args.decode_budgets.split(","), decode_rounds=args.decode_rounds, seed=args.seed,
                   sink=args.sink, window=args.window, chunk=args.chunk, maps=maps, maps_path=maps_path,
                   ppl_samples=args.ppl_samples, ppl_from=args.ppl_from, out=args.out,
-                  time_limit=args.time_limit, progress=not args.no_progress, accelerate=not args.reference_path)
+                  time_limit=args.time_limit, progress=not args.no_progress, accelerate=not args.reference_path,
+                  per_group=not args.per_head)
     suite.run()
     print(open(suite.out.with_suffix(".md")).read() if suite.out else "")
     return 0

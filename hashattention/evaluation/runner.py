@@ -38,7 +38,9 @@ DENSE_BUDGET = "full"
 PPL_TASK = "ppl"
 #: fields of the settings that must match for a results file to be resumed
 RESUME_KEYS = ("model", "seed", "sink", "window", "chunk", "page_size", "heldout_sha256", "max_new",
-               "ppl_from", "ppl_length", "dtype")
+               "ppl_from", "ppl_length", "dtype", "selection")
+#: settings added after results files were first written: their value when a file lacks them
+RESUME_DEFAULTS = {"selection": "per KV group"}
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -253,7 +255,7 @@ class Suite:
                  decode_policies=None, decode_budgets=("1/16", "1/32"), decode_rounds=1, seed=0,
                  sink=128, window=128, chunk=128, page_size=16, maps=None, maps_path=None,
                  ppl_samples=2, ppl_from=1024, out=None, time_limit=None, progress=True, accelerate=True,
-                 resources=None, log=print):
+                 resources=None, log=print, per_group=True):
         from ..policies import POLICIES
         self.model, self.tok, self.log = model, tok, log
         self.tasks = ruler.check_tasks(tasks)
@@ -276,6 +278,7 @@ class Suite:
         self.ppl_samples, self.ppl_from = ppl_samples, ppl_from
         self.out = Path(out) if out else None
         self.time_limit, self.progress, self.accelerate = time_limit, progress, accelerate
+        self.per_group = per_group
         self.res = resources or ruler.Resources()
         self.t0 = time.perf_counter()
         from .heldout import text_digest
@@ -293,6 +296,7 @@ class Suite:
             "max_new": {t: ruler.TASKS[t].max_new for t in self.tasks},
             "maps": str(maps_path) if maps_path else None,
             "heldout_sha256": text_digest(), "accelerated_path": accelerate,
+            "selection": "per KV group" if per_group else "per query head",
             "scoring": "RULER string match: % of expected strings in the greedy answer",
         }
         self.data = {"settings": self.settings, "records": {}, "stats": {}, "timing": {}}
@@ -303,7 +307,7 @@ class Suite:
     def _resume(self):
         old = json.loads(self.out.read_text())
         prev = old.get("settings", {})
-        diff = [k for k in RESUME_KEYS if prev.get(k) != self.settings.get(k)]
+        diff = [k for k in RESUME_KEYS if prev.get(k, RESUME_DEFAULTS.get(k)) != self.settings.get(k)]
         if diff:
             raise ValueError(f"{self.out} was written with other settings ({', '.join(diff)} differ): "
                              "use another --out or delete it")
@@ -330,7 +334,7 @@ class Suite:
             return None
         b = Budget(heavy=budget, sink=self.sink, window=self.window)
         kw = {"page_size": self.page_size} if name == "quest" else {}
-        return make_policy(name, b, maps=self.maps, model_config=self.model.config, **kw)
+        return make_policy(name, b, maps=self.maps, model_config=self.model.config, per_group=self.per_group, **kw)
 
     def configs(self, mode: str) -> list:
         pols = self.policies if mode == "everywhere" else self.decode_policies
