@@ -87,21 +87,28 @@ def test_score_select_equals_shared_rule(case, per_group):
 
 
 @inproc
-@pytest.mark.parametrize("fuse", [False, True])
-def test_score_select_threshold_variants_and_tiles(fuse, monkeypatch):
-    """The threshold step fused into the histogram launch (arrival counter) or as its own launch; blocks
-    made of several tiles (the budget's last ties then fall inside a block, between tiles)."""
+@pytest.mark.parametrize("tile,max_block,num_warps", [(64, 256, 4), (128, 128, 2)])
+def test_score_select_blocks_and_tiles(tile, max_block, num_warps, monkeypatch):
+    """Many blocks per row (the threshold and offsets come from the row histograms and the per-block suffix
+    tables), several tiles per block (the budget's last ties then fall inside a block, between tiles); then
+    the same call again: the workspace must be left zeroed."""
     ss = sys.modules["hashattention.kernels.score_select"]
-    monkeypatch.setattr(ss, "FUSE_THRESHOLD", fuse)
-    monkeypatch.setattr(ss, "TILE", 128)
+    monkeypatch.setattr(ss, "CONFIG", dict(ss.CONFIG, tile=tile, max_block=max_block, programs_per_sm=64,
+                                           num_warps=num_warps))  # blocks as small as max_block allows
     gen = torch.Generator().manual_seed(7)
-    q_sig, k_sig = _sigs(2, 8, 2, 389, 1, gen, few=True)
-    starts, lengths = torch.tensor([0, 9], device=DEV), torch.tensor([389, 380], device=DEV)
-    for per_group in (True, False):
-        budget = ha.Budget(heavy=1 / 8, sink=5, window=6)
-        got = K.score_select(q_sig, k_sig, starts, lengths, budget, 2, per_group)
-        want = K.score_select_reference(q_sig, k_sig, starts, lengths, budget, 2, per_group)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for w, few, n, budgets, groups in ((1, True, 389, 4, (True, False)), (2, False, 300, 1, (True,))):
+        q_sig, k_sig = _sigs(2, 8, 2, n, w, gen, few=few)
+        starts, lengths = torch.tensor([0, 9], device=DEV), torch.tensor([n, n - 9], device=DEV)
+        for per_group in groups:
+            for budget in (ha.Budget(heavy=1 / 8, sink=5, window=6), ha.Budget(heavy=1, sink=0, window=0),
+                           ha.Budget(heavy=n - 30, sink=3, window=4),
+                           ha.Budget(heavy=0, sink=9, window=9))[:budgets]:
+                want = K.score_select_reference(q_sig, k_sig, starts, lengths, budget, 2, per_group)
+                for _ in range(2):
+                    got = K.score_select(q_sig, k_sig, starts, lengths, budget, 2, per_group)
+                    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (w, few, budget)
+    hist_and_counters = [t for t in ss._WORKSPACE.values()]
+    assert hist_and_counters and all(int(t.abs().sum()) == 0 for t in hist_and_counters)
 
 
 @inproc

@@ -132,6 +132,34 @@ def tune_decode(q, kc, vc, idx, counts, measure, log) -> dict:
     return {"sweep": results, "chosen": {k: best[k] for k in base}}
 
 
+def tune_select(cases, measure, log) -> dict:
+    """Time kernel 1 under a few launch shapes on each case (args of score_select); keep the shape with the
+    smallest sum of times relative to each case's best in score_select.CONFIG."""
+    ss = sys.modules["hashattention.kernels.score_select"]
+    base = dict(ss.CONFIG)
+    shapes = [(1024, 8, 16384, 4), (1024, 4, 16384, 4), (1024, 16, 16384, 4), (1024, 2, 16384, 4),
+              (512, 8, 16384, 4), (2048, 8, 16384, 8), (2048, 4, 16384, 4), (512, 16, 4096, 4)]
+    results = []
+    for tile, pps, mb, nw in shapes:
+        ss.CONFIG.update(tile=tile, programs_per_sm=pps, max_block=mb, num_warps=nw)
+        times = []
+        try:
+            for args in cases:
+                times.append(measure(lambda: ss.score_select(*args))[0])
+        except Exception as e:  # a shape the compiler refuses: skip it
+            log(f"  tune select {tile},{pps},{mb},{nw}: failed {type(e).__name__}: {e}")
+            continue
+        results.append({"tile": tile, "programs_per_sm": pps, "max_block": mb, "num_warps": nw, "ms": times})
+        log(f"  tune select tile={tile} programs/SM={pps} max_block={mb} warps={nw}: "
+            + ", ".join(f"{t * 1e3:.1f} us" for t in times))
+    if not results:
+        return {"sweep": [], "chosen": base}
+    best_each = [min(r["ms"][i] for r in results) for i in range(len(cases))]
+    best = min(results, key=lambda r: sum(t / b for t, b in zip(r["ms"], best_each)))
+    ss.CONFIG.update({k: best[k] for k in base})
+    return {"sweep": results, "chosen": {k: best[k] for k in base}}
+
+
 def kernel_breakdown(fn, log, iters: int = 20) -> dict:
     """Device time of each kernel of ``fn`` (torch profiler, mean over ``iters`` eager calls), microseconds."""
     from torch.profiler import ProfilerActivity, profile
@@ -216,7 +244,6 @@ def run(args) -> int:
     fi, fi_why = _flashinfer()
     if fi is None:
         log(f"flashinfer: not measured ({fi_why})")
-    checks = [] if args.no_check else check_against_reference(dev, dtype, hq, hkv, d, log)
     tune = None
     if not args.no_tune:  # kernel 2's launch shape, on the longest context at batch 1, 1/32, shared selection
         n = max(contexts)
@@ -228,14 +255,22 @@ def run(args) -> int:
         q_sig = torch.randint(-2 ** 31, 2 ** 31 - 1, (1, hq, 1), device=dev, dtype=torch.int32, generator=g)
         k_sig = torch.randint(-2 ** 31, 2 ** 31 - 1, (1, hkv, n, 1), device=dev, dtype=torch.int32, generator=g)
         se = torch.zeros(1, dtype=torch.int32, device=dev), torch.full((1,), n, dtype=torch.int32, device=dev)
+        n2 = min(contexts, key=lambda c: abs(c - 131072))  # a second, shorter case for kernel 1
+        se2 = torch.zeros(1, dtype=torch.int32, device=dev), torch.full((1,), n2, dtype=torch.int32, device=dev)
+        log(f"tuning kernel 1 launch shape at B=1 N={n} and N={n2} {budget.describe()}")
+        tune_sel = tune_select([(q_sig, k_sig, *se, budget, hkv, True),
+                                (q_sig, k_sig[:, :, :n2], *se2, budget, hkv, True)], measure, log)
         idx, counts = score_select(q_sig, k_sig, *se, budget, hkv, True)
         log(f"tuning kernel 2 launch shape at B=1 N={n} {budget.describe()}")
         tune = tune_decode(q, kc, vc, idx, counts, measure, log)
         tune["case"] = {"batch": 1, "context": n, "budget": budget.describe(), "mode": "group"}
+        tune["select"] = tune_sel
         tune["kernels_us"] = kernel_breakdown(lambda: K.hash_decode_attention(q, kc, vc, q_sig, k_sig, *se, budget,
                                                                                True), log)
         del kc, vc, q, q_sig, k_sig, idx, counts
         torch.cuda.empty_cache()
+    # with the launch shapes the tuning chose
+    checks = [] if args.no_check else check_against_reference(dev, dtype, hq, hkv, d, log)
     rows = []
     for b in batches:
         for n in contexts:
@@ -278,15 +313,6 @@ def run(args) -> int:
                     per_group = mode == "group"
                     idx, counts = score_select(q_sig, k_sig, starts, lengths, budget, hkv, per_group)
                     t_sel, _ = measure(lambda: score_select(q_sig, k_sig, starts, lengths, budget, hkv, per_group))
-                    ss = sys.modules["hashattention.kernels.score_select"]
-                    fused = ss.FUSE_THRESHOLD
-                    ss.FUSE_THRESHOLD = not fused  # the other kernel-1 variant, for the record
-                    try:
-                        t_alt, _ = measure(lambda: score_select(q_sig, k_sig, starts, lengths, budget, hkv,
-                                                                per_group))
-                    finally:
-                        ss.FUSE_THRESHOLD = fused
-                    t_sel3, t_self = (t_sel, t_alt) if not fused else (t_alt, t_sel)
                     t_att, _ = measure(lambda: sparse_decode(q, kc, vc, idx, counts, check=False))
                     t_tot, e_tot = measure(lambda: K.hash_decode_attention(q, kc, vc, q_sig, k_sig, starts,
                                                                            lengths, budget, per_group))
@@ -296,15 +322,13 @@ def run(args) -> int:
                     idx_bytes = 2 * b * hs * k_sel * 4  # written by kernel 1, read by kernel 2
                     floor = sig_bytes + kv_bytes + idx_bytes + 2 * b * hq * d * es
                     sig_read_ms = sig_bytes / bw * 1e3
-                    row[mode] = {"select_ms": t_sel, "select_3_launches_ms": t_sel3,
-                                 "select_fused_threshold_ms": t_self, "attention_ms": t_att, "total_ms": t_tot,
+                    row[mode] = {"select_ms": t_sel, "attention_ms": t_att, "total_ms": t_tot,
                                  "total_eager_ms": e_tot, "bytes": floor, "sig_bytes": sig_bytes,
                                  "kv_bytes": kv_bytes, "bw_frac": floor / (t_tot * 1e-3) / bw,
                                  "attention_bw_frac": (kv_bytes + idx_bytes / 2) / (t_att * 1e-3) / bw,
                                  "select_over_sig_read": t_sel / sig_read_ms,
                                  "speedup_vs_sdpa": t_sdpa / t_tot, "bytes_ratio": dense_bytes / floor}
-                    log(f"  {budget.describe()} {mode}: select {t_sel * 1e3:.1f} us [3 launches {t_sel3 * 1e3:.1f}, "
-                        f"fused threshold {t_self * 1e3:.1f}] "
+                    log(f"  {budget.describe()} {mode}: select {t_sel * 1e3:.1f} us "
                         f"({t_sel / sig_read_ms:.1f}x "
                         f"sig read) + attention {t_att * 1e3:.1f} us = total {t_tot * 1e3:.1f} us "
                         f"(eager {e_tot * 1e3:.1f}); {t_sdpa / t_tot:.1f}x vs sdpa, bytes ratio "
@@ -398,6 +422,9 @@ def markdown(res) -> str:
     if res.get("tune"):
         c = res["tune"]["chosen"]
         lines += ["", f"Kernel 2 launch shape (fastest of a sweep on {res['tune'].get('case')}): {c}"]
+        if res["tune"].get("select"):
+            lines += ["", "Kernel 1 launch shape (smallest relative time at the longest context and near 128K, "
+                      f"batch 1, 1/32): {res['tune']['select']['chosen']}"]
     if res.get("checks"):
         lines += ["", "Checks against the PyTorch reference: " + "; ".join(
             f"N={c['context']} B={c['batch']} per_group={c['per_group']}: same selection {c['same_selection']}, "

@@ -28,7 +28,7 @@ from ..core.budget import Budget
 from ._common import INTERPRET, triton, use_triton
 from .reference import (hash_decode_attention_reference, score_select_reference, sparse_decode_reference)
 from .score_select import score_select
-from .sparse_decode import sparse_decode, check_decode_args
+from .sparse_decode import sparse_decode
 
 
 def hash_decode_attention(q, k_cache, v_cache, q_sig, k_sig, starts, lengths, budget: Budget,

@@ -8,14 +8,22 @@ starts[b] <= p < lengths[b] <= N). Returns idx int32 [B, Hsel, K] (Hsel = num_kv
 else Hq; K = budget.total(N)): the positions read, ascending (sink, heavy, window), -1 after counts[b];
 counts int32 [B]. Same set as :func:`hashattention.core.selection.select` (ties toward the most recent token).
 
-Three steps, no sort, no score tensor in memory (steps 1 and 2 share one launch when FUSE_THRESHOLD):
-  1. per block of BLOCK tokens: bit matches (XOR + popcount, summed over the KV group when shared) and a
-     histogram of the integer scores of the heavy candidates -> hist [R, NBLK, NBP] (R = B * Hsel);
-  2. per row: the threshold (the largest t with #(score >= t) >= k, from the top bins down), per block the
-     count above it and how many of its ties it keeps (ties go to the most recent blocks), and each block's
-     output offset;
-  3. per block again: recompute the scores (signatures are 4 B/token/head, cheaper than storing scores) and
-     write sink, kept heavy (ties from the block's end) and window positions to their slots.
+Three launches, no sort (R = B * Hsel selection rows, NBLK blocks of BLOCK tokens per row). A score is
+split into a coarse part (score >> SHIFT, at most 31 values) and a fine part (its low SHIFT bits), so that
+every histogram is small: Triton's histogram costs per element about as many instructions as bins per lane.
+  1. count: per block, bit matches (XOR + popcount, summed over the KV group when shared), kept as one byte
+     per token (two when the score can exceed 255), and the histogram of the heavy candidates' coarse
+     scores -> the row's coarse histogram (atomics) and the block's suffix counts #(coarse >= c).
+  2. refine: every block finds the row's coarse threshold C (the largest c with #(coarse >= c) >= k) and
+     histograms the fine part of its scores in coarse bin C -> row fine histogram (atomics) and block suffix
+     counts.
+  3. emit: every block finds the exact threshold t = C << SHIFT | f the same way, takes its output offset and
+     how many of its ties it keeps from the two suffix tables (ties go to the most recent blocks), then
+     writes its kept heavy positions with one prefix sum per tile, and its sink and window positions. The
+     row's last block to finish zeroes the row histograms for the next call (an arrival counter), so no
+     memset launch is needed.
+The row histograms and the arrival counters are a small zeroed workspace kept per (device, rows): calls
+that share it must not run at the same time on different streams.
 """
 from __future__ import annotations
 
@@ -26,14 +34,12 @@ from ._common import INTERPRET, check_tensor, next_pow2, num_sms, tl, triton, us
 from .reference import score_select_reference
 
 _FRAC_CACHE: dict = {}
+_WORKSPACE: dict = {}
 
-#: compute each row's threshold in the last histogram block to finish (atomic arrival counter) instead of
-#: a separate launch; the benchmark times both
-FUSE_THRESHOLD = False
-#: tokens per inner step of a block (a block is BLOCK tokens, a multiple of TILE)
-TILE = 2048
-#: largest block of tokens per program of steps 1 and 3
-MAX_BLOCK = 2048
+#: launch shape (the benchmark may retune it): tokens per inner step (a block is a multiple of it), programs
+#: per SM the block size aims at, the largest block, warps per program
+CONFIG = {"tile": 1024, "programs_per_sm": 8, "max_block": 16384, "num_warps": 4}
+NCB = 32  # coarse bins: coarse scores 0..30, bin 31 for the tokens that are not heavy candidates
 
 
 def _frac_tensor(frac: float, device) -> torch.Tensor:
@@ -45,6 +51,25 @@ def _frac_tensor(frac: float, device) -> torch.Tensor:
         t = torch.tensor([float(frac)], dtype=torch.float64, device=device)
         _FRAC_CACHE[key] = t
     return t
+
+
+def _workspace(device, rows: int, nfb: int):
+    """Zeroed coarse [rows, NCB] and fine [rows, nfb] row histograms and arrival counters [rows]; step 3
+    leaves them zeroed again."""
+    key = (str(device), rows, nfb)
+    ws = _WORKSPACE.get(key)
+    if ws is None:
+        ws = torch.zeros(rows * (NCB + nfb + 1), dtype=torch.int32, device=device)
+        _WORKSPACE[key] = ws
+    return ws[:rows * NCB], ws[rows * NCB:rows * (NCB + nfb)], ws[rows * (NCB + nfb):]
+
+
+def _shift(max_score: int) -> int:
+    """Smallest s with max_score >> s <= NCB - 2."""
+    s = 0
+    while max_score >> s > NCB - 2:
+        s += 1
+    return s
 
 
 def check_select_args(q_sig, k_sig, starts, lengths, budget, num_kv_heads, strict: bool = True):
@@ -82,42 +107,37 @@ def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
     hsel = num_kv_heads if per_group else hq
     gs = g if per_group else 1  # query heads summed into one selection row
     max_score = 32 * w * gs
-    nbp = next_pow2(max_score + 2)  # bins 0..max_score, then one bin for the non-candidates
+    shift = _shift(max_score)
+    nfb = next_pow2((1 << shift) + 1)  # fine bins 0..2^shift - 1, then one for the tokens outside bin C
     r = b * hsel
-    # enough blocks to fill the GPU (about 4 programs per SM), blocks of 256..8192 tokens
-    # many small blocks (about 16 programs per SM, at most MAX_BLOCK tokens each): a program's loads are
-    # not pipelined, so memory-level parallelism comes from the number of programs in flight
-    block = min(MAX_BLOCK, max(256, next_pow2(triton.cdiv(max(n, 1) * r, 16 * num_sms(q_sig.device)))))
+    dev = q_sig.device
+    cfg = CONFIG
+    tile = min(cfg["tile"], next_pow2(max(n, 16)))
+    block = next_pow2(triton.cdiv(max(n, 1) * r, cfg["programs_per_sm"] * num_sms(dev)))
+    block = max(tile, min(cfg["max_block"], block))
     nblk = max(1, triton.cdiv(n, block))
-    while nblk > 2048:
+    while nblk > 4096:
         block *= 2
         nblk = triton.cdiv(n, block)
-    nblkp = next_pow2(nblk)
-    cbin = max(1, min(nbp, 16384 // nblkp))
     k_total = budget.total(n)
-    dev = q_sig.device
-    hist = torch.empty(r, nblk, nbp, dtype=torch.int32, device=dev)
-    off = torch.empty(r, nblk, 3, dtype=torch.int32, device=dev)  # output offset, ties kept, ties
-    meta = torch.empty(r, 2, dtype=torch.int32, device=dev)  # threshold, heavy count
+    chist, fhist, done = _workspace(dev, r, nfb)
+    csuf = torch.empty(r, nblk, NCB, dtype=torch.int32, device=dev)
+    fsuf = torch.empty(r, nblk, nfb, dtype=torch.int32, device=dev)
+    scores = torch.empty(r, n, dtype=torch.uint8 if max_score <= 255 else torch.int16, device=dev)
     idx = torch.empty(b, hsel, max(k_total, 1), dtype=torch.int32, device=dev)
     counts = torch.empty(b, dtype=torch.int32, device=dev)
     frac = isinstance(budget.heavy, float)
     fr = _frac_tensor(budget.heavy, dev) if frac else counts  # unused pointer when a count
     heavy = 0 if frac else int(budget.heavy)
-    common = dict(HSEL=hsel, G=g, GS=gs, KEY_PER_Q=hs != num_kv_heads, W=w, BLOCK=block, NBP=nbp,
-                  MAXS=max_score, HW=not INTERPRET, TILE=min(block, TILE))
-    strides = (q_sig.stride(0), q_sig.stride(1), k_sig.stride(0), k_sig.stride(1), k_sig.stride(2))
-    fuse = FUSE_THRESHOLD
-    done = torch.zeros(r, dtype=torch.int32, device=dev) if fuse else counts  # arrival counters
-    _hist_kernel[(nblk, r)](q_sig, k_sig, starts, lengths, hist, n, nblk, *strides,
-                            budget.sink, budget.window, done, off, meta, counts, idx, fr, k_total, heavy,
-                            **common, FUSE=fuse, NBLKP=nblkp, CBIN=cbin, FRAC=frac, num_warps=4)
-    if not fuse:
-        _threshold_kernel[(r,)](hist, starts, lengths, off, meta, counts, idx, fr, n, nblk, k_total,
-                                budget.sink, budget.window, heavy, HSEL=hsel, NBP=nbp, MAXS=max_score,
-                                NBLKP=nblkp, CBIN=cbin, FRAC=frac, num_warps=8)
-    _emit_kernel[(nblk, r)](q_sig, k_sig, starts, lengths, off, meta, idx, n, nblk, k_total, *strides,
-                            budget.sink, budget.window, **common, num_warps=4)
+    common = dict(HSEL=hsel, BLOCK=block, TILE=tile, NCB=NCB, NFB=nfb, SHIFT=shift, MAXS=max_score,
+                  FRAC=frac, num_warps=cfg["num_warps"], num_stages=3)
+    rows = (starts, lengths, fr, n, nblk, heavy, budget.sink, budget.window)
+    _count_kernel[(nblk, r)](q_sig, k_sig, scores, csuf, chist, *rows, q_sig.stride(0), q_sig.stride(1),
+                             k_sig.stride(0), k_sig.stride(1), k_sig.stride(2), G=g, GS=gs,
+                             KEY_PER_Q=hs != num_kv_heads, W=w, HW=not INTERPRET, **common)
+    _refine_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, *rows, **common)
+    _emit_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, done, idx, counts, *rows, k_total,
+                            NBLKP=next_pow2(nblk), **common)
     if k_total == 0:
         idx = idx[..., :0]
     return idx, counts
@@ -169,142 +189,139 @@ if triton is not None:
         return score
 
     @triton.jit
-    def _hist_kernel(QS, KS, START, END, HIST, N, NBLK, sq_b, sq_h, sk_b, sk_h, sk_n, SINK, WINDOW,
-                     DONE, OFF, META, COUNTS, IDX, FR, KTOT, HEAVY,
-                     HSEL: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, KEY_PER_Q: tl.constexpr,
-                     W: tl.constexpr, BLOCK: tl.constexpr, NBP: tl.constexpr, MAXS: tl.constexpr,
-                     HW: tl.constexpr, FUSE: tl.constexpr, NBLKP: tl.constexpr, CBIN: tl.constexpr,
-                     FRAC: tl.constexpr, TILE: tl.constexpr):
-        blk = tl.program_id(0)
-        row = tl.program_id(1)
-        b = row // HSEL
-        hs = row % HSEL
+    def _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC: tl.constexpr):
+        """Row bounds and k, the heavy tokens to pick: the budget at this sequence's length, at most the
+        candidates between sink and window."""
         start, end, n, sink_c, win_c = _row_bounds(START, END, b, N, SINK, WINDOW)
-        lo = start + sink_c
-        hi = end - win_c
-        h = tl.zeros([NBP], tl.int32)
-        # tiles of TILE tokens keep few values per thread live (a whole block in registers spills)
-        for t in range(0, BLOCK, TILE):
-            offs = blk * BLOCK + t + tl.arange(0, TILE)
-            if (blk * BLOCK + t + TILE > lo) & (blk * BLOCK + t < hi):  # the tile holds candidates
-                cand = (offs >= lo) & (offs < hi)
-                score = _block_scores(QS, KS, b, hs, offs, cand, sq_b, sq_h, sk_b, sk_h, sk_n, G, GS, KEY_PER_Q,
-                                      W, HW)
-                bins = tl.where(cand, score, MAXS + 1)  # non-candidates land in a bin nobody reads
-                h += tl.histogram(bins, NBP)
-        tl.store(HIST + (row * NBLK + blk).to(tl.int64) * NBP + tl.arange(0, NBP), h)
-        if FUSE:  # the row's last block to finish computes its threshold: one launch less
-            tl.debug_barrier()  # every thread's histogram stores precede the release below
-            done = tl.atomic_add(DONE + row, 1, sem="acq_rel")
-            if done == NBLK - 1:
-                _threshold_row(row, HIST, START, END, OFF, META, COUNTS, IDX, FR, N, NBLK, KTOT, SINK, WINDOW,
-                               HEAVY, HSEL, NBP, MAXS, NBLKP, CBIN, FRAC)
-
-    @triton.jit
-    def _threshold_kernel(HIST, START, END, OFF, META, COUNTS, IDX, FR, N, NBLK, KTOT, SINK, WINDOW, HEAVY,
-                          HSEL: tl.constexpr, NBP: tl.constexpr, MAXS: tl.constexpr, NBLKP: tl.constexpr,
-                          CBIN: tl.constexpr, FRAC: tl.constexpr):
-        _threshold_row(tl.program_id(0), HIST, START, END, OFF, META, COUNTS, IDX, FR, N, NBLK, KTOT, SINK,
-                       WINDOW, HEAVY, HSEL, NBP, MAXS, NBLKP, CBIN, FRAC)
-
-    @triton.jit
-    def _threshold_row(row, HIST, START, END, OFF, META, COUNTS, IDX, FR, N, NBLK, KTOT, SINK, WINDOW, HEAVY,
-                       HSEL: tl.constexpr, NBP: tl.constexpr, MAXS: tl.constexpr, NBLKP: tl.constexpr,
-                       CBIN: tl.constexpr, FRAC: tl.constexpr):
-        b = row // HSEL
-        start, end, n, sink_c, win_c = _row_bounds(START, END, b, N, SINK, WINDOW)
-        n_cand = n - sink_c - win_c
         if FRAC:  # floor(n * frac) in float64, as Budget.heavy_count
             heavy = tl.floor(n.to(tl.float64) * tl.load(FR)).to(tl.int32)
         else:
             heavy = HEAVY + 0 * n
-        k = tl.maximum(tl.minimum(heavy, n_cand), 0)
-        blks = tl.arange(0, NBLKP)
-        bmask = blks < NBLK
-        hbase = HIST + (row * NBLK + blks).to(tl.int64)[:, None] * NBP
-        above = tl.zeros([NBLKP], tl.int32)  # per block: candidates scoring above the threshold
-        ties = tl.zeros([NBLKP], tl.int32)  # per block: candidates scoring exactly the threshold
-        carry = n * 0  # candidates in the bins already visited (all above the current chunk)
-        thr = carry - 1  # -1 until found
-        for i in range(NBP // CBIN):  # bin chunks from the top down
-            bins = (NBP // CBIN - 1 - i) * CBIN + tl.arange(0, CBIN)
-            live = bins <= MAXS
-            tile = tl.load(hbase + bins[None, :], mask=bmask[:, None] & live[None, :], other=0)
-            col = tl.sum(tile, 0)
-            at_least = carry + tl.cumsum(col, 0, reverse=True)  # #(score >= bin)
-            t_here = tl.max(tl.where((at_least >= k) & live, bins, -1), 0)
-            active = thr < 0
-            t_new = tl.where(active, t_here, thr)
-            a_part = tl.sum(tl.where(bins[None, :] > t_new, tile, 0), 1)
-            t_part = tl.sum(tl.where(bins[None, :] == t_new, tile, 0), 1)
-            above += tl.where(active, a_part, 0)
-            ties += tl.where(active, t_part, 0)
-            carry += tl.sum(col, 0)
-            thr = t_new
-        need = k - tl.sum(above, 0)  # ties to keep, the most recent ones
-        ties_after = tl.cumsum(ties, 0, reverse=True) - ties
-        take = tl.minimum(tl.maximum(need - ties_after, 0), ties)
-        take = tl.where(k > 0, take, 0)
-        sel = tl.where(k > 0, above, 0) + take
-        off = sink_c + tl.cumsum(sel, 0) - sel
-        obase = OFF + (row * NBLK + blks).to(tl.int64) * 3
-        tl.store(obase, off, mask=bmask)
-        tl.store(obase + 1, take, mask=bmask)
-        tl.store(obase + 2, ties, mask=bmask)
-        tl.store(META + row * 2, thr)
-        tl.store(META + row * 2 + 1, k)
-        total = sink_c + k + win_c
-        tl.store(COUNTS + b, total, mask=(row % HSEL) == 0)
-        # -1 after the row's last slot (rows with less context than the cache)
-        for s0 in range(0, KTOT, 1024):
-            slots = s0 + tl.arange(0, 1024)
-            tl.store(IDX + row.to(tl.int64) * KTOT + slots, tl.full([1024], -1, tl.int32),
-                     mask=(slots >= total) & (slots < KTOT))
+        lo = start + sink_c
+        hi = end - win_c
+        return start, end, lo, hi, sink_c, tl.maximum(tl.minimum(heavy, hi - lo), 0)
 
     @triton.jit
-    def _emit_kernel(QS, KS, START, END, OFF, META, IDX, N, NBLK, KTOT, sq_b, sq_h, sk_b, sk_h, sk_n,
-                     SINK, WINDOW, HSEL: tl.constexpr, G: tl.constexpr, GS: tl.constexpr,
-                     KEY_PER_Q: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, NBP: tl.constexpr,
-                     MAXS: tl.constexpr, HW: tl.constexpr, TILE: tl.constexpr):
+    def _top_bin(HIST, NB: tl.constexpr, LIMIT, need):
+        """In a histogram of NB bins (bins above LIMIT empty): the largest bin c with #(>= c) >= need, and
+        #(> c). need >= 1 and #(all) >= need, else c = LIMIT."""
+        bins = tl.arange(0, NB)
+        h = tl.load(HIST + bins)
+        at_least = tl.cumsum(h, 0, reverse=True)
+        c = tl.max(tl.where((at_least >= need) & (bins <= LIMIT), bins, 0), 0)
+        return c, tl.sum(tl.where(bins > c, h, 0), 0)
+
+    @triton.jit
+    def _count_kernel(QS, KS, SC, CSUF, CHIST, START, END, FR, N, NBLK, HEAVY, SINK, WINDOW,
+                      sq_b, sq_h, sk_b, sk_h, sk_n, HSEL: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
+                      NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr, MAXS: tl.constexpr,
+                      FRAC: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, KEY_PER_Q: tl.constexpr,
+                      W: tl.constexpr, HW: tl.constexpr):
         blk = tl.program_id(0)
         row = tl.program_id(1)
         b = row // HSEL
         hs = row % HSEL
-        start, end, n, sink_c, win_c = _row_bounds(START, END, b, N, SINK, WINDOW)
-        lo = start + sink_c
-        hi = end - win_c
-        base = IDX + row.to(tl.int64) * KTOT
-        thr = tl.load(META + row * 2)
-        k = tl.load(META + row * 2 + 1)
-        ob = OFF + (row * NBLK + blk).to(tl.int64) * 3
-        off = tl.load(ob)  # first heavy slot of the block
-        take = tl.load(ob + 1)  # ties at the threshold the block keeps: its last ``take`` ones
-        nties = tl.load(ob + 2)
-        seen_ties = take * 0  # ties in earlier tiles of the block
+        start, end, lo, hi, sink_c, k = _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC)
+        hc = tl.zeros([NCB], tl.int32)
+        sbase = SC + row.to(tl.int64) * N
+        # no branch around the loads: masked lanes cost nothing, and the loop stays pipelined
         for t in range(0, BLOCK, TILE):
-            t0 = blk * BLOCK + t
-            offs = t0 + tl.arange(0, TILE)
-            if (t0 + TILE > lo) & (t0 < hi) & (k > 0):  # the tile holds heavy candidates
-                cand = (offs >= lo) & (offs < hi)
-                score = _block_scores(QS, KS, b, hs, offs, cand, sq_b, sq_h, sk_b, sk_h, sk_n,
-                                      G, GS, KEY_PER_Q, W, HW)
-                above = cand & (score > thr)
-                if take == 0:
-                    sel = above
-                elif take == nties:
-                    sel = above | (cand & (score == thr))
-                else:  # the one block where the budget ends inside the ties: keep the most recent
-                    tie = (cand & (score == thr)).to(tl.int32)
-                    after = nties - seen_ties - tl.cumsum(tie, 0)  # ties after each token in the block
-                    sel = above | ((tie > 0) & (after < take))
-                    seen_ties += tl.sum(tie, 0)
-                si = sel.to(tl.int32)
-                slot = off + tl.cumsum(si, 0) - si
-                tl.store(base + slot, offs, mask=sel)
-                off += tl.sum(si, 0)
+            offs = blk * BLOCK + t + tl.arange(0, TILE)
+            cand = (offs >= lo) & (offs < hi)
+            score = _block_scores(QS, KS, b, hs, offs, cand, sq_b, sq_h, sk_b, sk_h, sk_n, G, GS, KEY_PER_Q,
+                                  W, HW)
+            tl.store(sbase + offs, score.to(SC.dtype.element_ty), mask=cand)
+            hc += tl.histogram(tl.where(cand, score >> SHIFT, NCB - 1), NCB)
+        bins = tl.arange(0, NCB)
+        hc = tl.where(bins <= (MAXS >> SHIFT), hc, 0)
+        tl.store(CSUF + (row * NBLK + blk).to(tl.int64) * NCB + bins, tl.cumsum(hc, 0, reverse=True))
+        tl.atomic_add(CHIST + row * NCB + bins, hc, mask=hc > 0, sem="relaxed")
+
+    @triton.jit
+    def _refine_kernel(SC, CSUF, CHIST, FSUF, FHIST, START, END, FR, N, NBLK, HEAVY, SINK, WINDOW,
+                       HSEL: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, NCB: tl.constexpr,
+                       NFB: tl.constexpr, SHIFT: tl.constexpr, MAXS: tl.constexpr, FRAC: tl.constexpr):
+        blk = tl.program_id(0)
+        row = tl.program_id(1)
+        b = row // HSEL
+        start, end, lo, hi, sink_c, k = _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC)
+        c, _ = _top_bin(CHIST + row * NCB, NCB, MAXS >> SHIFT, k)
+        hf = tl.zeros([NFB], tl.int32)
+        sbase = SC + row.to(tl.int64) * N
+        for t in range(0, BLOCK, TILE):
+            offs = blk * BLOCK + t + tl.arange(0, TILE)
+            cand = (offs >= lo) & (offs < hi)
+            score = tl.load(sbase + offs, mask=cand, other=0).to(tl.int32)
+            inbin = cand & ((score >> SHIFT) == c)
+            hf += tl.histogram(tl.where(inbin, score & ((1 << SHIFT) - 1), NFB - 1), NFB)
+        bins = tl.arange(0, NFB)
+        hf = tl.where(bins < (1 << SHIFT), hf, 0)
+        tl.store(FSUF + (row * NBLK + blk).to(tl.int64) * NFB + bins, tl.cumsum(hf, 0, reverse=True))
+        tl.atomic_add(FHIST + row * NFB + bins, hf, mask=hf > 0, sem="relaxed")
+
+    @triton.jit
+    def _emit_kernel(SC, CSUF, CHIST, FSUF, FHIST, DONE, IDX, COUNTS, START, END, FR, N, NBLK, HEAVY, SINK,
+                     WINDOW, KTOT, HSEL: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
+                     NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr, MAXS: tl.constexpr,
+                     FRAC: tl.constexpr, NBLKP: tl.constexpr):
+        blk = tl.program_id(0)
+        row = tl.program_id(1)
+        b = row // HSEL
+        start, end, lo, hi, sink_c, k = _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC)
+        # the threshold t = c << SHIFT | f: the largest score with #(score >= t) >= k (the same in every block)
+        c, above_c = _top_bin(CHIST + row * NCB, NCB, MAXS >> SHIFT, k)
+        f, above_f = _top_bin(FHIST + row * NFB, NFB, (1 << SHIFT) - 1, k - above_c)
+        thr = (c << SHIFT) + f
+        need = k - above_c - above_f  # ties at the threshold the row keeps
+        # per block: candidates above the threshold and ties at it, from the two suffix tables
+        blks = tl.arange(0, NBLKP)
+        bm = blks < NBLK
+        cs = CSUF + (row * NBLK + blks).to(tl.int64) * NCB
+        fs = FSUF + (row * NBLK + blks).to(tl.int64) * NFB
+        above = tl.load(cs + c + 1, mask=bm, other=0) + tl.load(fs + f + 1, mask=bm, other=0)  # c + 1 <= NCB - 1
+        ties = tl.load(fs + f, mask=bm, other=0) - tl.load(fs + f + 1, mask=bm, other=0)
+        ties_after = tl.cumsum(ties, 0, reverse=True) - ties
+        take = tl.minimum(tl.maximum(need - ties_after, 0), ties)  # the most recent ties are kept
+        sel = tl.where(k > 0, above + take, 0)
+        mine = blks == blk
+        off = sink_c + tl.sum(tl.where(blks < blk, sel, 0), 0)  # first heavy slot of the block
+        skip = tl.sum(tl.where(mine, ties - take, 0), 0)  # the block's first ``skip`` ties are not kept
+        skip = tl.where(k > 0, skip, TILE * 0x7FFF)
+        base = IDX + row.to(tl.int64) * KTOT
+        sbase = SC + row.to(tl.int64) * N
+        a_run = skip * 0  # kept tokens above the threshold in earlier tiles of the block
+        t_run = skip * 0  # ties in earlier tiles of the block
+        hi_k = tl.where(k > 0, hi, lo)  # no heavy tokens: no candidates
+        for t in range(0, BLOCK, TILE):
+            offs = blk * BLOCK + t + tl.arange(0, TILE)
+            cand = (offs >= lo) & (offs < hi_k)
+            score = tl.load(sbase + offs, mask=cand, other=0).to(tl.int32)
+            a_i = (cand & (score > thr)).to(tl.int32)
+            t_i = (cand & (score == thr)).to(tl.int32)
+            # one prefix sum for both counts (a tile holds < 2^15 tokens)
+            pre = tl.cumsum(a_i + (t_i << 15), 0)
+            a_inc = a_run + (pre & 0x7FFF)
+            t_inc = t_run + (pre >> 15)
+            keep = (a_i > 0) | ((t_i > 0) & (t_inc > skip))
+            slot = off + a_inc + tl.maximum(t_inc - skip, 0) - 1
+            tl.store(base + slot, offs, mask=keep)
+            tot = tl.sum(a_i + (t_i << 15), 0)
+            a_run += tot & 0x7FFF
+            t_run += tot >> 15
             # sink and window: fixed slots before and after the heavy ones
             is_sink = (offs >= start) & (offs < lo)
             is_win = (offs >= hi) & (offs < end)
-            if ((t0 < lo) & (t0 + TILE > start)) | ((t0 < end) & (t0 + TILE > hi)):
-                slot_f = tl.where(is_sink, offs - start, sink_c + k + offs - hi)
-                tl.store(base + slot_f, offs, mask=is_sink | is_win)
+            tl.store(base + tl.where(is_sink, offs - start, sink_c + k + offs - hi), offs, mask=is_sink | is_win)
+        if blk == 0:
+            total = sink_c + k + (end - hi)
+            tl.store(COUNTS + b, total, mask=(row % HSEL) == 0)
+            for s0 in range(0, KTOT, 1024):  # -1 after the row's last slot (less context than the cache)
+                slots = s0 + tl.arange(0, 1024)
+                tl.store(base + slots, tl.full([1024], -1, tl.int32), mask=(slots >= total) & (slots < KTOT))
+        # the row's last block to finish leaves the row histograms zeroed for the next call
+        tl.debug_barrier()  # this program's reads of the histograms precede the release below
+        arrived = tl.atomic_add(DONE + row, 1, sem="acq_rel")
+        if arrived == NBLK - 1:
+            tl.store(CHIST + row * NCB + tl.arange(0, NCB), tl.zeros([NCB], tl.int32))
+            tl.store(FHIST + row * NFB + tl.arange(0, NFB), tl.zeros([NFB], tl.int32))
+            tl.atomic_xchg(DONE + row, 0, sem="relaxed")
