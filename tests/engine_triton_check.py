@@ -16,36 +16,17 @@ from hashattention.engine.model import _rms_norm, _rotate_half  # noqa: E402
 from hashattention.weights import maps_config_for  # noqa: E402
 
 torch.manual_seed(0)
-# decode attention, dense and sparse (with empty slots and an all-empty row)
+# dense decode attention
 for (b, hq, hkv, d, s) in [(2, 8, 2, 32, 700), (1, 4, 4, 16, 300)]:
     q, kc, vc = torch.randn(b, hq, d), torch.randn(b, hkv, s, d), torch.randn(b, hkv, s, d)
     L = torch.tensor([s - 7])
     assert torch.allclose(K.decode_attention(q, kc, vc, length=L), K.decode_attention_reference(q, kc, vc, length=L),
                           atol=1e-5)
-    idx = torch.randint(-1, s, (b, hkv, 150), dtype=torch.int32)
-    idx[0, 0] = -1
-    o = K.decode_attention(q, kc, vc, index=idx)
-    assert torch.allclose(o, K.decode_attention_reference(q, kc, vc, index=idx), atol=1e-5)
-    assert o[0, :hq // hkv].abs().max() == 0
 # bf16 (the GPU dtype)
 q, kc, vc = torch.randn(2, 6, 16).bfloat16(), torch.randn(2, 2, 80, 16).bfloat16(), torch.randn(2, 2, 80, 16).bfloat16()
-idx = torch.randint(-1, 70, (2, 2, 30), dtype=torch.int32)
-assert (K.decode_attention(q, kc, vc, index=idx).float()
-        - K.decode_attention_reference(q, kc, vc, index=idx).float()).abs().max() < 2e-2
-# counting selection vs torch.topk on the composite keys (many ties: 7 distinct signatures)
-for (b, hq, hkv, s, L, sink, window, hs, allowed, w, perq) in [
-        (2, 8, 2, 3000, 2900, 16, 16, 100, 90, 1, False), (1, 9, 3, 500, 20, 16, 16, 40, 0, 1, False),
-        (2, 4, 4, 2100, 2100, 4, 8, 200, 200, 2, False), (1, 8, 2, 1500, 1400, 0, 0, 1500, 1400, 1, True)]:
-    q_sig = torch.randint(-2 ** 31, 2 ** 31 - 1, (b, hq, w), dtype=torch.int32)
-    sc = torch.randint(-2 ** 31, 2 ** 31 - 1, (b, hq if perq else hkv, 7, w), dtype=torch.int32)
-    sc = sc[:, :, torch.randint(0, 7, (s,))]
-    Lt, al = torch.tensor([L]), torch.tensor([allowed])
-    idx = K.select_indices(q_sig, sc, Lt, al, sink, window, hkv, hs)
-    keys = K.candidate_keys(q_sig, sc, Lt, sink, window, hkv)
-    assert torch.equal(keys.long(), K.candidate_keys_reference(q_sig, sc, Lt, sink, window, hkv))
-    top, where = torch.topk(keys.long(), hs, dim=-1, sorted=True)
-    ref = torch.where((top >= 0) & (torch.arange(hs) < allowed), where, -1)
-    assert torch.equal(idx[..., sink + window:].sort(-1).values.long(), ref.sort(-1).values), (b, s, L)
+L = torch.tensor([61])
+assert (K.decode_attention(q, kc, vc, length=L).float()
+        - K.decode_attention_reference(q, kc, vc, length=L).float()).abs().max() < 2e-2
 # fused maps vs HashMaps (depth 3 with bias, depth 1 SimHash-like)
 for depth, bias, hqq, hkv, d in [(3, True, 8, 2, 32), (1, False, 6, 3, 16)]:
     maps = HashMaps(MapsConfig(num_layers=2, num_q_heads=hqq, num_kv_heads=hkv, head_dim=d, depth=depth,

@@ -78,7 +78,7 @@ def test_select_matches_core_selection():
         m.setup_caches(1, 320, maps=HashMaps(maps_config_for(hf.config)), budget=bud)
         sig = torch.randint(-2 ** 31, 2 ** 31 - 1, (1, 2, 5, 1), dtype=torch.int32)[:, :, torch.randint(0, 5, (320,))]
         q_sig = torch.randint(-2 ** 31, 2 ** 31 - 1, (1, 4, 1), dtype=torch.int32)
-        idx = m.select(q_sig, sig, torch.tensor([length]))
+        idx, counts = m.select(q_sig, sig, torch.tensor([length]))
         scores = match_scores(q_sig.view(1, 2, 2, 1), sig).sum(2, keepdim=True)  # [1, 2, 1, 320] per group
         keep = select(scores, causal_valid(1, 1, 320)[..., :320] & (torch.arange(320) < length), bud,
                       max_score=64)
@@ -86,6 +86,7 @@ def test_select_matches_core_selection():
         got.scatter_(-1, torch.where(idx >= 0, idx.long(), 320), True)
         assert torch.equal(got[..., :320], keep[:, :, 0]), (length, bud)
         assert (idx >= 0).sum(-1).eq(keep[:, :, 0].sum(-1)).all()  # no index twice
+        assert idx.shape[-1] == bud.total(320) and counts.tolist() == [int(keep[0, 0, 0].sum())]
 
 
 def test_triton_kernels_under_interpreter():

@@ -27,12 +27,12 @@ import torch
 
 from ..core.budget import Budget, parse_heavy
 from ..core.maps import HashMaps
-from ..engine.memory import GIB, cache_bytes, largest_batch, parse_tokens
+from ..engine.memory import GIB, largest_batch, parse_tokens
 from ..engine.model import Transformer, preset_config
 from ..engine.generate import Generator
 from ..weights import maps_config_for
 
-MODES = ("dense", "hash", "none", "hash-fixed", "hash-team")
+MODES = ("dense", "hash", "none", "hash-fixed")
 DEFAULT_MODES = ("dense", "hash", "none", "hash-fixed")
 
 
@@ -51,8 +51,8 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per mode")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--modes", default=",".join(DEFAULT_MODES),
-                   help="comma list of " + ", ".join(MODES) + " (hash-team: selection and sparse attention "
-                        "through hashattention.kernels)")
+                   help="comma list of " + ", ".join(MODES) + " (none and hash-fixed: ablations for the time "
+                        "breakdown)")
     p.add_argument("--hf-baseline", default="", help="contexts (batch 1) at which to time transformers' "
                    "static-cache compiled generate beside the engine's dense path, e.g. 16K")
     p.add_argument("--hf-models", default="llama-3.1-8b",
@@ -75,7 +75,7 @@ def _device_name(dev) -> str:
 def _maps_for(model: Transformer, spec: str, dev):
     """Shipped maps for the default model when they exist, else SimHash; random-init maps otherwise."""
     if spec == "default":
-        from ..shipped import has_default_maps, load_default_maps
+        from ..shipped import has_default_maps
         if has_default_maps():
             from ..weights import load_maps
             from ..shipped import DEFAULT_MAPS
@@ -117,7 +117,7 @@ def _synthetic_fill(m: Transformer, context: int, seed: int = 0):
         m.sig_cache[:, :, :, :context].random_(-2 ** 31, 2 ** 31 - 1, generator=g)
 
 
-def _fixed_index(m: Transformer, context: int) -> torch.Tensor:
+def _fixed_index(m: Transformer, context: int) -> tuple:
     """A realistic index list (what the selection picks for a random query at this context)."""
     c, mc = m.c, m.maps.config
     q_sig = torch.randint(-2 ** 31, 2 ** 31 - 1, (m.batch, c.num_heads, mc.words), device=m.device,
@@ -156,8 +156,6 @@ def _time_modes(m, gen, context, batch, s, args, modes):
     row["peak_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
     if "dense_ms" in row and "hash_ms" in row:
         row["speedup"] = row["dense_ms"] / row["hash_ms"]
-    if "dense_ms" in row and "hash-team_ms" in row:
-        row["speedup_team_kernels"] = row["dense_ms"] / row["hash-team_ms"]
     if all(f"{k}_ms" in row for k in DEFAULT_MODES):
         row["breakdown_ms"] = {
             "rest_of_model": row["none_ms"], "dense_attention": row["dense_ms"] - row["none_ms"],

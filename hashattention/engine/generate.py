@@ -53,10 +53,10 @@ class Generator:
     def _check_mode(self, mode: str):
         if mode not in ATTENTION_MODES:
             raise ValueError(f"mode must be one of {ATTENTION_MODES}, got {mode!r}")
-        if mode in ("hash", "hash-fixed", "hash-team") and self.model.maps is None:
+        if mode in ("hash", "hash-fixed") and self.model.maps is None:
             raise ValueError(f"mode {mode!r} needs maps: setup_caches(..., maps=HashMaps)")
         if mode == "hash-fixed" and self.fixed_index is None:
-            raise ValueError("mode 'hash-fixed' needs Generator.fixed_index (int32 [B, Hkv, K])")
+            raise ValueError("mode 'hash-fixed' needs Generator.fixed_index ((idx, counts) from Transformer.select)")
 
     @torch.no_grad()
     def capture(self, mode: str):

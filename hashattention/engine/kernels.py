@@ -1,15 +1,8 @@
 """Decode-step kernels of the engine, each a Triton kernel with a PyTorch reference of the same semantics.
 
-- :func:`decode_attention`: split-K flash decoding for one query per sequence, GQA. Dense (the first
-  ``length`` cache rows) or sparse (a list of row indices per KV head, -1 = empty slot). One kernel reads
-  the keys of a KV head once for all query heads of its group; a second kernel merges the splits.
-- :func:`candidate_keys`: XOR-popcount bit matches of each KV group's query signatures against the
-  signature cache, as one integer key per token for ``torch.topk``: ``matches * S + position`` for heavy
-  candidates (so equal scores prefer the most recent token, as the shared selection rule does), -1 for
-  sink, window and not-yet-written positions.
-- :func:`select_indices`: the same keys' selection without a sort: per-block scores and histograms
-  (atomics), the per-row threshold and per-block counts, then each block writes its kept positions into the
-  fixed-size index list (sink and window slots first, -1 in slots the budget leaves empty).
+- :func:`decode_attention`: dense split-K flash decoding over the first ``length`` cache rows, one query
+  per sequence, GQA. One kernel reads the keys of a KV head once for all query heads of its group; a second
+  kernel merges the splits. (HashAttention's sparse step uses :mod:`hashattention.kernels`.)
 - :func:`fused_signatures`: phi_q of a step's query heads and phi_kv of its key heads (per-head MLPs,
   fp32, tf32x3 tensor-core dots on the GPU), signed and packed, the key words written into the signature cache.
 - :func:`rms_norm`, :func:`rope_and_cache`, :func:`silu_mul`: the rest of a decode step in fewer kernels,
@@ -24,8 +17,6 @@ from __future__ import annotations
 import os
 
 import torch
-
-from ..core.signatures import popcount32
 
 try:  # Triton is optional on CPU-only installs
     import triton
@@ -67,91 +58,17 @@ def pack_signs32(x: torch.Tensor) -> torch.Tensor:
     return (b * w).sum(-1, dtype=torch.int32)
 
 
-def candidate_keys_reference(q_sig, sig_cache, length, sink: int, window: int, num_kv_heads: int):
-    """q_sig int32 [B, Hq, W]; sig_cache int32 [B, Hsig, S, W] (Hsig = Hkv, or Hq for per-query-head key
-    maps); length int64 [1]. Returns int64 [B, Hkv, S]."""
-    b, hq, w = q_sig.shape
-    s = sig_cache.shape[2]
-    g = hq // num_kv_heads
-    if sig_cache.shape[1] == num_kv_heads:
-        x = q_sig.view(b, num_kv_heads, g, 1, w) ^ sig_cache[:, :, None]
-    else:
-        x = (q_sig.view(b, hq, 1, w) ^ sig_cache).view(b, num_kv_heads, g, s, w)
-    matches = 32 * w * g - popcount32(x).sum((2, 4))
-    pos = torch.arange(s, device=q_sig.device)
-    cand = (pos >= sink) & (pos < length - window)
-    return torch.where(cand, matches.to(torch.int64) * s + pos, -1)
-
-
-def candidate_keys(q_sig, sig_cache, length, sink: int, window: int, num_kv_heads: int):
-    """See :func:`candidate_keys_reference`; int32 keys when they fit, else int64."""
-    if not use_triton(q_sig):
-        return candidate_keys_reference(q_sig, sig_cache, length, sink, window, num_kv_heads)
-    b, hq, w = q_sig.shape
-    hs, s = sig_cache.shape[1], sig_cache.shape[2]
-    g = hq // num_kv_heads
-    big = (32 * w * g + 1) * s >= 2 ** 31
-    out = torch.empty(b, num_kv_heads, s, device=q_sig.device, dtype=torch.int64 if big else torch.int32)
-    q_sig = q_sig.contiguous()
-    block = 1024
-    grid = (b * num_kv_heads, triton.cdiv(s, block))
-    _candidate_keys_kernel[grid](
-        q_sig, sig_cache, out, length, s, sink, window,
-        q_sig.stride(0), q_sig.stride(1), sig_cache.stride(0), sig_cache.stride(1), sig_cache.stride(2),
-        out.stride(0), out.stride(1),
-        HKV=num_kv_heads, G=g, W=w, PER_QHEAD=hs != num_kv_heads, BLOCK=block, num_warps=4)
-    return out
-
-
-if triton is not None:
-    @triton.jit
-    def _popcount(x):
-        v = x.to(tl.int64) & 0xFFFFFFFF
-        v = v - ((v >> 1) & 0x55555555)
-        v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
-        v = (v + (v >> 4)) & 0x0F0F0F0F
-        return (((v * 0x01010101) & 0xFFFFFFFF) >> 24).to(tl.int32)
-
-    @triton.jit
-    def _candidate_keys_kernel(QS, KS, OUT, LEN, S, SINK, WINDOW,
-                               sq_b, sq_h, sk_b, sk_h, sk_n, so_b, so_h,
-                               HKV: tl.constexpr, G: tl.constexpr, W: tl.constexpr, PER_QHEAD: tl.constexpr,
-                               BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        b = pid // HKV
-        h = pid % HKV
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < S
-        length = tl.load(LEN)
-        mism = tl.zeros([BLOCK], dtype=tl.int32)
-        for gi in tl.static_range(G):
-            kh = h * G + gi if PER_QHEAD else h
-            for wi in tl.static_range(W):
-                qs = tl.load(QS + b * sq_b + (h * G + gi) * sq_h + wi)
-                ks = tl.load(KS + b * sk_b + kh * sk_h + offs * sk_n + wi, mask=inside, other=0)
-                mism += _popcount(qs ^ ks)
-        matches = 32 * W * G - mism
-        cand = (offs >= SINK) & (offs < length - WINDOW)
-        key = tl.where(cand, matches.to(tl.int64) * S + offs, -1)
-        tl.store(OUT + b * so_b + h * so_h + offs, key.to(OUT.dtype.element_ty), mask=inside)
-
-
 # ---------------------------------------------------------------------------------------------------------
-# decode attention
-def decode_attention_reference(q, k_cache, v_cache, length=None, index=None, scale=None):
-    """q [B, Hq, D]; k_cache, v_cache [B, Hkv, S, D]; either ``length`` int64 [1] (dense: rows < length)
-    or ``index`` int32 [B, Hkv, K] (rows to read, -1 = none). fp32 softmax. Returns [B, Hq, D] in q's dtype."""
+# dense decode attention
+def decode_attention_reference(q, k_cache, v_cache, length, scale=None):
+    """q [B, Hq, D]; k_cache, v_cache [B, Hkv, S, D]; length int64 [1]: the rows < length are read. fp32
+    softmax. Returns [B, Hq, D] in q's dtype."""
     b, hq, d = q.shape
     hkv = k_cache.shape[1]
     scale = d ** -0.5 if scale is None else scale
     qg = q.view(b, hkv, hq // hkv, d).float()
-    if index is None:
-        k, v = k_cache.float(), v_cache.float()
-        valid = (torch.arange(k.shape[2], device=q.device) < length)[None, None, None, :]
-    else:
-        ix = index.long().clamp_min(0)[..., None].expand(-1, -1, -1, d)
-        k, v = torch.gather(k_cache, 2, ix).float(), torch.gather(v_cache, 2, ix).float()
-        valid = (index >= 0)[:, :, None, :]
+    k, v = k_cache.float(), v_cache.float()
+    valid = (torch.arange(k.shape[2], device=q.device) < length)[None, None, None, :]
     s = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, G, N]
     s = s.masked_fill(~valid, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
@@ -170,17 +87,15 @@ def _num_sms(device) -> int:
     return _SM_COUNT[i]
 
 
-def decode_attention(q, k_cache, v_cache, length=None, index=None, scale=None):
+def decode_attention(q, k_cache, v_cache, length, scale=None):
     """See :func:`decode_attention_reference` (same arguments and result)."""
-    if (length is None) == (index is None):
-        raise ValueError("give exactly one of length (dense) or index (sparse)")
     if not use_triton(q) or not head_dim_ok(q.shape[-1]):
-        return decode_attention_reference(q, k_cache, v_cache, length, index, scale)
+        return decode_attention_reference(q, k_cache, v_cache, length, scale)
     b, hq, d = q.shape
     hkv, s = k_cache.shape[1], k_cache.shape[2]
     g = hq // hkv
     scale = d ** -0.5 if scale is None else scale
-    n = s if index is None else index.shape[-1]
+    n = s
     block_n = 64
     blocks = triton.cdiv(n, block_n)
     # enough programs to keep every SM busy: splits of the keys of one KV head
@@ -191,16 +106,12 @@ def decode_attention(q, k_cache, v_cache, length=None, index=None, scale=None):
     o_part = torch.empty(b, hkv, splits, g, d, device=q.device, dtype=torch.float32)
     m_part = torch.empty(b, hkv, splits, g, device=q.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
-    sparse = index is not None
-    idx = index if sparse else q  # unused pointer when dense
-    ln = length if not sparse else q
     _decode_split_kernel[(b * hkv, splits)](
-        q, k_cache, v_cache, idx, ln, o_part, m_part, l_part,
+        q, k_cache, v_cache, length, o_part, m_part, l_part,
         n, split_size, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        index.stride(0) if sparse else 0, index.stride(1) if sparse else 0,
-        HKV=hkv, G=g, GP=gp, D=d, BLOCK_N=block_n, SPARSE=sparse, SPLITS=splits,
+        HKV=hkv, G=g, GP=gp, D=d, BLOCK_N=block_n, SPLITS=splits,
         IEEE=q.dtype == torch.float32 or not q.is_cuda, num_warps=4, num_stages=2)
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
     _decode_combine_kernel[(b * hq,)](o_part, m_part, l_part, out, out.stride(0), out.stride(1),
@@ -211,11 +122,10 @@ def decode_attention(q, k_cache, v_cache, length=None, index=None, scale=None):
 
 if triton is not None:
     @triton.jit
-    def _decode_split_kernel(Q, K, V, IDX, LEN, OP, MP, LP, N, SPLIT, qk_scale,
-                             sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h,
+    def _decode_split_kernel(Q, K, V, LEN, OP, MP, LP, N, SPLIT, qk_scale,
+                             sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                              HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                             BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, SPLITS: tl.constexpr,
-                             IEEE: tl.constexpr):
+                             BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr):
         pid = tl.program_id(0)
         sp = tl.program_id(1)
         b = pid // HKV
@@ -228,21 +138,13 @@ if triton is not None:
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
         start = sp * SPLIT
-        end = tl.minimum(start + SPLIT, N)
-        if not SPARSE:
-            end = tl.minimum(end, tl.load(LEN).to(tl.int32))
+        end = tl.minimum(tl.minimum(start + SPLIT, N), tl.load(LEN).to(tl.int32))
         kb = K + b * sk_b + h * sk_h
         vb = V + b * sv_b + h * sv_h
         for n0 in range(start, end, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
-            inside = offs < end
-            if SPARSE:
-                rows = tl.load(IDX + b * si_b + h * si_h + offs, mask=inside, other=-1)
-                valid = rows >= 0
-                rows = tl.where(valid, rows, 0)
-            else:
-                rows = offs
-                valid = inside
+            valid = offs < end
+            rows = offs
             k = tl.load(kb + rows[:, None].to(tl.int64) * sk_n + cols[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(vb + rows[:, None].to(tl.int64) * sv_n + cols[None, :], mask=valid[:, None], other=0.0)
             if IEEE:  # fp32 inputs, or the CPU interpreter (which mishandles bf16 dots)
@@ -367,132 +269,6 @@ if triton is not None:
         kh = tl.maximum(hh - HQ, 0)
         tl.store(SC + rows[:, None] * ss_b + kh * ss_h + pos * ss_n + wcol[None, :], packed,
                  mask=live & (hh >= HQ))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# counting selection: sink + window + the top heavy scores (ties to the most recent), as index lists
-def select_indices(q_sig, sig_cache, length, allowed, sink: int, window: int, num_kv_heads: int,
-                   heavy_slots: int) -> torch.Tensor:
-    """Token indices each KV head reads: int32 [B, Hkv, sink + window + heavy_slots], -1 = empty.
-
-    q_sig int32 [B, Hq, W]; sig_cache int32 [B, Hsig, S, W]; length int64 [1] (tokens in the cache);
-    allowed int64 [1] (the heavy budget at this length). Same set as :func:`hashattention.core.selection.
-    select` with bit-match scores summed over the query heads of each KV group: a histogram of the integer
-    scores gives the threshold (counting top-k, no sort), then each block writes its kept positions.
-    Three kernels: scores + histogram, per-block counts, compaction."""
-    b, hq, w = q_sig.shape
-    hs, s = sig_cache.shape[1], sig_cache.shape[2]
-    g = hq // num_kv_heads
-    r = b * num_kv_heads
-    max_score = 32 * w * g
-    nbins = triton.next_power_of_2(max_score + 2)  # the last bin collects the non-candidates
-    block = 1024
-    nblk = triton.cdiv(s, block)
-    dev = q_sig.device
-    k_total = sink + window + heavy_slots
-    q_sig = q_sig.contiguous()
-    hist = torch.zeros(r, nbins, device=dev, dtype=torch.int32)
-    scores = torch.empty(r, s, device=dev, dtype=torch.int32)
-    counts = torch.empty(r, triton.next_power_of_2(nblk), 2, device=dev, dtype=torch.int32)
-    idx = torch.empty(b, num_kv_heads, k_total, device=dev, dtype=torch.int32)
-    grid = (r, nblk)
-    common = dict(HKV=num_kv_heads, BLOCK=block, NBINS=nbins, MAXS=max_score)
-    _sel_scores_kernel[grid](q_sig, sig_cache, scores, hist, length, s, sink, window,
-                             q_sig.stride(0), q_sig.stride(1), sig_cache.stride(0), sig_cache.stride(1),
-                             sig_cache.stride(2), G=g, W=w, PER_QHEAD=hs != num_kv_heads, **common, num_warps=4)
-    _sel_count_kernel[grid](scores, hist, counts, idx, length, allowed, s, sink, window, heavy_slots, k_total,
-                            NBLKP=counts.shape[1], SINKP=triton.next_power_of_2(max(sink, 1)),
-                            WINP=triton.next_power_of_2(max(window, 1)), **common, num_warps=4)
-    if heavy_slots > 0:
-        _sel_write_kernel[grid](scores, hist, counts, idx, allowed, s, sink + window, k_total,
-                                NBLKP=counts.shape[1], **common, num_warps=4)
-    return idx
-
-
-if triton is not None:
-    @triton.jit
-    def _sel_scores_kernel(QS, KS, SCORES, HIST, LEN, S, SINK, WINDOW, sq_b, sq_h, sk_b, sk_h, sk_n,
-                           HKV: tl.constexpr, G: tl.constexpr, W: tl.constexpr, PER_QHEAD: tl.constexpr,
-                           BLOCK: tl.constexpr, NBINS: tl.constexpr, MAXS: tl.constexpr):
-        r = tl.program_id(0)
-        b = r // HKV
-        h = r % HKV
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < S
-        length = tl.load(LEN)
-        mism = tl.zeros([BLOCK], dtype=tl.int32)
-        for gi in tl.static_range(G):
-            kh = h * G + gi if PER_QHEAD else h
-            for wi in tl.static_range(W):
-                qs = tl.load(QS + b * sq_b + (h * G + gi) * sq_h + wi)
-                ks = tl.load(KS + b * sk_b + kh * sk_h + offs * sk_n + wi, mask=inside, other=0)
-                mism += _popcount(qs ^ ks)
-        cand = (offs >= SINK) & (offs < length - WINDOW) & inside
-        sc = tl.where(cand, MAXS - mism, -1)
-        tl.store(SCORES + r * S + offs, sc, mask=inside)
-        hb = tl.histogram(tl.where(cand, sc, NBINS - 1), NBINS)
-        tl.atomic_add(HIST + r * NBINS + tl.arange(0, NBINS), hb)
-
-    @triton.jit
-    def _sel_threshold(HIST, r, allowed, NBINS: tl.constexpr, MAXS: tl.constexpr):
-        """(threshold, #scores above it, #ties to take) of row r for k = min(allowed, candidates)."""
-        t = tl.arange(0, NBINS)
-        hh = tl.load(HIST + r * NBINS + t)
-        hh = tl.where(t <= MAXS, hh, 0)
-        total = tl.sum(hh, 0)
-        k = tl.minimum(allowed, total.to(tl.int64)).to(tl.int32)
-        ge = total - (tl.cumsum(hh, 0) - hh)  # ge[t] = #(score >= t)
-        thr = tl.sum(((ge >= k) & (t <= MAXS)).to(tl.int32), 0) - 1
-        thr = tl.where(k > 0, thr, MAXS + 1)  # k == 0: nothing above, no ties
-        gt = tl.sum(tl.where(t > thr, hh, 0), 0)
-        return thr, gt, k - gt, k
-
-    @triton.jit
-    def _sel_count_kernel(SCORES, HIST, COUNTS, IDX, LEN, ALLOWED, S, SINK, WINDOW, HEAVY, KT,
-                          HKV: tl.constexpr, BLOCK: tl.constexpr, NBINS: tl.constexpr, MAXS: tl.constexpr,
-                          NBLKP: tl.constexpr, SINKP: tl.constexpr, WINP: tl.constexpr):
-        r = tl.program_id(0)
-        blk = tl.program_id(1)
-        allowed = tl.load(ALLOWED)
-        thr, gt, need, k = _sel_threshold(HIST, r, allowed, NBINS, MAXS)
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
-        sc = tl.load(SCORES + r * S + offs, mask=offs < S, other=-1)
-        tl.store(COUNTS + (r * NBLKP + blk) * 2, tl.sum((sc > thr).to(tl.int32), 0))
-        tl.store(COUNTS + (r * NBLKP + blk) * 2 + 1, tl.sum((sc == thr).to(tl.int32), 0))
-        if blk == 0:  # the forced slots, and -1 in the heavy slots the budget leaves empty
-            length = tl.load(LEN).to(tl.int32)
-            si = tl.arange(0, SINKP)
-            tl.store(IDX + r * KT + si, tl.where(si < length, si, -1), mask=si < SINK)
-            wi = tl.arange(0, WINP)
-            wp = length - WINDOW + wi
-            tl.store(IDX + r * KT + SINK + wi, tl.where(wp >= SINK, wp, -1), mask=wi < WINDOW)
-            for j0 in range(0, HEAVY, BLOCK):
-                j = j0 + tl.arange(0, BLOCK)
-                tl.store(IDX + r * KT + SINK + WINDOW + j, tl.full([BLOCK], -1, tl.int32), mask=(j >= k) & (j < HEAVY))
-
-    @triton.jit
-    def _sel_write_kernel(SCORES, HIST, COUNTS, IDX, ALLOWED, S, FORCED, KT,
-                          HKV: tl.constexpr, BLOCK: tl.constexpr, NBINS: tl.constexpr, MAXS: tl.constexpr,
-                          NBLKP: tl.constexpr):
-        r = tl.program_id(0)
-        blk = tl.program_id(1)
-        allowed = tl.load(ALLOWED)
-        thr, gt, need, k = _sel_threshold(HIST, r, allowed, NBINS, MAXS)
-        jb = tl.arange(0, NBLKP)
-        nblk = tl.num_programs(1)
-        c_gt = tl.load(COUNTS + (r * NBLKP + jb) * 2, mask=jb < nblk, other=0)
-        c_eq = tl.load(COUNTS + (r * NBLKP + jb) * 2 + 1, mask=jb < nblk, other=0)
-        gt_before = tl.sum(tl.where(jb < blk, c_gt, 0), 0)
-        eq_after = tl.sum(tl.where(jb > blk, c_eq, 0), 0)
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
-        sc = tl.load(SCORES + r * S + offs, mask=offs < S, other=-1)
-        above = (sc > thr).to(tl.int32)
-        slot_a = gt_before + tl.cumsum(above, 0) - 1
-        tl.store(IDX + r * KT + FORCED + slot_a, offs, mask=above > 0)
-        tie = (sc == thr).to(tl.int32)
-        from_end = eq_after + tl.sum(tie, 0) - tl.cumsum(tie, 0)  # ties after this one (0 = most recent)
-        keep = (tie > 0) & (from_end < need)
-        tl.store(IDX + r * KT + FORCED + gt + from_end, offs, mask=keep)
 
 
 # ---------------------------------------------------------------------------------------------------------

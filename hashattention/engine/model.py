@@ -16,15 +16,15 @@ residual, rotary + cache write, silu * up, cuBLAS matmuls; :mod:`hashattention.e
 
   - ``dense``: split-K flash decoding over the first ``pos + 1`` cache rows.
   - ``hash``:  one kernel signs the step's query heads with phi_q and its key heads with phi_kv (written to
-    the signature cache), three kernels score the signature cache (bit matches summed over the query heads
-    of a KV group, one selection per KV head) and select by counting, and attention reads a *fixed-size*
-    list of K = sink + window + heavy token indices (heavy = the budget at the cache length, static);
-    slots the budget leaves empty are -1 and skipped. The selection is the shared rule of
+    the signature cache); then the library's two decode kernels (:mod:`hashattention.kernels`):
+    ``score_select`` scores the signature cache (bit matches summed over the query heads of a KV group, one
+    selection per KV head) and selects by counting into a *fixed-size* list of K = sink + window + heavy
+    token indices (heavy = the budget at the cache length, static; the count actually read follows the
+    current length), and ``sparse_decode`` attends over it. The selection is the shared rule of
     :func:`hashattention.core.selection.select`: sink and window always read, the heavy budget at the
     *current* length (a fraction of it, or a count) goes to the highest scores, ties to the most recent
     token. So the engine reads exactly what the Hugging Face integration reads.
-  - ``hash-team``: the same with :mod:`hashattention.kernels` (score_select + sparse_decode) for the
-    selection and the sparse attention; ``none`` and ``hash-fixed`` are ablations for time breakdowns.
+  - ``none`` and ``hash-fixed`` (sparse attention over a fixed selection) are ablations for time breakdowns.
 
 Without CUDA (or with ``HASHATTENTION_ENGINE_KERNELS=torch``) the same step runs on PyTorch references.
 
@@ -32,7 +32,6 @@ Supported: Hugging Face ``llama``, ``mistral`` (no sliding window) and ``qwen2``
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -41,10 +40,13 @@ from torch import nn
 
 from ..core.budget import Budget
 from ..core.maps import HashMaps
+from ..kernels import score_select, sparse_decode
+from ..kernels.sparse_decode import DTYPES as SPARSE_DTYPES
+from ..kernels.reference import score_select_reference, sparse_decode_reference
 from . import kernels
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-ATTENTION_MODES = ("dense", "hash", "none", "hash-fixed", "hash-team")
+ATTENTION_MODES = ("dense", "hash", "none", "hash-fixed")
 
 
 class UnsupportedModelError(ValueError):
@@ -438,13 +440,13 @@ class Transformer(nn.Module):
         return self.logits(x[:, -1])
 
     def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, mode: str = "dense",
-                    fixed_index: torch.Tensor | None = None) -> torch.Tensor:
+                    fixed_index: tuple | None = None) -> torch.Tensor:
         """One token per sequence. tokens [B] int64, pos int64 [1] (the position written, on the device).
         Returns logits [B, V] fp32. No host syncs: capturable in a CUDA graph.
 
         mode: "dense", "hash", or two ablations used by the benchmark's time breakdown: "none" (no
         attention at all: weights and overhead) and "hash-fixed" (sparse attention over ``fixed_index``,
-        no scoring or selection).
+        the (idx, counts) pair :meth:`select` returns: no signing, scoring or selection).
         """
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
@@ -453,13 +455,8 @@ class Transformer(nn.Module):
         cos = self.cos.index_select(0, pos).to(x.dtype)  # [1, D]
         sin = self.sin.index_select(0, pos).to(x.dtype)
         length = pos + 1  # [1] keys visible after writing this token
-        plan = self.selection_plan(length) if mode == "hash" else None  # shared by all layers
         fast = kernels.use_triton(x) and kernels.head_dim_ok(c.head_dim)  # fused norm / rotary / silu-mul
-        triton_hash = mode == "hash" and fast and self._triton_maps_ok()
-        if mode == "hash-team":
-            if not (fast and self._triton_maps_ok() and self.maps.config.key_heads == c.num_kv_heads):
-                raise ValueError("mode 'hash-team' needs CUDA (or TRITON_INTERPRET=1) and KV-head maps")
-            plan = (torch.zeros(self.batch, dtype=torch.int64, device=x.device), length.repeat(self.batch))
+        fused_maps = mode == "hash" and fast and self._triton_maps_ok()  # one kernel signs q and k heads
         eps = c.rms_norm_eps
         h = kernels.rms_norm(x, self.layers[0].attention_norm, eps) if fast else None
         for li, blk in enumerate(self.layers):
@@ -477,31 +474,21 @@ class Transformer(nn.Module):
                 o = kernels.decode_attention(q, kc, vc, length=length)
             elif mode == "none":
                 o = q
-            elif mode == "hash" and triton_hash:  # fused maps (1 kernel), counting selection (3 kernels)
-                mc = self.maps.config
-                x_maps = qk if mc.key_heads == c.num_kv_heads else \
-                    torch.cat([q, k.repeat_interleave(mc.key_heads // c.num_kv_heads, 1)], 1)
-                ws, bs = self._fused_maps
-                q_sig = kernels.fused_signatures(x_maps, ws, bs, li, c.num_heads, self.sig_cache[li], pos)
-                idx = kernels.select_indices(q_sig, self.sig_cache[li], length, plan[2], self.budget.sink,
-                                             self.budget.window, c.num_kv_heads, self.heavy_slots)
-                o = kernels.decode_attention(q, kc, vc, index=idx)
-            elif mode == "hash":
-                v = vc.index_select(2, pos)
-                q_sig, k_sig = self._signatures(li, q[:, :, None], k[:, :, None], v)
-                self.sig_cache[li].index_copy_(2, pos, k_sig)
-                idx = self.select(q_sig[:, :, 0], self.sig_cache[li], length, plan)
-                o = kernels.decode_attention(q, kc, vc, index=idx)
-            elif mode == "hash-team":  # the same step through hashattention.kernels (score_select,
-                # sparse_decode): same maps kernel, the team's selection and sparse attention kernels
-                from ..kernels import score_select, sparse_decode
-                ws, bs = self._fused_maps
-                q_sig = kernels.fused_signatures(qk, ws, bs, li, c.num_heads, self.sig_cache[li], pos)
-                idx, counts = score_select(q_sig, self.sig_cache[li], plan[0], plan[1], self.budget,
-                                           c.num_kv_heads, per_group=True, strict=False)
-                o = sparse_decode(q.contiguous(), kc, vc, idx, counts)
-            else:  # "hash-fixed"
-                o = kernels.decode_attention(q, kc, vc, index=fixed_index)
+            elif mode == "hash":  # sign, then kernel 1 (score + select) and kernel 2 (sparse attention)
+                if fused_maps:
+                    mc = self.maps.config
+                    x_maps = qk if mc.key_heads == c.num_kv_heads else \
+                        torch.cat([q, k.repeat_interleave(mc.key_heads // c.num_kv_heads, 1)], 1)
+                    ws, bs = self._fused_maps
+                    q_sig = kernels.fused_signatures(x_maps, ws, bs, li, c.num_heads, self.sig_cache[li], pos)
+                else:
+                    v = vc.index_select(2, pos)
+                    q_sig, k_sig = self._signatures(li, q[:, :, None], k[:, :, None], v)
+                    self.sig_cache[li].index_copy_(2, pos, k_sig)
+                    q_sig = q_sig[:, :, 0]
+                o = _sparse_attention(q, kc, vc, *self.select(q_sig, self.sig_cache[li], length))
+            else:  # "hash-fixed": sparse attention over a fixed selection, no signing or selection
+                o = _sparse_attention(q, kc, vc, *fixed_index)
             if fast:
                 a = blk.attention.wo(o.reshape(o.shape[0], -1))
                 x, h = kernels.rms_norm(a, blk.ffn_norm, eps, residual=x)
@@ -514,39 +501,28 @@ class Transformer(nn.Module):
             return self.lm_head(h).float()
         return self.logits(x)
 
-    def selection_plan(self, length: torch.Tensor):
-        """What does not depend on the layer: the forced (sink, window) indices int32 [B, Hkv, sink+window]
-        (-1 = empty) and the heavy budget at this length (int64 [1])."""
-        bud, c = self.budget, self.c
-        dev = length.device
-        sink = torch.arange(bud.sink, device=dev)
-        sink = torch.where(sink < length, sink, -1)
-        win = length - bud.window + torch.arange(bud.window, device=dev)  # the last `window` positions
-        win = torch.where(win >= bud.sink, win, -1)  # never twice: positions < sink are sink tokens
-        forced = torch.cat([sink, win]).to(torch.int32).expand(self.batch, c.num_kv_heads, -1)
-        if isinstance(bud.heavy, float):  # floor(length * fraction), as Budget.heavy_count
-            allowed = torch.floor(length.to(torch.float64) * bud.heavy).to(torch.int64)
-        else:
-            allowed = torch.full_like(length, bud.heavy)
-        rank = torch.arange(self.heavy_slots, device=dev)
-        return forced, rank < allowed, allowed
+    def select(self, q_sig: torch.Tensor, sig_cache: torch.Tensor, length: torch.Tensor):
+        """Token indices each KV head reads at this step: (idx int32 [B, Hkv, K] ascending, -1 after
+        counts[b]; counts int32 [B]), by :func:`hashattention.kernels.score_select` (Triton on CUDA).
 
-    def select(self, q_sig: torch.Tensor, sig_cache: torch.Tensor, length: torch.Tensor, plan=None) -> torch.Tensor:
-        """Token indices each KV head reads at this step: int32 [B, Hkv, K], -1 = empty slot.
-
-        q_sig int32 [B, Hq, W]; sig_cache int32 [B, Hsig, S, W]; length int64 [1].
-        K = sink + window + heavy slots (static). Same set as core.selection.select with bit-match scores
-        summed over each KV group (HashAttentionPolicy with per_group=True).
+        q_sig int32 [B, Hq, W]; sig_cache int32 [B, Hsig, S, W]; length int64 [1] (tokens in the cache).
+        K = budget.total(S) (static). Same set as core.selection.select with bit-match scores summed over
+        each KV group (HashAttentionPolicy with per_group=True), the heavy budget taken at ``length``.
         """
-        forced, in_budget, _ = plan if plan is not None else self.selection_plan(length)
-        if self.heavy_slots == 0:
-            return forced.contiguous()
-        bud = self.budget
-        keys = kernels.candidate_keys(q_sig, sig_cache, length, bud.sink, bud.window, self.c.num_kv_heads)
-        top, where = torch.topk(keys, self.heavy_slots, dim=-1, sorted=True)  # [B, Hkv, heavy]
-        # -1 keys are not candidates (fewer candidates than slots); ranks past the budget are dropped
-        heavy = torch.where((top >= 0) & in_budget, where, -1).to(torch.int32)
-        return torch.cat([forced, heavy], dim=-1)
+        b = q_sig.shape[0]
+        starts = torch.zeros(b, dtype=torch.int64, device=q_sig.device)
+        fn = score_select if kernels.use_triton(q_sig) else score_select_reference
+        return fn(q_sig, sig_cache, starts, length.expand(b).contiguous(), self.budget, self.c.num_kv_heads,
+                  per_group=True)
 
     def index_slots(self) -> int:
         return self.budget.sink + self.budget.window + self.heavy_slots
+
+
+def _sparse_attention(q, k_cache, v_cache, idx, counts):
+    """Kernel 2 (Triton) where it applies (CUDA or the interpreter, bf16/fp16, power-of-two head_dim), else
+    its PyTorch reference. q [B, Hq, D]; idx int32 [B, Hkv, K]; counts int32 [B]."""
+    if kernels.use_triton(q) and q.dtype in SPARSE_DTYPES and kernels.head_dim_ok(q.shape[-1]) \
+            and q.shape[-1] <= 256:
+        return sparse_decode(q.contiguous(), k_cache, v_cache, idx, counts, check=False)
+    return sparse_decode_reference(q, k_cache, v_cache, idx, counts)
