@@ -10,7 +10,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
 
 from .core.maps import HashMaps, MapsConfig
 

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -468,7 +467,6 @@ def _len_label(L) -> str:
 
 def summarize(data: dict) -> dict:
     """Scores averaged over the sample indices that every config of a (mode, length, task) finished."""
-    s = data["settings"]
     recs = data["records"]
     by = {}  # (mode, length, task) -> {(policy, budget): {index: score}}
     ppl_by = {}

@@ -12,7 +12,6 @@ import json
 import os
 import pydoc
 import random
-import re
 import sys
 import warnings
 from pathlib import Path
