@@ -1,12 +1,15 @@
-"""Run by tests/test_engine.py with TRITON_INTERPRET=1: the engine's Triton kernels against their PyTorch
-references, and the engine (Triton path) against the Hugging Face integration. Prints ALL OK."""
+"""Run by tests/test_engine.py: the engine's Triton kernels against their PyTorch references, and the engine
+(Triton path) against the Hugging Face integration. Without CUDA it runs with TRITON_INTERPRET=1 on the CPU;
+with CUDA, compiled on the GPU (every tensor is made there: torch.set_default_device). Prints ALL OK."""
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-assert os.environ.get("TRITON_INTERPRET") == "1"
+DEV = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+assert DEV == "cpu" or torch.cuda.is_available(), "without CUDA, run with TRITON_INTERPRET=1"
+torch.set_default_device(DEV)
 from conftest import tiny_model  # noqa: E402
 from hashattention import HashAttentionPolicy, enable  # noqa: E402
 from hashattention.core.budget import Budget  # noqa: E402

@@ -346,9 +346,10 @@ class Transformer(nn.Module):
             return
         ws, bs = [], []
         for i in range(len(self.maps.q.weights)):
-            ws.append(torch.cat([self.maps.q.weights[i], self.maps.k.weights[i]], dim=1).detach())  # [L, Hq+Hs, a, b]
+            # fp32: the fused kernel multiplies in fp32 (tf32x3), whatever dtype the maps were stored in
+            ws.append(torch.cat([self.maps.q.weights[i], self.maps.k.weights[i]], dim=1).detach().float())
             if mc.bias:
-                bs.append(torch.cat([self.maps.q.biases[i], self.maps.k.biases[i]], dim=1).detach()[:, :, None, :])
+                bs.append(torch.cat([self.maps.q.biases[i], self.maps.k.biases[i]], dim=1).detach().float()[:, :, None, :])
         self._fused_maps = (ws, bs if mc.bias else None)
 
     def _triton_maps_ok(self) -> bool:
