@@ -137,8 +137,8 @@ def tune_select(cases, measure, log) -> dict:
     smallest sum of times relative to each case's best in score_select.CONFIG."""
     ss = sys.modules["hashattention.kernels.score_select"]
     base = dict(ss.CONFIG)
-    shapes = [(1024, 8, 16384, 4), (1024, 4, 16384, 4), (1024, 16, 16384, 4), (1024, 2, 16384, 4),
-              (512, 8, 16384, 4), (2048, 8, 16384, 8), (2048, 4, 16384, 4), (512, 16, 4096, 4)]
+    shapes = [(1024, 8, 4096, 4), (1024, 4, 4096, 4), (1024, 16, 4096, 4), (1024, 8, 16384, 4),
+              (512, 8, 4096, 4), (2048, 8, 16384, 8), (2048, 4, 16384, 4), (512, 16, 4096, 4)]
     results = []
     for tile, pps, mb, nw in shapes:
         ss.CONFIG.update(tile=tile, programs_per_sm=pps, max_block=mb, num_warps=nw)
