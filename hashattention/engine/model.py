@@ -458,6 +458,7 @@ class Transformer(nn.Module):
         length = pos + 1  # [1] keys visible after writing this token
         fast = kernels.use_triton(x) and kernels.head_dim_ok(c.head_dim)  # fused norm / rotary / silu-mul
         fused_maps = mode == "hash" and fast and self._triton_maps_ok()  # one kernel signs q and k heads
+        rows = self._select_rows(length, x.shape[0]) if mode == "hash" else None  # shared by all layers
         eps = c.rms_norm_eps
         h = kernels.rms_norm(x, self.layers[0].attention_norm, eps) if fast else None
         for li, blk in enumerate(self.layers):
@@ -487,7 +488,7 @@ class Transformer(nn.Module):
                     q_sig, k_sig = self._signatures(li, q[:, :, None], k[:, :, None], v)
                     self.sig_cache[li].index_copy_(2, pos, k_sig)
                     q_sig = q_sig[:, :, 0]
-                o = _sparse_attention(q, kc, vc, *self.select(q_sig, self.sig_cache[li], length))
+                o = _sparse_attention(q, kc, vc, *self.select(q_sig, self.sig_cache[li], length, rows))
             else:  # "hash-fixed": sparse attention over a fixed selection, no signing or selection
                 o = _sparse_attention(q, kc, vc, *fixed_index)
             if fast:
@@ -502,19 +503,23 @@ class Transformer(nn.Module):
             return self.lm_head(h).float()
         return self.logits(x)
 
-    def select(self, q_sig: torch.Tensor, sig_cache: torch.Tensor, length: torch.Tensor):
+    @staticmethod
+    def _select_rows(length: torch.Tensor, b: int) -> tuple:
+        """(starts, lengths) int64 [b] of every sequence's valid keys; made once per step, not per layer."""
+        return torch.zeros(b, dtype=torch.int64, device=length.device), length.expand(b).contiguous()
+
+    def select(self, q_sig: torch.Tensor, sig_cache: torch.Tensor, length: torch.Tensor, rows=None):
         """Token indices each KV head reads at this step: (idx int32 [B, Hkv, K] ascending, -1 after
         counts[b]; counts int32 [B]), by :func:`hashattention.kernels.score_select` (Triton on CUDA).
 
-        q_sig int32 [B, Hq, W]; sig_cache int32 [B, Hsig, S, W]; length int64 [1] (tokens in the cache).
-        K = budget.total(S) (static). Same set as core.selection.select with bit-match scores summed over
-        each KV group (HashAttentionPolicy with per_group=True), the heavy budget taken at ``length``.
+        q_sig int32 [B, Hq, W]; sig_cache int32 [B, Hsig, S, W]; length int64 [1] (tokens in the cache);
+        rows: :meth:`_select_rows` of ``length`` when the caller has it. K = budget.total(S) (static). Same set
+        as core.selection.select with bit-match scores summed over each KV group (HashAttentionPolicy with
+        per_group=True), the heavy budget taken at ``length``.
         """
-        b = q_sig.shape[0]
-        starts = torch.zeros(b, dtype=torch.int64, device=q_sig.device)
+        starts, lengths = rows if rows is not None else self._select_rows(length, q_sig.shape[0])
         fn = score_select if kernels.use_triton(q_sig) else score_select_reference
-        return fn(q_sig, sig_cache, starts, length.expand(b).contiguous(), self.budget, self.c.num_kv_heads,
-                  per_group=True)
+        return fn(q_sig, sig_cache, starts, lengths, self.budget, self.c.num_kv_heads, per_group=True)
 
     def index_slots(self) -> int:
         return self.budget.sink + self.budget.window + self.heavy_slots
