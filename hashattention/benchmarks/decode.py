@@ -28,12 +28,11 @@ import torch
 from ..core.budget import Budget, parse_heavy
 from ..core.maps import HashMaps
 from ..engine.memory import GIB, largest_batch, parse_tokens
-from ..engine.model import Transformer, preset_config
+from ..engine.model import ATTENTION_MODES, Transformer, preset_config
 from ..engine.generate import Generator
 from ..weights import maps_config_for
 
-MODES = ("dense", "hash", "none", "hash-fixed")
-DEFAULT_MODES = ("dense", "hash", "none", "hash-fixed")
+MODES = ATTENTION_MODES  # all four by default: the time breakdown needs the two ablations
 
 
 def add_arguments(p):
@@ -50,7 +49,7 @@ def add_arguments(p):
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per mode")
     p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--modes", default=",".join(DEFAULT_MODES),
+    p.add_argument("--modes", default=",".join(MODES),
                    help="comma list of " + ", ".join(MODES) + " (none and hash-fixed: ablations for the time "
                         "breakdown)")
     p.add_argument("--hf-baseline", default="", help="contexts (batch 1) at which to time transformers' "
@@ -156,7 +155,7 @@ def _time_modes(m, gen, context, batch, s, args, modes):
     row["peak_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
     if "dense_ms" in row and "hash_ms" in row:
         row["speedup"] = row["dense_ms"] / row["hash_ms"]
-    if all(f"{k}_ms" in row for k in DEFAULT_MODES):
+    if all(f"{k}_ms" in row for k in MODES):
         row["breakdown_ms"] = {
             "rest_of_model": row["none_ms"], "dense_attention": row["dense_ms"] - row["none_ms"],
             "sparse_attention": row["hash-fixed_ms"] - row["none_ms"],
