@@ -62,7 +62,9 @@ SELECT_CASES = [
 @pytest.mark.parametrize("per_group", [True, False])
 @pytest.mark.parametrize("case", range(len(SELECT_CASES)))
 @inproc
-def test_score_select_equals_shared_rule(case, per_group):
+def test_score_select_equals_shared_rule(case, per_group, monkeypatch):
+    ss = sys.modules["hashattention.kernels.score_select"]
+    monkeypatch.setattr(ss, "CONFIG", dict(ss.CONFIG, csa=case % 2 == 0))  # carry-save popcounts or plain
     g, kv_keys, w, n, budget = SELECT_CASES[case]
     gen = torch.Generator().manual_seed(case * 2 + per_group)
     b, hkv = 2, 2
@@ -87,14 +89,16 @@ def test_score_select_equals_shared_rule(case, per_group):
 
 
 @inproc
-@pytest.mark.parametrize("tile,max_block,num_warps", [(64, 256, 4), (128, 128, 2)])
-def test_score_select_blocks_and_tiles(tile, max_block, num_warps, monkeypatch):
+@pytest.mark.parametrize("tile,max_block,num_warps,exact_max,csa", [(64, 256, 4, 256, True), (128, 128, 2, 256, False),
+                                                                    (64, 256, 4, 0, False)])
+def test_score_select_blocks_and_tiles(tile, max_block, num_warps, exact_max, csa, monkeypatch):
     """Many blocks per row (the threshold and offsets come from the row histograms and the per-block suffix
     tables), several tiles per block (the budget's last ties then fall inside a block, between tiles); then
-    the same call again: the workspace must be left zeroed."""
+    the same call again: the workspace must be left zeroed. exact_max 0: the coarse + fine (three-launch)
+    path for every score range."""
     ss = sys.modules["hashattention.kernels.score_select"]
     monkeypatch.setattr(ss, "CONFIG", dict(ss.CONFIG, tile=tile, max_block=max_block, programs_per_sm=64,
-                                           num_warps=num_warps))  # blocks as small as max_block allows
+                                           num_warps=num_warps, exact_max=exact_max, csa=csa, emit_tile=tile))
     gen = torch.Generator().manual_seed(7)
     for w, few, n, budgets, groups in ((1, True, 389, 4, (True, False)), (2, False, 300, 1, (True,))):
         q_sig, k_sig = _sigs(2, 8, 2, n, w, gen, few=few)
@@ -109,6 +113,35 @@ def test_score_select_blocks_and_tiles(tile, max_block, num_warps, monkeypatch):
                     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (w, few, budget)
     hist_and_counters = [t for t in ss._WORKSPACE.values()]
     assert hist_and_counters and all(int(t.abs().sum()) == 0 for t in hist_and_counters)
+
+
+@inproc
+@pytest.mark.parametrize("exact_max", [256, 0])
+def test_score_select_threshold_at_the_top_scores(exact_max, monkeypatch):
+    """Keys equal to the query (score = the largest possible, which shares the exact histogram's top bin
+    with the score one below) and one or two bits off it: thresholds at the maximum, one below and two
+    below, with ties, for per-head rows (max 32) and summed groups of 4 (max 128)."""
+    ss = sys.modules["hashattention.kernels.score_select"]
+    monkeypatch.setattr(ss, "CONFIG", dict(ss.CONFIG, tile=64, max_block=128, programs_per_sm=64,
+                                           exact_max=exact_max))
+    gen = torch.Generator().manual_seed(11)
+    n = 333
+    for g, per_group in ((1, True), (4, True), (4, False)):
+        hkv = 2
+        q = torch.randint(-2 ** 31, 2 ** 31 - 1, (1, hkv, 1), dtype=torch.int32, generator=gen)
+        q_sig = q.repeat_interleave(g, 1)  # the query heads of a group share a signature: group max = 32 g
+        pool = torch.stack([q, q ^ 1, q ^ 3, torch.randint(-2 ** 31, 2 ** 31 - 1, q.shape, dtype=torch.int32,
+                                                              generator=gen)], -1)  # [1, Hkv, 1, 4]
+        pick = torch.randint(0, 4, (1, hkv, n), generator=gen)
+        k_sig = torch.gather(pool.expand(1, hkv, n, 4), 3, pick[..., None]).contiguous()
+        q_sig, k_sig = q_sig.to(DEV), k_sig.to(DEV)
+        starts, lengths = torch.tensor([3], device=DEV), torch.tensor([n - 5], device=DEV)
+        n_top = int((pick[0, 0, 3:n - 5] == 0).sum())
+        for heavy in (1, n_top - 7, n_top, n_top + 9, 2 * n_top + 3, n - 40):
+            budget = ha.Budget(heavy=heavy, sink=2, window=3)
+            want = K.score_select_reference(q_sig, k_sig, starts, lengths, budget, hkv, per_group)
+            got = K.score_select(q_sig, k_sig, starts, lengths, budget, hkv, per_group)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (g, per_group, heavy)
 
 
 @inproc
@@ -128,10 +161,33 @@ def test_sparse_decode_matches_reference(g, per_group, dtype):
     starts, lengths = torch.tensor([0, 11], device=DEV), torch.tensor([n, n - 2], device=DEV)
     idx, counts = K.score_select_reference(q_sig, k_sig, starts, lengths, budget, hkv, per_group)
     assert idx.shape[1] == hsel
-    out = K.sparse_decode(q, kc, vc, idx, counts, scale=0.1)
     ref = K.sparse_decode_reference(q.double(), kc.double(), vc.double(), idx, counts, scale=0.1)
-    err = ((out.double() - ref).norm() / ref.norm()).item()
-    assert torch.isfinite(out).all() and err < (2e-2 if dtype == torch.bfloat16 else 2e-3), err
+    sd = sys.modules["hashattention.kernels.sparse_decode"]
+    for cfg in ({}, {"block_n": 16, "programs_per_sm": 64}):  # a few splits; many (up to max_splits)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sd, "CONFIG", dict(sd.CONFIG, **cfg))
+            out = K.sparse_decode(q, kc, vc, idx, counts, scale=0.1)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert torch.isfinite(out).all() and err < (2e-2 if dtype == torch.bfloat16 else 2e-3), (cfg, err)
+
+
+@inproc
+def test_sparse_decode_more_than_64_splits(monkeypatch):
+    """max_splits 128: the merge holds 65..128 splits in one tile (8 warps)."""
+    sd = sys.modules["hashattention.kernels.sparse_decode"]
+    monkeypatch.setattr(sd, "CONFIG", dict(sd.CONFIG, block_n=16, programs_per_sm=256, max_splits=128))
+    torch.manual_seed(3)
+    b, hkv, g, n, d = 1, 1, 4, 2500, 32
+    q = torch.randn(b, hkv * g, d, dtype=torch.bfloat16, device=DEV)
+    kc = torch.randn(b, hkv, n, d, dtype=torch.bfloat16, device=DEV)
+    vc = torch.randn(b, hkv, n, d, dtype=torch.bfloat16, device=DEV)
+    q_sig, k_sig = _sigs(b, hkv * g, hkv, n)
+    starts, lengths = torch.tensor([0], device=DEV), torch.tensor([n], device=DEV)
+    idx, counts = K.score_select_reference(q_sig, k_sig, starts, lengths, ha.Budget(heavy=1 / 2), hkv, True)
+    assert sd.split_shape(idx.shape[-1], b * hkv, q.device)[0] > 64
+    out = K.sparse_decode(q, kc, vc, idx, counts)
+    ref = K.sparse_decode_reference(q.double(), kc.double(), vc.double(), idx, counts)
+    assert ((out.double() - ref).norm() / ref.norm()) < 2e-2
 
 
 @inproc
@@ -159,6 +215,42 @@ def test_hash_decode_attention_end_to_end_and_budget_extremes():
     out = K.hash_decode_attention(q, kc, vc, q_sig, k_sig, torch.tensor([5, 0], device=DEV),
                                   torch.tensor([5, n], device=DEV), ha.Budget(heavy=4, sink=1, window=1))
     assert torch.all(out[0] == 0) and torch.isfinite(out).all() and out[1].abs().sum() > 0
+
+
+@inproc
+@pytest.mark.parametrize("exact_max", [256, 0])
+def test_fused_select_attend_equals_the_two_kernels(exact_max, monkeypatch):
+    """The fused kernel (emit inside the attention) against score_select + sparse_decode and the reference:
+    small blocks, so one program owns several blocks and a block's tokens may span splits' boundaries; a
+    cluster of high-scoring keys (one block holds many selected tokens); sink and window across block edges
+    (left padding); budgets 0 heavy, 1, a fraction and the whole context."""
+    ss = sys.modules["hashattention.kernels.score_select"]
+    sa = sys.modules["hashattention.kernels.select_attend"]
+    monkeypatch.setattr(ss, "CONFIG", dict(ss.CONFIG, tile=64, max_block=128, programs_per_sm=64,
+                                           exact_max=exact_max))
+    gen = torch.Generator().manual_seed(5)
+    b, hkv, n, d = 2, 2, 389, 32
+    for g, per_group in ((4, True), (2, False)):
+        hq = hkv * g
+        q = torch.randn(b, hq, d, dtype=torch.bfloat16, generator=gen).to(DEV)
+        kc = torch.randn(b, hkv, n, d, dtype=torch.bfloat16, generator=gen).to(DEV)
+        vc = torch.randn(b, hkv, n, d, dtype=torch.bfloat16, generator=gen).to(DEV)
+        q_sig, k_sig = _sigs(b, hq, hkv, n, gen=gen)
+        k_sig[:, :, 200:300] = q_sig[:, ::g, None]  # a cluster of keys equal to a query of their group
+        starts, lengths = torch.tensor([100, 0], device=DEV), torch.tensor([n, n - 70], device=DEV)
+        for budget, pps in ((ha.Budget(heavy=1 / 8, sink=40, window=50), 16),  # ~one block per program
+                            (ha.Budget(heavy=1 / 8, sink=40, window=50), 1),  # one program owns all blocks
+                            (ha.Budget(heavy=0, sink=30, window=30), 16), (ha.Budget(heavy=1, sink=0, window=0), 2),
+                            (ha.Budget(heavy=n, sink=0, window=0), 16)):
+            monkeypatch.setattr(sa, "CONFIG", dict(sa.CONFIG, block_n=16, programs_per_sm=pps))
+            fused = K.select_attend(q, kc, vc, q_sig, k_sig, starts, lengths, budget, per_group)
+            idx, counts = K.score_select(q_sig, k_sig, starts, lengths, budget, hkv, per_group)
+            two = K.sparse_decode(q, kc, vc, idx, counts)
+            ref = K.hash_decode_attention_reference(q.double(), kc.double(), vc.double(), q_sig, k_sig, starts,
+                                                    lengths, budget, per_group)
+            assert ((fused.double() - ref).norm() / ref.norm()) < 2e-2, (g, budget)
+            assert ((fused.double() - two.double()).norm() / ref.norm()) < 1e-2, (g, budget)
+    assert all(int(t.abs().sum()) == 0 for t in ss._WORKSPACE.values())  # histograms left zeroed
 
 
 @inproc

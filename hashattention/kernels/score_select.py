@@ -8,21 +8,24 @@ starts[b] <= p < lengths[b] <= N). Returns idx int32 [B, Hsel, K] (Hsel = num_kv
 else Hq; K = budget.total(N)): the positions read, ascending (sink, heavy, window), -1 after counts[b];
 counts int32 [B]. Same set as :func:`hashattention.core.selection.select` (ties toward the most recent token).
 
-Three launches, no sort (R = B * Hsel selection rows, NBLK blocks of BLOCK tokens per row). A score is
-split into a coarse part (score >> SHIFT, at most 31 values) and a fine part (its low SHIFT bits), so that
-every histogram is small: Triton's histogram costs per element about as many instructions as bins per lane.
-  1. count: per block, bit matches (XOR + popcount, summed over the KV group when shared), kept as one byte
-     per token (two when the score can exceed 255), and the histogram of the heavy candidates' coarse
-     scores -> the row's coarse histogram (atomics) and the block's suffix counts #(coarse >= c).
-  2. refine: every block finds the row's coarse threshold C (the largest c with #(coarse >= c) >= k) and
-     histograms the fine part of its scores in coarse bin C -> row fine histogram (atomics) and block suffix
-     counts.
-  3. emit: every block finds the exact threshold t = C << SHIFT | f the same way, takes its output offset and
-     how many of its ties it keeps from the two suffix tables (ties go to the most recent blocks), then
-     writes its kept heavy positions with one prefix sum per tile, and its sink and window positions. The
-     row's last block to finish zeroes the row histograms for the next call (an arrival counter), so no
-     memset launch is needed.
-The row histograms and the arrival counters are a small zeroed workspace kept per (device, rows): calls
+Two launches when the largest score fits one histogram (max_score <= CONFIG["exact_max"]: 32-bit signatures
+summed over up to 8 query heads), three otherwise; no sort (R = B * Hsel selection rows, NBLK blocks of BLOCK
+tokens per row). Scores are kept as one byte per token (two when they can exceed 255).
+  Exact (two launches): NB = next_pow2(max_score) bins, the top bin holding the values NB - 1 and NB (so a
+  score of 32 or 128 needs no doubled histogram) and #(score == NB) counted beside it.
+  1. count: per block, bit matches (XOR + popcount, summed over the KV group when shared), the histogram of
+     the heavy candidates' scores -> the row histogram (atomics) and the block's suffix counts #(score >= v).
+  2. emit: every block finds the row's threshold t (the largest score with #(score >= t) >= k) and, from the
+     suffix tables, its output offset and how many of its ties at t it keeps (ties go to the most recent
+     blocks); then writes its kept heavy positions with one prefix sum per tile, and its sink and window
+     positions. The row's last block to finish zeroes the row histogram for the next call (an arrival
+     counter), so no memset launch is needed.
+  Coarse + fine (three launches, larger scores): a score is split into a coarse part (score >> SHIFT, at most
+  31 values) and a fine part (its low SHIFT bits), so that every histogram stays small (Triton's histogram
+  costs per element about as many instructions as bins per lane): count histograms the coarse part; refine
+  finds the coarse threshold C and histograms the fine part of the scores in bin C; emit works as above with
+  t = C << SHIFT | f and the two suffix tables.
+The row histograms and the arrival counters are a small zeroed workspace kept per (device, rows, bins): calls
 that share it must not run at the same time on different streams.
 """
 from __future__ import annotations
@@ -30,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..core.budget import Budget
-from ._common import INTERPRET, check_tensor, next_pow2, num_sms, tl, triton, use_triton
+from ._common import INTERPRET, check_tensor, next_pow2, num_sms, pdl, pdl_enter, tl, triton, use_triton
 from .reference import score_select_reference
 
 _FRAC_CACHE: dict = {}
@@ -40,7 +43,11 @@ _WORKSPACE: dict = {}
 #: per SM the block size aims at, the largest block, warps per program
 #: per the side-by-side sweep of bench/select_batch_sweep.py (H200): max_block 4096 leaves batch 1 unchanged
 #: up to 512K keys and is 4.5% faster at 128K x batch 7 (the engine's largest batch) than 16384
-CONFIG = {"tile": 1024, "programs_per_sm": 8, "max_block": 4096, "num_warps": 4}
+#: exact_max: the largest max_score that takes the two-launch path (one histogram of next_pow2(max_score) bins)
+#: emit_tile: tokens per step of the emit step (at most the block)
+#: csa: score four heads' words at a time with a carry-save adder (3 popcounts instead of 4)
+CONFIG = {"tile": 1024, "programs_per_sm": 8, "max_block": 4096, "num_warps": 4, "exact_max": 256,
+          "emit_tile": 4096, "csa": False, "num_stages": 3}
 NCB = 32  # coarse bins: coarse scores 0..30, bin 31 for the tokens that are not heavy candidates
 
 
@@ -55,15 +62,15 @@ def _frac_tensor(frac: float, device) -> torch.Tensor:
     return t
 
 
-def _workspace(device, rows: int, nfb: int):
-    """Zeroed coarse [rows, NCB] and fine [rows, nfb] row histograms and arrival counters [rows]; step 3
-    leaves them zeroed again."""
-    key = (str(device), rows, nfb)
+def _workspace(device, rows: int, ncb: int, nfb: int):
+    """Zeroed coarse [rows, ncb] and fine [rows, nfb] row histograms and arrival counters [rows]; the emit
+    step leaves them zeroed again."""
+    key = (str(device), rows, ncb, nfb)
     ws = _WORKSPACE.get(key)
     if ws is None:
-        ws = torch.zeros(rows * (NCB + nfb + 1), dtype=torch.int32, device=device)
+        ws = torch.zeros(rows * (ncb + nfb + 1), dtype=torch.int32, device=device)
         _WORKSPACE[key] = ws
-    return ws[:rows * NCB], ws[rows * NCB:rows * (NCB + nfb)], ws[rows * (NCB + nfb):]
+    return ws[:rows * ncb], ws[rows * ncb:rows * (ncb + nfb)], ws[rows * (ncb + nfb):]
 
 
 def _shift(max_score: int) -> int:
@@ -103,17 +110,38 @@ def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
     check_select_args(q_sig, k_sig, starts, lengths, budget, num_kv_heads, strict)
     if not use_triton(q_sig):
         return score_select_reference(q_sig, k_sig, starts, lengths, budget, num_kv_heads, per_group)
+    st = count_scores(q_sig, k_sig, starts, lengths, budget, num_kv_heads, per_group)
+    b, hsel, k_total = q_sig.shape[0], st["hsel"], st["k_total"]
+    idx = torch.empty(b, hsel, max(k_total, 1), dtype=torch.int32, device=q_sig.device)
+    counts = torch.empty(b, dtype=torch.int32, device=q_sig.device)
+    _emit_kernel[(st["nblk"], st["rows_n"])](*st["tables"], idx, counts, *st["rows"], k_total,
+                                             NBLKP=next_pow2(st["nblk"]), ETILE=st["emit_tile"], **st["common"],
+                                             launch_pdl=st["common"]["PDL"])
+    if k_total == 0:
+        idx = idx[..., :0]
+    return idx, counts
+
+
+def count_scores(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: int, per_group: bool) -> dict:
+    """Launch the count step (and the refine step on the coarse + fine path); returns what a kernel that
+    emits the selection needs: the tables (scores, suffix tables, row histograms, arrival counters), the row
+    arguments and the launch constants. Arguments already checked."""
     b, hq, w = q_sig.shape
     hs, n = k_sig.shape[1], k_sig.shape[2]
     g = hq // num_kv_heads
     hsel = num_kv_heads if per_group else hq
     gs = g if per_group else 1  # query heads summed into one selection row
     max_score = 32 * w * gs
-    shift = _shift(max_score)
-    nfb = next_pow2((1 << shift) + 1)  # fine bins 0..2^shift - 1, then one for the tokens outside bin C
+    cfg = CONFIG
+    exact = max_score <= cfg["exact_max"]
+    if exact:  # one histogram: bins 0..NB-1 (the top one holds NB - 1 and NB), #(score == NB) at index NB
+        nb, shift = max(32, next_pow2(max_score)), 0
+        ncb, nfb = 2 * nb, 1
+    else:
+        nb, shift = NCB, _shift(max_score)
+        ncb, nfb = NCB, next_pow2((1 << shift) + 1)  # fine bins 0..2^shift - 1, one for tokens outside bin C
     r = b * hsel
     dev = q_sig.device
-    cfg = CONFIG
     tile = min(cfg["tile"], next_pow2(max(n, 16)))
     block = next_pow2(triton.cdiv(max(n, 1) * r, cfg["programs_per_sm"] * num_sms(dev)))
     block = max(tile, min(cfg["max_block"], block))
@@ -121,28 +149,26 @@ def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
     while nblk > 4096:
         block *= 2
         nblk = triton.cdiv(n, block)
-    k_total = budget.total(n)
-    chist, fhist, done = _workspace(dev, r, nfb)
-    csuf = torch.empty(r, nblk, NCB, dtype=torch.int32, device=dev)
-    fsuf = torch.empty(r, nblk, nfb, dtype=torch.int32, device=dev)
+    chist, fhist, done = _workspace(dev, r, ncb, nfb)
+    csuf = torch.empty(r, nblk, ncb, dtype=torch.int32, device=dev)
+    fsuf = csuf if exact else torch.empty(r, nblk, nfb, dtype=torch.int32, device=dev)
     scores = torch.empty(r, n, dtype=torch.uint8 if max_score <= 255 else torch.int16, device=dev)
-    idx = torch.empty(b, hsel, max(k_total, 1), dtype=torch.int32, device=dev)
-    counts = torch.empty(b, dtype=torch.int32, device=dev)
     frac = isinstance(budget.heavy, float)
-    fr = _frac_tensor(budget.heavy, dev) if frac else counts  # unused pointer when a count
+    fr = _frac_tensor(budget.heavy, dev) if frac else done  # unused pointer when a count
     heavy = 0 if frac else int(budget.heavy)
-    common = dict(HSEL=hsel, BLOCK=block, TILE=tile, NCB=NCB, NFB=nfb, SHIFT=shift, MAXS=max_score,
-                  FRAC=frac, num_warps=cfg["num_warps"], num_stages=3)
+    use_pdl = pdl(dev)
+    common = dict(HSEL=hsel, BLOCK=block, TILE=tile, NB=nb, NCB=ncb, NFB=nfb, SHIFT=shift, MAXS=max_score,
+                  FRAC=frac, EXACT=exact, PDL=use_pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     rows = (starts, lengths, fr, n, nblk, heavy, budget.sink, budget.window)
     _count_kernel[(nblk, r)](q_sig, k_sig, scores, csuf, chist, *rows, q_sig.stride(0), q_sig.stride(1),
                              k_sig.stride(0), k_sig.stride(1), k_sig.stride(2), G=g, GS=gs,
-                             KEY_PER_Q=hs != num_kv_heads, W=w, HW=not INTERPRET, **common)
-    _refine_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, *rows, **common)
-    _emit_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, done, idx, counts, *rows, k_total,
-                            NBLKP=next_pow2(nblk), **common)
-    if k_total == 0:
-        idx = idx[..., :0]
-    return idx, counts
+                             KEY_PER_Q=hs != num_kv_heads, W=w, HW=not INTERPRET, CSA=(gs // 4) * 4 if cfg["csa"] else 0, **common,
+                             launch_pdl=use_pdl)
+    if not exact:
+        _refine_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, *rows, **common, launch_pdl=use_pdl)
+    return {"tables": (scores, csuf, chist, fsuf, fhist, done), "rows": rows, "common": common, "nblk": nblk,
+            "rows_n": r, "hsel": hsel, "k_total": budget.total(n), "block": block,
+            "emit_tile": min(block, next_pow2(cfg["emit_tile"]))}
 
 
 if triton is not None:
@@ -171,24 +197,45 @@ if triton is not None:
     @triton.jit
     def _block_scores(QS, KS, b, hs, offs, cand, sq_b, sq_h, sk_b, sk_h, sk_n,
                       G: tl.constexpr, GS: tl.constexpr, KEY_PER_Q: tl.constexpr, W: tl.constexpr,
-                      HW: tl.constexpr):
-        """Bit matches of the GS query heads hs*GS.. against keys at offs, summed. int32 like offs."""
+                      HW: tl.constexpr, CSA: tl.constexpr):
+        """Bit matches of the GS query heads hs*GS.. against keys at offs, summed. int32 like offs.
+        The first CSA heads (a multiple of 4) go four at a time through a carry-save adder (bit-sliced ones,
+        twos, fours), so 3 popcounts count 4 mismatch words (POPC is a quarter-rate instruction)."""
         score = offs * 0
         kbase = KS + b.to(tl.int64) * sk_b
         qbase = QS + b * sq_b
         for wi in tl.static_range(W):
+            kw = offs * 0
             if not KEY_PER_Q:  # one key head per KV group: read its words once for the whole group
                 kw = tl.load(kbase + ((hs * GS) // G) * sk_h + offs * sk_n + wi, mask=cand, other=0)
-            for gi in tl.static_range(GS):
-                qh = hs * GS + gi
-                if KEY_PER_Q:
-                    kw = tl.load(kbase + qh * sk_h + offs * sk_n + wi, mask=cand, other=0)
-                qw = tl.load(qbase + qh * sq_h + wi)
+            for c in tl.static_range(0, CSA, 4):
+                qh = hs * GS + c
+                x0 = _xword(qbase, kbase, kw, qh, offs, cand, sq_h, sk_h, sk_n, wi, KEY_PER_Q)
+                x1 = _xword(qbase, kbase, kw, qh + 1, offs, cand, sq_h, sk_h, sk_n, wi, KEY_PER_Q)
+                x2 = _xword(qbase, kbase, kw, qh + 2, offs, cand, sq_h, sk_h, sk_n, wi, KEY_PER_Q)
+                x3 = _xword(qbase, kbase, kw, qh + 3, offs, cand, sq_h, sk_h, sk_n, wi, KEY_PER_Q)
+                s3 = x0 ^ x1 ^ x2  # full adder of three words, then a half adder with the fourth
+                c3 = (x0 & x1) | (x2 & (x0 ^ x1))
+                c4 = s3 & x3
+                if HW:
+                    miss = _popc_hw(s3 ^ x3) + 2 * _popc_hw(c3 ^ c4) + 4 * _popc_hw(c3 & c4)
+                else:
+                    miss = _popc(s3 ^ x3) + 2 * _popc(c3 ^ c4) + 4 * _popc(c3 & c4)
+                score += 128 - miss
+            for gi in tl.static_range(CSA, GS):
+                x = _xword(qbase, kbase, kw, hs * GS + gi, offs, cand, sq_h, sk_h, sk_n, wi, KEY_PER_Q)
                 if HW:  # the GPU's POPC instruction
-                    score += 32 - _popc_hw(qw ^ kw)
+                    score += 32 - _popc_hw(x)
                 else:  # the interpreter has no inline assembly
-                    score += 32 - _popc(qw ^ kw)
+                    score += 32 - _popc(x)
         return score
+
+    @triton.jit
+    def _xword(qbase, kbase, kw, qh, offs, cand, sq_h, sk_h, sk_n, wi, KEY_PER_Q: tl.constexpr):
+        """Mismatch bits of query head qh's word wi against the keys (kw, or head qh's own keys)."""
+        if KEY_PER_Q:
+            kw = tl.load(kbase + qh * sk_h + offs * sk_n + wi, mask=cand, other=0)
+        return tl.load(qbase + qh * sq_h + wi) ^ kw
 
     @triton.jit
     def _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC: tl.constexpr):
@@ -216,33 +263,51 @@ if triton is not None:
     @triton.jit
     def _count_kernel(QS, KS, SC, CSUF, CHIST, START, END, FR, N, NBLK, HEAVY, SINK, WINDOW,
                       sq_b, sq_h, sk_b, sk_h, sk_n, HSEL: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
-                      NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr, MAXS: tl.constexpr,
-                      FRAC: tl.constexpr, G: tl.constexpr, GS: tl.constexpr, KEY_PER_Q: tl.constexpr,
-                      W: tl.constexpr, HW: tl.constexpr):
+                      NB: tl.constexpr, NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr,
+                      MAXS: tl.constexpr, FRAC: tl.constexpr, EXACT: tl.constexpr, PDL: tl.constexpr,
+                      G: tl.constexpr, GS: tl.constexpr, KEY_PER_Q: tl.constexpr, W: tl.constexpr,
+                      HW: tl.constexpr, CSA: tl.constexpr):
+        pdl_enter(PDL)
         blk = tl.program_id(0)
         row = tl.program_id(1)
         b = row // HSEL
         hs = row % HSEL
         start, end, lo, hi, sink_c, k = _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC)
-        hc = tl.zeros([NCB], tl.int32)
+        hc = tl.zeros([NB], tl.int32)
+        top = blk * 0  # exact: candidates scoring NB (they share the top bin with NB - 1)
+        outside = blk * 0  # exact: tokens that are not candidates (counted in bin 0, taken out below)
         sbase = SC + row.to(tl.int64) * N
         # no branch around the loads: masked lanes cost nothing, and the loop stays pipelined
         for t in range(0, BLOCK, TILE):
             offs = blk * BLOCK + t + tl.arange(0, TILE)
             cand = (offs >= lo) & (offs < hi)
             score = _block_scores(QS, KS, b, hs, offs, cand, sq_b, sq_h, sk_b, sk_h, sk_n, G, GS, KEY_PER_Q,
-                                  W, HW)
+                                  W, HW, CSA)
             tl.store(sbase + offs, score.to(SC.dtype.element_ty), mask=cand)
-            hc += tl.histogram(tl.where(cand, score >> SHIFT, NCB - 1), NCB)
-        bins = tl.arange(0, NCB)
-        hc = tl.where(bins <= (MAXS >> SHIFT), hc, 0)
-        tl.store(CSUF + (row * NBLK + blk).to(tl.int64) * NCB + bins, tl.cumsum(hc, 0, reverse=True))
+            if EXACT:
+                hc += tl.histogram(tl.where(cand, tl.minimum(score, NB - 1), 0), NB)
+                top += tl.sum((cand & (score == NB)).to(tl.int32), 0)
+                outside += TILE - tl.sum(cand.to(tl.int32), 0)
+            else:
+                hc += tl.histogram(tl.where(cand, score >> SHIFT, NB - 1), NB)
+        bins = tl.arange(0, NB)
+        if EXACT:
+            hc = tl.where(bins == 0, hc - outside, hc)
+        else:
+            hc = tl.where(bins <= (MAXS >> SHIFT), hc, 0)
+        sbase = CSUF + (row * NBLK + blk).to(tl.int64) * NCB
+        tl.store(sbase + bins, tl.cumsum(hc, 0, reverse=True))
         tl.atomic_add(CHIST + row * NCB + bins, hc, mask=hc > 0, sem="relaxed")
+        if EXACT:  # #(score >= NB) at index NB of the suffix table (and 0 at NB + 1) and of the row histogram
+            tl.store(sbase + NB + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, top, 0))
+            tl.atomic_add(CHIST + row * NCB + NB, top, mask=top > 0, sem="relaxed")
 
     @triton.jit
     def _refine_kernel(SC, CSUF, CHIST, FSUF, FHIST, START, END, FR, N, NBLK, HEAVY, SINK, WINDOW,
-                       HSEL: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, NCB: tl.constexpr,
-                       NFB: tl.constexpr, SHIFT: tl.constexpr, MAXS: tl.constexpr, FRAC: tl.constexpr):
+                       HSEL: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
+                       NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr, MAXS: tl.constexpr,
+                       FRAC: tl.constexpr, EXACT: tl.constexpr, PDL: tl.constexpr):
+        pdl_enter(PDL)
         blk = tl.program_id(0)
         row = tl.program_id(1)
         b = row // HSEL
@@ -262,35 +327,53 @@ if triton is not None:
         tl.atomic_add(FHIST + row * NFB + bins, hf, mask=hf > 0, sem="relaxed")
 
     @triton.jit
-    def _emit_kernel(SC, CSUF, CHIST, FSUF, FHIST, DONE, IDX, COUNTS, START, END, FR, N, NBLK, HEAVY, SINK,
-                     WINDOW, KTOT, HSEL: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
-                     NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr, MAXS: tl.constexpr,
-                     FRAC: tl.constexpr, NBLKP: tl.constexpr):
-        blk = tl.program_id(0)
-        row = tl.program_id(1)
-        b = row // HSEL
-        start, end, lo, hi, sink_c, k = _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC)
-        # the threshold t = c << SHIFT | f: the largest score with #(score >= t) >= k (the same in every block)
-        c, above_c = _top_bin(CHIST + row * NCB, NCB, MAXS >> SHIFT, k)
-        f, above_f = _top_bin(FHIST + row * NFB, NFB, (1 << SHIFT) - 1, k - above_c)
-        thr = (c << SHIFT) + f
-        need = k - above_c - above_f  # ties at the threshold the row keeps
-        # per block: candidates above the threshold and ties at it, from the two suffix tables
+    def _threshold_exact(HIST, NB: tl.constexpr, k):
+        """The row's threshold t (the largest score with #(score >= t) >= k) and #(score > t), from the exact
+        histogram (bins 0..NB-1, the top one holding NB - 1 and NB; #(score == NB) at index NB)."""
+        bins = tl.arange(0, NB)
+        h = tl.load(HIST + bins)
+        top = tl.load(HIST + NB)
+        at_least = tl.cumsum(h, 0, reverse=True)
+        t = tl.max(tl.where(at_least >= k, bins, 0), 0)
+        t = tl.where((t == NB - 1) & (top >= k), NB, t)
+        above = tl.sum(tl.where(bins > t, h, 0), 0) + tl.where(t == NB - 1, top, 0)
+        return t, above
+
+    @triton.jit
+    def _row_blocks(CSUF, CHIST, FSUF, FHIST, row, NBLK, k, NBLKP: tl.constexpr, NB: tl.constexpr,
+                    NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr, MAXS: tl.constexpr,
+                    EXACT: tl.constexpr):
+        """The row's threshold t, and per block [NBLKP]: the heavy tokens it keeps and how many of its first
+        ties at t it drops (the row keeps the most recent ties), from the row histograms and suffix tables."""
         blks = tl.arange(0, NBLKP)
         bm = blks < NBLK
         cs = CSUF + (row * NBLK + blks).to(tl.int64) * NCB
-        fs = FSUF + (row * NBLK + blks).to(tl.int64) * NFB
-        above = tl.load(cs + c + 1, mask=bm, other=0) + tl.load(fs + f + 1, mask=bm, other=0)  # c + 1 <= NCB - 1
-        ties = tl.load(fs + f, mask=bm, other=0) - tl.load(fs + f + 1, mask=bm, other=0)
+        if EXACT:
+            thr, above_row = _threshold_exact(CHIST + row * NCB, NB, k)
+            at_t = tl.load(cs + thr, mask=bm, other=0)
+            above = tl.load(cs + thr + 1, mask=bm, other=0)  # index NB + 1 holds 0
+        else:  # t = c << SHIFT | f: the coarse bin, then the fine part inside it
+            c, above_c = _top_bin(CHIST + row * NCB, NCB, MAXS >> SHIFT, k)
+            f, above_f = _top_bin(FHIST + row * NFB, NFB, (1 << SHIFT) - 1, k - above_c)
+            thr = (c << SHIFT) + f
+            above_row = above_c + above_f
+            fs = FSUF + (row * NBLK + blks).to(tl.int64) * NFB
+            above_cb = tl.load(cs + c + 1, mask=bm, other=0)  # c + 1 <= NCB - 1
+            at_t = above_cb + tl.load(fs + f, mask=bm, other=0)
+            above = above_cb + tl.load(fs + f + 1, mask=bm, other=0)
+        need = k - above_row  # ties at the threshold the row keeps
+        ties = at_t - above
         ties_after = tl.cumsum(ties, 0, reverse=True) - ties
         take = tl.minimum(tl.maximum(need - ties_after, 0), ties)  # the most recent ties are kept
-        sel = tl.where(k > 0, above + take, 0)
-        mine = blks == blk
-        off = sink_c + tl.sum(tl.where(blks < blk, sel, 0), 0)  # first heavy slot of the block
-        skip = tl.sum(tl.where(mine, ties - take, 0), 0)  # the block's first ``skip`` ties are not kept
+        return thr, tl.where(k > 0, above + take, 0), ties - take
+
+    @triton.jit
+    def _emit_block(sbase, base, blk, start, end, lo, hi, sink_c, k, thr, off, skip, BLOCK: tl.constexpr,
+                    TILE: tl.constexpr):
+        """Write block blk's selected positions into the row's list at base: heavy tokens from slot off on
+        (its first ``skip`` ties at thr dropped), sink and window tokens at their fixed slots. sbase: the row's
+        byte scores."""
         skip = tl.where(k > 0, skip, TILE * 0x7FFF)
-        base = IDX + row.to(tl.int64) * KTOT
-        sbase = SC + row.to(tl.int64) * N
         a_run = skip * 0  # kept tokens above the threshold in earlier tiles of the block
         t_run = skip * 0  # ties in earlier tiles of the block
         hi_k = tl.where(k > 0, hi, lo)  # no heavy tokens: no candidates
@@ -314,16 +397,42 @@ if triton is not None:
             is_sink = (offs >= start) & (offs < lo)
             is_win = (offs >= hi) & (offs < end)
             tl.store(base + tl.where(is_sink, offs - start, sink_c + k + offs - hi), offs, mask=is_sink | is_win)
+
+    @triton.jit
+    def _release_row(CHIST, FHIST, DONE, row, PROGRAMS, NCB: tl.constexpr, NFB: tl.constexpr,
+                     EXACT: tl.constexpr):
+        """The row's last program to finish leaves the row histograms zeroed for the next call."""
+        tl.debug_barrier()  # this program's reads of the histograms precede the release below
+        arrived = tl.atomic_add(DONE + row, 1, sem="acq_rel")
+        if arrived == PROGRAMS - 1:
+            tl.store(CHIST + row * NCB + tl.arange(0, NCB), tl.zeros([NCB], tl.int32))
+            if not EXACT:
+                tl.store(FHIST + row * NFB + tl.arange(0, NFB), tl.zeros([NFB], tl.int32))
+            tl.atomic_xchg(DONE + row, 0, sem="relaxed")
+
+    @triton.jit
+    def _emit_kernel(SC, CSUF, CHIST, FSUF, FHIST, DONE, IDX, COUNTS, START, END, FR, N, NBLK, HEAVY, SINK,
+                     WINDOW, KTOT, HSEL: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
+                     NB: tl.constexpr, NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr,
+                     MAXS: tl.constexpr, FRAC: tl.constexpr, EXACT: tl.constexpr, PDL: tl.constexpr,
+                     NBLKP: tl.constexpr, ETILE: tl.constexpr):
+        pdl_enter(PDL)
+        blk = tl.program_id(0)
+        row = tl.program_id(1)
+        b = row // HSEL
+        start, end, lo, hi, sink_c, k = _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC)
+        thr, sel, drop = _row_blocks(CSUF, CHIST, FSUF, FHIST, row, NBLK, k, NBLKP, NB, NCB, NFB, SHIFT, MAXS,
+                                     EXACT)
+        blks = tl.arange(0, NBLKP)
+        off = sink_c + tl.sum(tl.where(blks < blk, sel, 0), 0)  # first heavy slot of the block
+        skip = tl.sum(tl.where(blks == blk, drop, 0), 0)  # the block's first ``skip`` ties are not kept
+        base = IDX + row.to(tl.int64) * KTOT
+        _emit_block(SC + row.to(tl.int64) * N, base, blk, start, end, lo, hi, sink_c, k, thr, off, skip, BLOCK,
+                    ETILE)
         if blk == 0:
             total = sink_c + k + (end - hi)
             tl.store(COUNTS + b, total, mask=(row % HSEL) == 0)
             for s0 in range(0, KTOT, 1024):  # -1 after the row's last slot (less context than the cache)
                 slots = s0 + tl.arange(0, 1024)
                 tl.store(base + slots, tl.full([1024], -1, tl.int32), mask=(slots >= total) & (slots < KTOT))
-        # the row's last block to finish leaves the row histograms zeroed for the next call
-        tl.debug_barrier()  # this program's reads of the histograms precede the release below
-        arrived = tl.atomic_add(DONE + row, 1, sem="acq_rel")
-        if arrived == NBLK - 1:
-            tl.store(CHIST + row * NCB + tl.arange(0, NCB), tl.zeros([NCB], tl.int32))
-            tl.store(FHIST + row * NFB + tl.arange(0, NFB), tl.zeros([NFB], tl.int32))
-            tl.atomic_xchg(DONE + row, 0, sem="relaxed")
+        _release_row(CHIST, FHIST, DONE, row, NBLK, NCB, NFB, EXACT)

@@ -1,0 +1,23 @@
+#!/bin/bash
+# Issue 5 on an H200 (2026-11-29, session 5): kernel tests compiled on the GPU, then the attention benchmark.
+#   quick  tests + kernel-1/kernel-2 sweeps + batch 1 and 8 at 16K/128K/512K, 1/32 (side by side with SDPA)
+#   full   the whole table (16K..512K, batch 1 and 8, 1/8 1/16 1/32, group and head)
+#   ab     bench/kernel_ab.py (launch options side by side), then Nsight Compute on the 512K case
+# On the device machine:  . bench/gpu_env.sh && bash bench/h200_kernels.sh STAGE $OUT TAG
+set -e
+STAGE=$1; OUT=${2:-/tmp/out}; TAG=${3:-h200}; mkdir -p $OUT; L=$OUT/kernels_log_$TAG.txt
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a $L
+case $STAGE in
+quick)
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -4 | tee -a $L
+  python3 -m hashattention bench attention --contexts 16K,128K,512K --batches 1,8 --budgets 1/32 --rep 50 \
+    --time-limit 420 --out $OUT --tag $TAG 2>&1 | tee -a $L | grep -v "^|" ;;
+full)
+  python3 -m hashattention bench attention --rep 50 --time-limit 420 --out $OUT --tag $TAG 2>&1 | tee -a $L \
+    | grep -v "^|" ;;
+ab)
+  python3 bench/kernel_ab.py --out $OUT --tag $TAG 2>&1 | grep -v Warn | tee -a $L
+  ncu -k regex:"_count_kernel|_emit_kernel|_split_kernel" -c 3 --section SpeedOfLight --section Occupancy \
+    --section LaunchStats --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis python3 bench/ncu_case.py > $OUT/ncu_$TAG.txt 2>&1 || tail -5 $OUT/ncu_$TAG.txt ;;
+esac
