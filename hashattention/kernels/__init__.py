@@ -20,8 +20,8 @@ One decode step (one query per sequence), FlashAttention-style in one call:
 
 It computes :func:`score_select` (kernel 1: XOR-popcount scores + counting top-k, merged with sink and
 window, as a sorted compact index list) followed by :func:`sparse_decode` (kernel 2: split-K flash decoding
-over the list); on CUDA the two run fused (:func:`select_attend`: kernel 1's emit step inside kernel 2, one
-launch fewer, ``FUSED``). The selected set is exactly :func:`hashattention.core.selection.select`'s.
+over the list). :func:`select_attend` fuses them (kernel 1's emit step inside kernel 2, one launch fewer);
+``FUSED`` makes it the CUDA path (off: slower at batch 1 on an H200, see bench/results/kernel_ab_*). The selected set is exactly :func:`hashattention.core.selection.select`'s.
 """
 from __future__ import annotations
 
@@ -33,8 +33,9 @@ from .score_select import score_select
 from .select_attend import select_attend
 from .sparse_decode import sparse_decode
 
-#: hash_decode_attention on CUDA: the fused kernel (True) or score_select then sparse_decode (False)
-FUSED = True
+#: hash_decode_attention on CUDA: the fused kernel (True) or score_select then sparse_decode (False; faster at
+#: batch 1 on an H200, bench/results/kernel_ab_*)
+FUSED = False
 
 
 def hash_decode_attention(q, k_cache, v_cache, q_sig, k_sig, starts, lengths, budget: Budget,

@@ -54,7 +54,7 @@ def num_sms(device: torch.device) -> int:
 
 #: Programmatic dependent launch (Hopper and later): each kernel of a decode step may start while the previous
 #: one drains, and waits (griddepcontrol.wait) before reading anything; the benchmark may turn it off
-USE_PDL = True
+USE_PDL = False
 _PDL: dict = {}
 
 
