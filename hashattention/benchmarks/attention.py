@@ -5,8 +5,7 @@ One decode step (one query per sequence) at Llama-3.1-8B attention shapes by def
 
     sdpa        torch scaled_dot_product_attention over the whole cache (dense, enable_gqa)
     group       HashAttention, one selection per KV group: kernel 1 (score + select) and kernel 2 (sparse
-                attention) timed alone and one after the other (2k), and hash_decode_attention (total: the
-                fused kernel, kernel 1's emit step inside kernel 2)
+                attention) timed alone and together (total = hash_decode_attention)
     head        the same with one selection per query head
     flashinfer  FlashInfer's dense decode kernel, when the package imports on the machine
 
@@ -133,28 +132,6 @@ def tune_decode(q, kc, vc, idx, counts, measure, log) -> dict:
     return {"sweep": results, "chosen": {k: best[k] for k in base}}
 
 
-def tune_fused(args, measure, log) -> dict:
-    """Time the fused kernel (select_attend) under a few launch shapes on one case; keep the fastest in
-    select_attend.CONFIG."""
-    sa = sys.modules["hashattention.kernels.select_attend"]
-    base = dict(sa.CONFIG)
-    shapes = [(64, 4, 3, 4), (64, 4, 3, 2), (64, 4, 3, 8), (32, 4, 3, 4), (64, 4, 2, 4), (64, 8, 3, 4),
-              (32, 4, 4, 8), (128, 8, 3, 2)]
-    results = []
-    for bn, nw, ns, pps in shapes:
-        sa.CONFIG.update(block_n=bn, num_warps=nw, num_stages=ns, programs_per_sm=pps)
-        try:
-            t, _ = measure(lambda: sa.select_attend(*args))
-        except Exception as e:  # a shape the compiler refuses (shared memory): skip it
-            log(f"  tune fused {bn},{nw},{ns},{pps}: failed {type(e).__name__}")
-            continue
-        results.append({"block_n": bn, "num_warps": nw, "num_stages": ns, "programs_per_sm": pps, "ms": t})
-        log(f"  tune fused block_n={bn} warps={nw} stages={ns} programs/SM={pps}: {t * 1e3:.1f} us")
-    best = min(results, key=lambda r: r["ms"]) if results else {**base, "ms": None}
-    sa.CONFIG.update({k: best[k] for k in base})
-    return {"sweep": results, "chosen": {k: best[k] for k in base}}
-
-
 def tune_select(cases, measure, log) -> dict:
     """Time kernel 1 under a few launch shapes on each case (args of score_select); keep the shape with the
     smallest sum of times relative to each case's best in score_select.CONFIG."""
@@ -182,8 +159,8 @@ def tune_select(cases, measure, log) -> dict:
         return {"sweep": [], "chosen": base}
     best_each = [min(r["ms"][i] for r in results) for i in range(len(cases))]
     best = min(results, key=lambda r: sum(t / b for t, b in zip(r["ms"], best_each)))
-    ss.CONFIG.update({k: best[k] for k in base})
-    return {"sweep": results, "chosen": {k: best[k] for k in base}}
+    ss.CONFIG.update({k: best[k] for k in base if k in best})
+    return {"sweep": results, "chosen": dict(ss.CONFIG)}
 
 
 def kernel_breakdown(fn, log, iters: int = 20) -> dict:
@@ -291,8 +268,6 @@ def run(args) -> int:
         tune = tune_decode(q, kc, vc, idx, counts, measure, log)
         tune["case"] = {"batch": 1, "context": n, "budget": budget.describe(), "mode": "group"}
         tune["select"] = tune_sel
-        log(f"tuning the fused kernel launch shape at B=1 N={n} {budget.describe()}")
-        tune["fused"] = tune_fused((q, kc, vc, q_sig, k_sig, *se, budget, True), measure, log)
         tune["kernels_us"] = kernel_breakdown(lambda: K.hash_decode_attention(q, kc, vc, q_sig, k_sig, *se, budget,
                                                                                True), log)
         del kc, vc, q, q_sig, k_sig, idx, counts
@@ -344,8 +319,6 @@ def run(args) -> int:
                     t_att, _ = measure(lambda: sparse_decode(q, kc, vc, idx, counts, check=False))
                     t_tot, e_tot = measure(lambda: K.hash_decode_attention(q, kc, vc, q_sig, k_sig, starts,
                                                                            lengths, budget, per_group))
-                    t_two, _ = measure(lambda: sparse_decode(q, kc, vc, *score_select(
-                        q_sig, k_sig, starts, lengths, budget, hkv, per_group), check=False))
                     hs = hkv if per_group else hq
                     sig_bytes = b * hkv * n * 4
                     kv_bytes = 2 * b * hs * k_sel * d * es  # per query head: its own rows (upper bound)
@@ -353,7 +326,6 @@ def run(args) -> int:
                     floor = sig_bytes + kv_bytes + idx_bytes + 2 * b * hq * d * es
                     sig_read_ms = sig_bytes / bw * 1e3
                     row[mode] = {"select_ms": t_sel, "attention_ms": t_att, "total_ms": t_tot,
-                                 "unfused_total_ms": t_two,
                                  "total_eager_ms": e_tot, "bytes": floor, "sig_bytes": sig_bytes,
                                  "kv_bytes": kv_bytes, "bw_frac": floor / (t_tot * 1e-3) / bw,
                                  "attention_bw_frac": (kv_bytes + idx_bytes / 2) / (t_att * 1e-3) / bw,
@@ -361,8 +333,7 @@ def run(args) -> int:
                                  "speedup_vs_sdpa": t_sdpa / t_tot, "bytes_ratio": dense_bytes / floor}
                     log(f"  {budget.describe()} {mode}: select {t_sel * 1e3:.1f} us "
                         f"({t_sel / sig_read_ms:.1f}x "
-                        f"sig read) + attention {t_att * 1e3:.1f} us = {t_two * 1e3:.1f} us; fused total "
-                        f"{t_tot * 1e3:.1f} us "
+                        f"sig read) + attention {t_att * 1e3:.1f} us = total {t_tot * 1e3:.1f} us "
                         f"(eager {e_tot * 1e3:.1f}); {t_sdpa / t_tot:.1f}x vs sdpa, bytes ratio "
                         f"{dense_bytes / floor:.1f}x, {row[mode]['bw_frac']:.0%} of copy bw")
                     del idx, counts
@@ -422,8 +393,7 @@ def markdown(res) -> str:
              f"sink {sh['sink']} + window {sh['window']} + heavy budget. torch {res['torch']}, triton "
              f"{res['triton']}. Copy bandwidth {bw / 1e12:.2f} TB/s (read + write). Times: {res['timing']}, "
              "in microseconds. group = one selection per KV group; head = one per query head. "
-             "sel = kernel 1 (scoring + selection), att = kernel 2 (sparse attention), 2k = the two one after the other, "
-             "tot = hash_decode_attention (the fused kernel: kernel 1's emit step inside kernel 2). "
+             "sel = kernel 1 (scoring + selection), att = kernel 2 (sparse attention), tot = both in one call. "
              "x = speedup over SDPA; bytes = dense bytes / HashAttention floor bytes; bw = floor bytes / time as a "
              "fraction of copy bandwidth; sel/sig = kernel 1 time over one read of the signatures at copy "
              "bandwidth.", ""]
@@ -437,8 +407,7 @@ def markdown(res) -> str:
         lines += ["Targets (batch 1, 1/32, shared by KV group): " + "; ".join(
             f"{k}: {v['got']:.2f} (want {'>=' if 'speedup' in k else '<='} {v['want']}, "
             f"{'met' if v['met'] else 'MISSED'})" for k, v in acc.items()), ""]
-    head = ("| B | budget | N | SDPA | SDPA bw | group sel | att | 2k | tot | x | sel/sig | bw | bytes | head sel | "
-            "att | 2k | tot | x |")
+    head = "| B | budget | N | SDPA | SDPA bw | group sel | att | tot | x | sel/sig | bw | bytes | head sel | att | tot | x |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in res["rows"]:
         gp, hd = r.get("group"), r.get("head")
@@ -447,17 +416,15 @@ def markdown(res) -> str:
             return f"{x * 1e3:.1f}" if x is not None else "-"
         cells = [str(r["batch"]), r["budget"].split()[0].replace("heavy=", ""), f"{r['context'] // 1024}K",
                  us(r["sdpa_ms"]), f"{r['sdpa_bw_frac']:.0%}"]
-        cells += ([us(gp["select_ms"]), us(gp["attention_ms"]), us(gp.get("unfused_total_ms")), us(gp["total_ms"]),
+        cells += ([us(gp["select_ms"]), us(gp["attention_ms"]), us(gp["total_ms"]),
                    f"{gp['speedup_vs_sdpa']:.1f}", f"{gp['select_over_sig_read']:.1f}", f"{gp['bw_frac']:.0%}",
-                   f"{gp['bytes_ratio']:.1f}"] if gp else ["-"] * 8)
-        cells += ([us(hd["select_ms"]), us(hd["attention_ms"]), us(hd.get("unfused_total_ms")), us(hd["total_ms"]),
-                   f"{hd['speedup_vs_sdpa']:.1f}"] if hd else ["-"] * 5)
+                   f"{gp['bytes_ratio']:.1f}"] if gp else ["-"] * 7)
+        cells += ([us(hd["select_ms"]), us(hd["attention_ms"]), us(hd["total_ms"]),
+                   f"{hd['speedup_vs_sdpa']:.1f}"] if hd else ["-"] * 4)
         lines.append("| " + " | ".join(cells) + " |")
     if res.get("tune"):
         c = res["tune"]["chosen"]
         lines += ["", f"Kernel 2 launch shape (fastest of a sweep on {res['tune'].get('case')}): {c}"]
-        if res["tune"].get("fused"):
-            lines += ["", f"Fused kernel launch shape (same case): {res['tune']['fused']['chosen']}"]
         if res["tune"].get("select"):
             lines += ["", "Kernel 1 launch shape (smallest relative time at the longest context and near 128K, "
                       f"batch 1, 1/32): {res['tune']['select']['chosen']}"]

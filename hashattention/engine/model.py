@@ -20,8 +20,7 @@ residual, rotary + cache write, silu * up, cuBLAS matmuls; :mod:`hashattention.e
     ``score_select`` scores the signature cache (bit matches summed over the query heads of a KV group, one
     selection per KV head) and selects by counting into a *fixed-size* list of K = sink + window + heavy
     token indices (heavy = the budget at the cache length, static; the count actually read follows the
-    current length), and ``sparse_decode`` attends over it (or both fused, ``select_attend``, when
-    ``kernels.FUSED``). The selection is the shared rule of
+    current length), and ``sparse_decode`` attends over it. The selection is the shared rule of
     :func:`hashattention.core.selection.select`: sink and window always read, the heavy budget at the
     *current* length (a fraction of it, or a count) goes to the highest scores, ties to the most recent
     token. So the engine reads exactly what the Hugging Face integration reads.
@@ -41,8 +40,7 @@ from torch import nn
 
 from ..core.budget import Budget
 from ..core.maps import HashMaps
-from .. import kernels as lib_kernels
-from ..kernels import score_select, select_attend, sparse_decode
+from ..kernels import score_select, sparse_decode
 from ..kernels.sparse_decode import DTYPES as SPARSE_DTYPES
 from ..kernels.reference import score_select_reference, sparse_decode_reference
 from . import kernels
@@ -490,7 +488,7 @@ class Transformer(nn.Module):
                     q_sig, k_sig = self._signatures(li, q[:, :, None], k[:, :, None], v)
                     self.sig_cache[li].index_copy_(2, pos, k_sig)
                     q_sig = q_sig[:, :, 0]
-                o = self._hash_attention(q, kc, vc, q_sig, self.sig_cache[li], length, rows)
+                o = _sparse_attention(q, kc, vc, *self.select(q_sig, self.sig_cache[li], length, rows))
             else:  # "hash-fixed": sparse attention over a fixed selection, no signing or selection
                 o = _sparse_attention(q, kc, vc, *fixed_index)
             if fast:
@@ -522,15 +520,6 @@ class Transformer(nn.Module):
         starts, lengths = rows if rows is not None else self._select_rows(length, q_sig.shape[0])
         fn = score_select if kernels.use_triton(q_sig) else score_select_reference
         return fn(q_sig, sig_cache, starts, lengths, self.budget, self.c.num_kv_heads, per_group=True)
-
-    def _hash_attention(self, q, k_cache, v_cache, q_sig, sig_cache, length, rows):
-        """select() then attention over its list; kernels 1 and 2 fused (kernels.select_attend) when
-        kernels.FUSED and the Triton kernels apply. q [B, Hq, D] -> [B, Hq, D]."""
-        if lib_kernels.FUSED and kernels.use_triton(q) and q.dtype in SPARSE_DTYPES \
-                and kernels.head_dim_ok(q.shape[-1]) and q.shape[-1] <= 256:
-            starts, lengths = rows if rows is not None else self._select_rows(length, q_sig.shape[0])
-            return select_attend(q, k_cache, v_cache, q_sig, sig_cache, starts, lengths, self.budget, True)
-        return _sparse_attention(q, k_cache, v_cache, *self.select(q_sig, sig_cache, length, rows))
 
     def index_slots(self) -> int:
         return self.budget.sink + self.budget.window + self.heavy_slots

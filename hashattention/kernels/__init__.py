@@ -20,8 +20,7 @@ One decode step (one query per sequence), FlashAttention-style in one call:
 
 It computes :func:`score_select` (kernel 1: XOR-popcount scores + counting top-k, merged with sink and
 window, as a sorted compact index list) followed by :func:`sparse_decode` (kernel 2: split-K flash decoding
-over the list). :func:`select_attend` fuses them (kernel 1's emit step inside kernel 2, one launch fewer);
-``FUSED`` makes it the CUDA path (off: slower at batch 1 on an H200, see bench/results/kernel_ab_*). The selected set is exactly :func:`hashattention.core.selection.select`'s.
+over the list). The selected set is exactly :func:`hashattention.core.selection.select`'s.
 """
 from __future__ import annotations
 
@@ -30,12 +29,7 @@ from ._common import INTERPRET, triton, use_triton
 from .reference import (hash_decode_attention_reference, score_select_reference, selected_counts,
                         sparse_decode_reference)
 from .score_select import score_select
-from .select_attend import select_attend
 from .sparse_decode import sparse_decode
-
-#: hash_decode_attention on CUDA: the fused kernel (True) or score_select then sparse_decode (False; faster at
-#: batch 1 on an H200, bench/results/kernel_ab_*)
-FUSED = False
 
 
 def hash_decode_attention(q, k_cache, v_cache, q_sig, k_sig, starts, lengths, budget: Budget,
@@ -51,11 +45,9 @@ def hash_decode_attention(q, k_cache, v_cache, q_sig, k_sig, starts, lengths, bu
         raise ValueError(f"q_sig {tuple(q_sig.shape)} does not match q {tuple(q.shape)}")
     if k_sig.dim() == 4 and k_sig.shape[2] != k_cache.shape[2]:
         raise ValueError(f"k_sig covers {k_sig.shape[2]} tokens, the cache {k_cache.shape[2]}")
-    if FUSED and use_triton(q):
-        return select_attend(q, k_cache, v_cache, q_sig, k_sig, starts, lengths, budget, per_group, scale, strict)
     idx, counts = score_select(q_sig, k_sig, starts, lengths, budget, hkv, per_group, strict=strict)
     return sparse_decode(q, k_cache, v_cache, idx, counts, scale)
 
 
-__all__ = ["hash_decode_attention", "score_select", "sparse_decode", "select_attend", "hash_decode_attention_reference",
+__all__ = ["hash_decode_attention", "score_select", "sparse_decode", "hash_decode_attention_reference",
            "score_select_reference", "sparse_decode_reference", "selected_counts", "use_triton", "INTERPRET", "triton"]

@@ -52,31 +52,5 @@ def num_sms(device: torch.device) -> int:
     return _SMS[i]
 
 
-#: Programmatic dependent launch (Hopper and later): each kernel of a decode step may start while the previous
-#: one drains, and waits (griddepcontrol.wait) before reading anything; the benchmark may turn it off
-USE_PDL = False
-_PDL: dict = {}
-
-
-def pdl(device: torch.device) -> bool:
-    """Launch with PDL on this device? (CUDA compute capability >= 9, not under the interpreter)"""
-    if not USE_PDL or INTERPRET or device.type != "cuda":
-        return False
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _PDL:
-        _PDL[i] = torch.cuda.get_device_capability(i)[0] >= 9
-    return _PDL[i]
-
-
-if triton is not None:
-    @triton.jit
-    def pdl_enter(PDL: tl.constexpr):
-        """First thing in a kernel launched with PDL: wait for the previous kernel's results, then let the next
-        kernel be scheduled (it waits for ours in turn)."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-
-
 def next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..core.budget import Budget
-from ._common import INTERPRET, check_tensor, next_pow2, num_sms, pdl, pdl_enter, tl, triton, use_triton
+from ._common import INTERPRET, check_tensor, next_pow2, num_sms, tl, triton, use_triton
 from .reference import score_select_reference
 
 _FRAC_CACHE: dict = {}
@@ -45,9 +45,8 @@ _WORKSPACE: dict = {}
 #: up to 512K keys and is 4.5% faster at 128K x batch 7 (the engine's largest batch) than 16384
 #: exact_max: the largest max_score that takes the two-launch path (one histogram of next_pow2(max_score) bins)
 #: emit_tile: tokens per step of the emit step (at most the block)
-#: csa: score four heads' words at a time with a carry-save adder (3 popcounts instead of 4)
 CONFIG = {"tile": 1024, "programs_per_sm": 8, "max_block": 4096, "num_warps": 4, "exact_max": 256,
-          "emit_tile": 4096, "csa": False, "num_stages": 3}
+          "emit_tile": 4096}
 NCB = 32  # coarse bins: coarse scores 0..30, bin 31 for the tokens that are not heavy candidates
 
 
@@ -115,8 +114,7 @@ def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
     idx = torch.empty(b, hsel, max(k_total, 1), dtype=torch.int32, device=q_sig.device)
     counts = torch.empty(b, dtype=torch.int32, device=q_sig.device)
     _emit_kernel[(st["nblk"], st["rows_n"])](*st["tables"], idx, counts, *st["rows"], k_total,
-                                             NBLKP=next_pow2(st["nblk"]), ETILE=st["emit_tile"], **st["common"],
-                                             launch_pdl=st["common"]["PDL"])
+                                             NBLKP=next_pow2(st["nblk"]), ETILE=st["emit_tile"], **st["common"])
     if k_total == 0:
         idx = idx[..., :0]
     return idx, counts
@@ -156,16 +154,14 @@ def count_scores(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
     frac = isinstance(budget.heavy, float)
     fr = _frac_tensor(budget.heavy, dev) if frac else done  # unused pointer when a count
     heavy = 0 if frac else int(budget.heavy)
-    use_pdl = pdl(dev)
     common = dict(HSEL=hsel, BLOCK=block, TILE=tile, NB=nb, NCB=ncb, NFB=nfb, SHIFT=shift, MAXS=max_score,
-                  FRAC=frac, EXACT=exact, PDL=use_pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  FRAC=frac, EXACT=exact, num_warps=cfg["num_warps"], num_stages=3)
     rows = (starts, lengths, fr, n, nblk, heavy, budget.sink, budget.window)
     _count_kernel[(nblk, r)](q_sig, k_sig, scores, csuf, chist, *rows, q_sig.stride(0), q_sig.stride(1),
                              k_sig.stride(0), k_sig.stride(1), k_sig.stride(2), G=g, GS=gs,
-                             KEY_PER_Q=hs != num_kv_heads, W=w, HW=not INTERPRET, CSA=(gs // 4) * 4 if cfg["csa"] else 0, **common,
-                             launch_pdl=use_pdl)
+                             KEY_PER_Q=hs != num_kv_heads, W=w, HW=not INTERPRET, **common)
     if not exact:
-        _refine_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, *rows, **common, launch_pdl=use_pdl)
+        _refine_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, *rows, **common)
     return {"tables": (scores, csuf, chist, fsuf, fhist, done), "rows": rows, "common": common, "nblk": nblk,
             "rows_n": r, "hsel": hsel, "k_total": budget.total(n), "block": block,
             "emit_tile": min(block, next_pow2(cfg["emit_tile"]))}
@@ -197,45 +193,24 @@ if triton is not None:
     @triton.jit
     def _block_scores(QS, KS, b, hs, offs, cand, sq_b, sq_h, sk_b, sk_h, sk_n,
                       G: tl.constexpr, GS: tl.constexpr, KEY_PER_Q: tl.constexpr, W: tl.constexpr,
-                      HW: tl.constexpr, CSA: tl.constexpr):
-        """Bit matches of the GS query heads hs*GS.. against keys at offs, summed. int32 like offs.
-        The first CSA heads (a multiple of 4) go four at a time through a carry-save adder (bit-sliced ones,
-        twos, fours), so 3 popcounts count 4 mismatch words (POPC is a quarter-rate instruction)."""
+                      HW: tl.constexpr):
+        """Bit matches of the GS query heads hs*GS.. against keys at offs, summed. int32 like offs."""
         score = offs * 0
         kbase = KS + b.to(tl.int64) * sk_b
         qbase = QS + b * sq_b
         for wi in tl.static_range(W):
-            kw = offs * 0
             if not KEY_PER_Q:  # one key head per KV group: read its words once for the whole group
                 kw = tl.load(kbase + ((hs * GS) // G) * sk_h + offs * sk_n + wi, mask=cand, other=0)
-            for c in tl.static_range(0, CSA, 4):
-                qh = hs * GS + c
-                x0 = _xword(qbase, kbase, kw, qh, offs, cand, sq_h, sk_h, sk_n, wi, KEY_PER_Q)
-                x1 = _xword(qbase, kbase, kw, qh + 1, offs, cand, sq_h, sk_h, sk_n, wi, KEY_PER_Q)
-                x2 = _xword(qbase, kbase, kw, qh + 2, offs, cand, sq_h, sk_h, sk_n, wi, KEY_PER_Q)
-                x3 = _xword(qbase, kbase, kw, qh + 3, offs, cand, sq_h, sk_h, sk_n, wi, KEY_PER_Q)
-                s3 = x0 ^ x1 ^ x2  # full adder of three words, then a half adder with the fourth
-                c3 = (x0 & x1) | (x2 & (x0 ^ x1))
-                c4 = s3 & x3
-                if HW:
-                    miss = _popc_hw(s3 ^ x3) + 2 * _popc_hw(c3 ^ c4) + 4 * _popc_hw(c3 & c4)
-                else:
-                    miss = _popc(s3 ^ x3) + 2 * _popc(c3 ^ c4) + 4 * _popc(c3 & c4)
-                score += 128 - miss
-            for gi in tl.static_range(CSA, GS):
-                x = _xword(qbase, kbase, kw, hs * GS + gi, offs, cand, sq_h, sk_h, sk_n, wi, KEY_PER_Q)
+            for gi in tl.static_range(GS):
+                qh = hs * GS + gi
+                if KEY_PER_Q:
+                    kw = tl.load(kbase + qh * sk_h + offs * sk_n + wi, mask=cand, other=0)
+                qw = tl.load(qbase + qh * sq_h + wi)
                 if HW:  # the GPU's POPC instruction
-                    score += 32 - _popc_hw(x)
+                    score += 32 - _popc_hw(qw ^ kw)
                 else:  # the interpreter has no inline assembly
-                    score += 32 - _popc(x)
+                    score += 32 - _popc(qw ^ kw)
         return score
-
-    @triton.jit
-    def _xword(qbase, kbase, kw, qh, offs, cand, sq_h, sk_h, sk_n, wi, KEY_PER_Q: tl.constexpr):
-        """Mismatch bits of query head qh's word wi against the keys (kw, or head qh's own keys)."""
-        if KEY_PER_Q:
-            kw = tl.load(kbase + qh * sk_h + offs * sk_n + wi, mask=cand, other=0)
-        return tl.load(qbase + qh * sq_h + wi) ^ kw
 
     @triton.jit
     def _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC: tl.constexpr):
@@ -264,10 +239,8 @@ if triton is not None:
     def _count_kernel(QS, KS, SC, CSUF, CHIST, START, END, FR, N, NBLK, HEAVY, SINK, WINDOW,
                       sq_b, sq_h, sk_b, sk_h, sk_n, HSEL: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
                       NB: tl.constexpr, NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr,
-                      MAXS: tl.constexpr, FRAC: tl.constexpr, EXACT: tl.constexpr, PDL: tl.constexpr,
-                      G: tl.constexpr, GS: tl.constexpr, KEY_PER_Q: tl.constexpr, W: tl.constexpr,
-                      HW: tl.constexpr, CSA: tl.constexpr):
-        pdl_enter(PDL)
+                      MAXS: tl.constexpr, FRAC: tl.constexpr, EXACT: tl.constexpr, G: tl.constexpr,
+                      GS: tl.constexpr, KEY_PER_Q: tl.constexpr, W: tl.constexpr, HW: tl.constexpr):
         blk = tl.program_id(0)
         row = tl.program_id(1)
         b = row // HSEL
@@ -282,12 +255,13 @@ if triton is not None:
             offs = blk * BLOCK + t + tl.arange(0, TILE)
             cand = (offs >= lo) & (offs < hi)
             score = _block_scores(QS, KS, b, hs, offs, cand, sq_b, sq_h, sk_b, sk_h, sk_n, G, GS, KEY_PER_Q,
-                                  W, HW, CSA)
+                                  W, HW)
             tl.store(sbase + offs, score.to(SC.dtype.element_ty), mask=cand)
             if EXACT:
                 hc += tl.histogram(tl.where(cand, tl.minimum(score, NB - 1), 0), NB)
                 top += tl.sum((cand & (score == NB)).to(tl.int32), 0)
-                outside += TILE - tl.sum(cand.to(tl.int32), 0)
+                t0 = blk * BLOCK + t  # the candidates of a tile are one range: no reduction needed
+                outside += TILE - tl.maximum(tl.minimum(hi, t0 + TILE) - tl.maximum(lo, t0), 0)
             else:
                 hc += tl.histogram(tl.where(cand, score >> SHIFT, NB - 1), NB)
         bins = tl.arange(0, NB)
@@ -306,8 +280,7 @@ if triton is not None:
     def _refine_kernel(SC, CSUF, CHIST, FSUF, FHIST, START, END, FR, N, NBLK, HEAVY, SINK, WINDOW,
                        HSEL: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
                        NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr, MAXS: tl.constexpr,
-                       FRAC: tl.constexpr, EXACT: tl.constexpr, PDL: tl.constexpr):
-        pdl_enter(PDL)
+                       FRAC: tl.constexpr, EXACT: tl.constexpr):
         blk = tl.program_id(0)
         row = tl.program_id(1)
         b = row // HSEL
@@ -393,10 +366,12 @@ if triton is not None:
             tot = tl.sum(a_i + (t_i << 15), 0)
             a_run += tot & 0x7FFF
             t_run += tot >> 15
-            # sink and window: fixed slots before and after the heavy ones
-            is_sink = (offs >= start) & (offs < lo)
-            is_win = (offs >= hi) & (offs < end)
-            tl.store(base + tl.where(is_sink, offs - start, sink_c + k + offs - hi), offs, mask=is_sink | is_win)
+            t0 = blk * BLOCK + t
+            if (t0 < lo) | (t0 + TILE > hi):  # sink and window: fixed slots before and after the heavy ones
+                is_sink = (offs >= start) & (offs < lo)
+                is_win = (offs >= hi) & (offs < end)
+                tl.store(base + tl.where(is_sink, offs - start, sink_c + k + offs - hi), offs,
+                         mask=is_sink | is_win)
 
     @triton.jit
     def _release_row(CHIST, FHIST, DONE, row, PROGRAMS, NCB: tl.constexpr, NFB: tl.constexpr,
@@ -414,9 +389,8 @@ if triton is not None:
     def _emit_kernel(SC, CSUF, CHIST, FSUF, FHIST, DONE, IDX, COUNTS, START, END, FR, N, NBLK, HEAVY, SINK,
                      WINDOW, KTOT, HSEL: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
                      NB: tl.constexpr, NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr,
-                     MAXS: tl.constexpr, FRAC: tl.constexpr, EXACT: tl.constexpr, PDL: tl.constexpr,
-                     NBLKP: tl.constexpr, ETILE: tl.constexpr):
-        pdl_enter(PDL)
+                     MAXS: tl.constexpr, FRAC: tl.constexpr, EXACT: tl.constexpr, NBLKP: tl.constexpr,
+                     ETILE: tl.constexpr):
         blk = tl.program_id(0)
         row = tl.program_id(1)
         b = row // HSEL

@@ -15,26 +15,24 @@ from __future__ import annotations
 
 import torch
 
-from ._common import INTERPRET, check_tensor, next_pow2, num_sms, pdl, pdl_enter, tl, triton, use_triton
+from ._common import INTERPRET, check_tensor, next_pow2, num_sms, tl, triton, use_triton
 from .reference import sparse_decode_reference
 
 DTYPES = (torch.bfloat16, torch.float16)
 
 #: launch shape (the benchmark may retune these): rows per step, warps, pipeline depth, programs per SM
-#: max_splits: splits of one row's list (the merge holds them all in one tile)
+#: max_splits: splits of one row's list (the merge holds them all in one tile; 128 measured no faster)
 CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4, "max_splits": 64}
 
 
 def check_decode_args(q, k_cache, v_cache, idx, counts, kernel: bool = True):
-    """``kernel``: the Triton path's limits (bf16/fp16, power-of-two head_dim) apply. idx and counts may be
-    None (the fused path makes them)."""
+    """``kernel``: the Triton path's limits (bf16/fp16, power-of-two head_dim) apply."""
     check_tensor("q", q, 3, DTYPES if kernel else DTYPES + (torch.float32,))
     dev = q.device
     check_tensor("k_cache", k_cache, 4, (q.dtype,), dev)
     check_tensor("v_cache", v_cache, 4, (q.dtype,), dev)
-    if idx is not None:
-        check_tensor("idx", idx, 3, (torch.int32,), dev)
-        check_tensor("counts", counts, 1, (torch.int32, torch.int64), dev)
+    check_tensor("idx", idx, 3, (torch.int32,), dev)
+    check_tensor("counts", counts, 1, (torch.int32, torch.int64), dev)
     b, hq, d = q.shape
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
@@ -45,8 +43,6 @@ def check_decode_args(q, k_cache, v_cache, idx, counts, kernel: bool = True):
         raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
     if kernel and (d & (d - 1) or not 16 <= d <= 256):
         raise ValueError(f"head_dim must be a power of two in 16..256, got {d}")
-    if idx is None:
-        return
     if idx.shape[0] != b or idx.shape[1] not in (hkv, hq):
         raise ValueError(f"idx {tuple(idx.shape)} must be [{b}, {hkv} or {hq}, K]")
     if counts.shape[0] != b:
@@ -68,61 +64,58 @@ def sparse_decode(q, k_cache, v_cache, idx, counts, scale: float | None = None, 
     gp = max(16, next_pow2(gq))  # tl.dot needs >= 16 rows
     scale = d ** -0.5 if scale is None else float(scale)
     r = b * hsel
-    splits, split = split_shape(kmax, r, q.device)
-    o_part, ml_part, out = partials(q, r, splits, gp)
+    cfg = CONFIG
+    bn = cfg["block_n"]
+    nblocks = max(1, triton.cdiv(kmax, bn))
+    # enough programs to fill the GPU; at most max_splits so the merge holds all splits in one tile
+    splits = max(1, min(nblocks, cfg["max_splits"], triton.cdiv(cfg["programs_per_sm"] * num_sms(q.device), r)))
+    split = triton.cdiv(nblocks, splits) * bn
+    splits = max(1, triton.cdiv(kmax, split))
+    dev = q.device
+    o_part = torch.empty(r, splits, gp, d, dtype=torch.float32, device=dev)
+    ml_part = torch.empty(r, splits, 2, gp, dtype=torch.float32, device=dev)
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=dev)
     _split_kernel[(r, splits)](
         q, k_cache, v_cache, idx, counts, o_part, ml_part, scale * 1.4426950408889634, split,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), idx.stride(0), idx.stride(1),
-        splits, HSEL=hsel, G=g, GQ=gq, GP=gp, D=d, BLOCK_N=CONFIG["block_n"], DOT_F32=INTERPRET,
-        PDL=pdl(q.device), num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"], launch_pdl=pdl(q.device))
-    combine(o_part, ml_part, out, r, splits, hsel, gq, gp)
-    return out
-
-
-def split_shape(kmax: int, rows: int, device, cfg: dict | None = None) -> tuple[int, int]:
-    """(splits, slots per split) of a row's list of kmax slots: enough programs to fill the GPU, at most
-    cfg["max_splits"] so the merge holds all splits in one tile. cfg: a launch shape like CONFIG (default)."""
-    cfg = CONFIG if cfg is None else cfg
-    bn = cfg["block_n"]
-    nblocks = max(1, triton.cdiv(kmax, bn))
-    cap = cfg.get("max_splits", 64)
-    splits = max(1, min(nblocks, cap, triton.cdiv(cfg["programs_per_sm"] * num_sms(device), rows)))
-    split = triton.cdiv(nblocks, splits) * bn
-    return max(1, triton.cdiv(kmax, split)), split
-
-
-def partials(q, rows: int, splits: int, gp: int):
-    """Per split (max, sum, acc) buffers and the output."""
-    b, hq, d = q.shape
-    o_part = torch.empty(rows, splits, gp, d, dtype=torch.float32, device=q.device)
-    ml_part = torch.empty(rows, splits, 2, gp, dtype=torch.float32, device=q.device)
-    return o_part, ml_part, torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
-
-
-def combine(o_part, ml_part, out, rows: int, splits: int, hsel: int, gq: int, gp: int):
-    """Launch 2: merge the splits of each (row, query head)."""
+        splits, HSEL=hsel, G=g, GQ=gq, GP=gp, D=d, BLOCK_N=bn, DOT_F32=INTERPRET,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     sp = next_pow2(splits)
-    use_pdl = pdl(out.device)
-    _combine_kernel[(rows, gq)](o_part, ml_part, out, out.stride(0), out.stride(1), splits,
-                                HSEL=hsel, GQ=gq, GP=gp, D=out.shape[2], SP=sp, PDL=use_pdl,
-                                num_warps=4 if sp <= 64 else 8, launch_pdl=use_pdl)
+    _combine_kernel[(r, gq)](o_part, ml_part, out, out.stride(0), out.stride(1), splits,
+                             HSEL=hsel, GQ=gq, GP=gp, D=d, SP=sp, num_warps=4 if sp <= 64 else 8)
+    return out
 
 
 if triton is not None:
     @triton.jit
-    def _attend_slots(q, ib, kb, vb, lo, hi, sk_n, sv_n, qk_scale, GP: tl.constexpr, D: tl.constexpr,
-                      BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
-        """Online softmax of the [GP, D] query tile q over the K/V rows listed at ib[lo:hi] (entries < 0 are
-        skipped); kb, vb point at one KV head. Returns the running max, sum (log2 domain) and accumulator."""
+    def _split_kernel(Q, K, V, IDX, CNT, OP, MLP, qk_scale, SPLIT,
+                      sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, SPLITS,
+                      HSEL: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr,
+                      D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+        row = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = row // HSEL
+        hs = row % HSEL
+        qh0 = hs * GQ  # first query head of the row
+        kvh = qh0 // G
+        g_rows = tl.arange(0, GP)
+        gmask = g_rows < GQ
         cols = tl.arange(0, D)
+        q = tl.load(Q + b * sq_b + (qh0 + g_rows)[:, None] * sq_h + cols[None, :], mask=gmask[:, None], other=0.0)
+        count = tl.load(CNT + b).to(tl.int32)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
+        lo = sp * SPLIT
+        hi = tl.minimum(lo + SPLIT, count)
+        ib = IDX + b.to(tl.int64) * si_b + hs * si_h
+        kb = K + b.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h
+        vb = V + b.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h
         for n0 in range(lo, hi, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
             live = offs < hi
-            rows = tl.load(ib + offs, mask=live, other=0, cache_modifier=".cg")  # the fused kernel just wrote it
+            rows = tl.load(ib + offs, mask=live, other=0)
             live = live & (rows >= 0)
             rows = tl.where(live, rows, 0).to(tl.int64)
             k = tl.load(kb + rows[:, None] * sk_n + cols[None, :], mask=live[:, None], other=0.0)
@@ -143,31 +136,6 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        return m_i, l_i, acc
-
-    @triton.jit
-    def _split_kernel(Q, K, V, IDX, CNT, OP, MLP, qk_scale, SPLIT,
-                      sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, SPLITS,
-                      HSEL: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr,
-                      D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr):
-        pdl_enter(PDL)
-        row = tl.program_id(0)
-        sp = tl.program_id(1)
-        b = row // HSEL
-        hs = row % HSEL
-        qh0 = hs * GQ  # first query head of the row
-        kvh = qh0 // G
-        g_rows = tl.arange(0, GP)
-        gmask = g_rows < GQ
-        cols = tl.arange(0, D)
-        q = tl.load(Q + b * sq_b + (qh0 + g_rows)[:, None] * sq_h + cols[None, :], mask=gmask[:, None], other=0.0)
-        count = tl.load(CNT + b).to(tl.int32)
-        lo = sp * SPLIT
-        hi = tl.minimum(lo + SPLIT, count)
-        ib = IDX + b.to(tl.int64) * si_b + hs * si_h
-        kb = K + b.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h
-        vb = V + b.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h
-        m_i, l_i, acc = _attend_slots(q, ib, kb, vb, lo, hi, sk_n, sv_n, qk_scale, GP, D, BLOCK_N, DOT_F32)
         base = row * SPLITS + sp
         tl.store(OP + (base * GP + g_rows)[:, None] * D + cols[None, :], acc, mask=gmask[:, None])
         tl.store(MLP + (base * 2) * GP + g_rows, m_i, mask=gmask)
@@ -175,9 +143,8 @@ if triton is not None:
 
     @triton.jit
     def _combine_kernel(OP, MLP, OUT, so_b, so_h, SPLITS, HSEL: tl.constexpr, GQ: tl.constexpr,
-                        GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
+                        GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr):
         # one program per (row, query head): all splits in one [SP, D] tile, so a single round trip
-        pdl_enter(PDL)
         row = tl.program_id(0)
         gi = tl.program_id(1)
         b = row // HSEL
