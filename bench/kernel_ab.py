@@ -1,6 +1,6 @@
 """Side-by-side A/B of decode-kernel launch options on one GPU (issue 5), all on the same tensors in one
 process: kernel 1's histogram path (one exact histogram, two launches; or coarse + fine, three), the emit
-step's tile, kernel 2's split cap.
+step's tile and warps, kernel 2's split cap and pipeline depth.
 
     python3 bench/kernel_ab.py --out bench/results --tag h200
 
@@ -27,8 +27,12 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 VARIANTS = [
     ("default", {}, {}),
     ("emit_tile1024", {"emit_tile": 1024}, {}),
+    ("emit_tile2048", {"emit_tile": 2048}, {}),
+    ("emit_warps8", {"emit_warps": 8}, {}),
+    ("emit_tile2048+warps8", {"emit_tile": 2048, "emit_warps": 8}, {}),
     ("coarse+fine", {"exact_max": 0}, {}),
     ("splits128", {}, {"max_splits": 128, "programs_per_sm": 8}),
+    ("att_stages2", {}, {"num_stages": 2}),
 ]
 
 

@@ -96,7 +96,8 @@ def test_score_select_blocks_and_tiles(tile, max_block, num_warps, exact_max, mo
     path for every score range."""
     ss = sys.modules["hashattention.kernels.score_select"]
     monkeypatch.setattr(ss, "CONFIG", dict(ss.CONFIG, tile=tile, max_block=max_block, programs_per_sm=64,
-                                           num_warps=num_warps, exact_max=exact_max, emit_tile=tile))
+                                           num_warps=num_warps, exact_max=exact_max, emit_tile=tile,
+                                           emit_warps=num_warps))
     gen = torch.Generator().manual_seed(7)
     for w, few, n, budgets, groups in ((1, True, 389, 4, (True, False)), (2, False, 300, 1, (True,))):
         q_sig, k_sig = _sigs(2, 8, 2, n, w, gen, few=few)

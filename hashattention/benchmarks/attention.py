@@ -128,8 +128,8 @@ def tune_decode(q, kc, vc, idx, counts, measure, log) -> dict:
         results.append({"block_n": bn, "num_warps": nw, "num_stages": ns, "programs_per_sm": pps, "ms": t})
         log(f"  tune block_n={bn} warps={nw} stages={ns} programs/SM={pps}: {t * 1e3:.1f} us")
     best = min(results, key=lambda r: r["ms"]) if results else {**base, "ms": None}
-    sd.CONFIG.update({k: best[k] for k in base})
-    return {"sweep": results, "chosen": {k: best[k] for k in base}}
+    sd.CONFIG.update({k: best[k] for k in base if k in best})
+    return {"sweep": results, "chosen": dict(sd.CONFIG)}
 
 
 def tune_select(cases, measure, log) -> dict:

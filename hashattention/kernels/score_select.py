@@ -44,9 +44,9 @@ _WORKSPACE: dict = {}
 #: per the side-by-side sweep of bench/select_batch_sweep.py (H200): max_block 4096 leaves batch 1 unchanged
 #: up to 512K keys and is 4.5% faster at 128K x batch 7 (the engine's largest batch) than 16384
 #: exact_max: the largest max_score that takes the two-launch path (one histogram of next_pow2(max_score) bins)
-#: emit_tile: tokens per step of the emit step (at most the block)
+#: emit_tile, emit_warps: tokens per step of the emit step (at most the block), its warps per program
 CONFIG = {"tile": 1024, "programs_per_sm": 8, "max_block": 4096, "num_warps": 4, "exact_max": 256,
-          "emit_tile": 4096}
+          "emit_tile": 4096, "emit_warps": 4}
 NCB = 32  # coarse bins: coarse scores 0..30, bin 31 for the tokens that are not heavy candidates
 
 
@@ -114,7 +114,8 @@ def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
     idx = torch.empty(b, hsel, max(k_total, 1), dtype=torch.int32, device=q_sig.device)
     counts = torch.empty(b, dtype=torch.int32, device=q_sig.device)
     _emit_kernel[(st["nblk"], st["rows_n"])](*st["tables"], idx, counts, *st["rows"], k_total,
-                                             NBLKP=next_pow2(st["nblk"]), ETILE=st["emit_tile"], **st["common"])
+                                             NBLKP=next_pow2(st["nblk"]), ETILE=st["emit_tile"],
+                                             **{**st["common"], "num_warps": CONFIG["emit_warps"]})
     if k_total == 0:
         idx = idx[..., :0]
     return idx, counts
