@@ -1,6 +1,7 @@
 """Side-by-side A/B of decode-kernel launch options on one GPU (issue 5), all on the same tensors in one
 process: kernel 1's histogram path (one exact histogram, two launches; or coarse + fine, three), the emit
-step's tile and warps, kernel 2's split cap and pipeline depth.
+step's tile, warps and prefetch, kernel 2's split cap, step and pipeline depth (kernel_ab_h200_s5e/f/g: emit
+tiles of 2048 and 8 emit warps, measured in s5f, were dropped from the list).
 
     python3 bench/kernel_ab.py --out bench/results --tag h200
 
@@ -27,12 +28,12 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 VARIANTS = [
     ("default", {}, {}),
     ("emit_tile1024", {"emit_tile": 1024}, {}),
-    ("emit_tile2048", {"emit_tile": 2048}, {}),
-    ("emit_warps8", {"emit_warps": 8}, {}),
-    ("emit_tile2048+warps8", {"emit_tile": 2048, "emit_warps": 8}, {}),
+    ("emit_no_prefetch", {"emit_prefetch": False}, {}),
     ("coarse+fine", {"exact_max": 0}, {}),
     ("splits128", {}, {"max_splits": 128, "programs_per_sm": 8}),
-    ("att_stages2", {}, {"num_stages": 2}),
+    ("att_stages3", {}, {"num_stages": 3}),
+    ("att_block32_pps8", {}, {"block_n": 32, "programs_per_sm": 8}),
+    ("att_block32_pps8_splits128", {}, {"block_n": 32, "programs_per_sm": 8, "max_splits": 128}),
 ]
 
 
@@ -81,7 +82,7 @@ def main():
                 rows.append({"case": case, "variant": name, "failed": f"{type(e).__name__}: {e}"})
                 continue
             rows.append(r)
-            print(f"{case:8s} {name:16s} sel {r['select_us']:6.1f} att {r['attention_us']:6.1f} "
+            print(f"{case:8s} {name:26s} sel {r['select_us']:6.1f} att {r['attention_us']:6.1f} "
                   f"2k {r['two_kernels_us']:6.1f} | sdpa {r['sdpa_us']:7.1f} (x{sdpa / t_two:.2f}) diff {err:.1e}",
                   flush=True)
         del kc, vc
