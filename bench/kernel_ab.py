@@ -1,7 +1,8 @@
 """Side-by-side A/B of decode-kernel launch options on one GPU (issue 5), all on the same tensors in one
 process: kernel 1's histogram path (one exact histogram, two launches; or coarse + fine, three), the emit
 step's tile, warps and prefetch, kernel 2's split cap, step and pipeline depth (kernel_ab_h200_s5e/f/g: emit
-tiles of 2048 and 8 emit warps, measured in s5f, were dropped from the list).
+tiles of 2048 and 8 emit warps, measured in s5f, were dropped from the list; kernel_ab_h200_s5h also measured
+kernel 2 loading each step's row indices one step ahead, no faster, taken out after it).
 
     python3 bench/kernel_ab.py --out bench/results --tag h200
 
