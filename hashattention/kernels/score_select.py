@@ -110,23 +110,6 @@ def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
     check_select_args(q_sig, k_sig, starts, lengths, budget, num_kv_heads, strict)
     if not use_triton(q_sig):
         return score_select_reference(q_sig, k_sig, starts, lengths, budget, num_kv_heads, per_group)
-    st = count_scores(q_sig, k_sig, starts, lengths, budget, num_kv_heads, per_group)
-    b, hsel, k_total = q_sig.shape[0], st["hsel"], st["k_total"]
-    idx = torch.empty(b, hsel, max(k_total, 1), dtype=torch.int32, device=q_sig.device)
-    counts = torch.empty(b, dtype=torch.int32, device=q_sig.device)
-    _emit_kernel[(st["nblk"], st["rows_n"])](*st["tables"], idx, counts, *st["rows"], k_total,
-                                             NBLKP=next_pow2(st["nblk"]), ETILE=st["emit_tile"],
-                                             PREFETCH=CONFIG["emit_prefetch"],
-                                             **{**st["common"], "num_warps": CONFIG["emit_warps"]})
-    if k_total == 0:
-        idx = idx[..., :0]
-    return idx, counts
-
-
-def count_scores(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: int, per_group: bool) -> dict:
-    """Launch the count step (and the refine step on the coarse + fine path); returns what a kernel that
-    emits the selection needs: the tables (scores, suffix tables, row histograms, arrival counters), the row
-    arguments and the launch constants. Arguments already checked."""
     b, hq, w = q_sig.shape
     hs, n = k_sig.shape[1], k_sig.shape[2]
     g = hq // num_kv_heads
@@ -165,9 +148,15 @@ def count_scores(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
                              KEY_PER_Q=hs != num_kv_heads, W=w, HW=not INTERPRET, **common)
     if not exact:
         _refine_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, *rows, **common)
-    return {"tables": (scores, csuf, chist, fsuf, fhist, done), "rows": rows, "common": common, "nblk": nblk,
-            "rows_n": r, "hsel": hsel, "k_total": budget.total(n), "block": block,
-            "emit_tile": min(block, next_pow2(cfg["emit_tile"]))}
+    k_total = budget.total(n)
+    idx = torch.empty(b, hsel, max(k_total, 1), dtype=torch.int32, device=dev)
+    counts = torch.empty(b, dtype=torch.int32, device=dev)
+    _emit_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, done, idx, counts, *rows, k_total,
+                            NBLKP=next_pow2(nblk), ETILE=min(block, next_pow2(cfg["emit_tile"])),
+                            PREFETCH=cfg["emit_prefetch"], **{**common, "num_warps": cfg["emit_warps"]})
+    if k_total == 0:
+        idx = idx[..., :0]
+    return idx, counts
 
 
 if triton is not None:
