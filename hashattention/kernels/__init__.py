@@ -18,16 +18,15 @@ One decode step (one query per sequence), FlashAttention-style in one call:
     scale        softmax scale, default D ** -0.5
     -> [B, Hq, D] in q's dtype (fp32 softmax and accumulation)
 
-It computes :func:`score_select` (kernel 1: XOR-popcount scores + counting top-k, merged with sink and
-window, as a sorted compact index list) followed by :func:`sparse_decode` (kernel 2: split-K flash decoding
-over the list). The selected set is exactly :func:`hashattention.core.selection.select`'s.
+It is :func:`score_select` (kernel 1: XOR-popcount scores + counting top-k, merged with sink and window,
+as a sorted compact index list) followed by :func:`sparse_decode` (kernel 2: split-K flash decoding over
+the list). The selected set is exactly :func:`hashattention.core.selection.select`'s.
 """
 from __future__ import annotations
 
 from ..core.budget import Budget
 from ._common import INTERPRET, triton, use_triton
-from .reference import (hash_decode_attention_reference, score_select_reference, selected_counts,
-                        sparse_decode_reference)
+from .reference import (hash_decode_attention_reference, score_select_reference, sparse_decode_reference)
 from .score_select import score_select
 from .sparse_decode import sparse_decode
 
@@ -50,4 +49,4 @@ def hash_decode_attention(q, k_cache, v_cache, q_sig, k_sig, starts, lengths, bu
 
 
 __all__ = ["hash_decode_attention", "score_select", "sparse_decode", "hash_decode_attention_reference",
-           "score_select_reference", "sparse_decode_reference", "selected_counts", "use_triton", "INTERPRET", "triton"]
+           "score_select_reference", "sparse_decode_reference", "use_triton", "INTERPRET", "triton"]

@@ -66,12 +66,6 @@ def score_select_reference(q_sig, k_sig, starts, lengths, budget: Budget, num_kv
     return keep_to_indices(keep, budget.total(n)), counts
 
 
-def selected_counts(starts: torch.Tensor, lengths: torch.Tensor, budget: Budget) -> torch.Tensor:
-    """int32 [B]: tokens each sequence reads (score_select's counts), from its valid length alone."""
-    n = (lengths.long() - starts.long()).clamp(min=0)
-    return torch.minimum(n, budget.sink + budget.window + budget.heavy_count(n)).to(torch.int32)
-
-
 def sparse_decode_reference(q, k_cache, v_cache, idx, counts, scale: float | None = None):
     """Attention of q [B, Hq, D] over the rows idx[b, h, :counts[b]] of its KV head (fp32 softmax).
     idx [B, Hkv or Hq, K]. Returns [B, Hq, D] in q's dtype; a sequence with counts 0 gets zeros."""

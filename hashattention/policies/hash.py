@@ -89,9 +89,9 @@ class HashAttentionPolicy(SelectionPolicy):
         if k_sig.stride(-1) != 1:
             k_sig = k_sig.contiguous()
         lengths = torch.full_like(starts, lk)
-        out = kernels.hash_decode_attention(q[:, :, 0], k, v, q_sig, k_sig, starts, lengths, self.budget,
-                                            per_group=self.per_group, scale=scale, strict=False)
-        counts = kernels.selected_counts(starts, lengths, self.budget)
+        idx, counts = kernels.score_select(q_sig, k_sig, starts, lengths, self.budget, k.shape[1],
+                                           per_group=self.per_group, strict=False)
+        out = kernels.sparse_decode(q[:, :, 0], k, v, idx, counts, scale)
         state["fast_read"] = counts.sum(dtype=torch.float64)  # tokens read, for the handle's statistics
         return out[:, :, None]
 
