@@ -3,6 +3,8 @@
 #   quick  tests + kernel-1/kernel-2 sweeps + batch 1 and 8 at 16K/128K/512K, 1/32 (side by side with SDPA)
 #   full   the whole table (16K..512K, batch 1 and 8, 1/8 1/16 1/32, group and head)
 #   ab     bench/kernel_ab.py (launch options side by side), then Nsight Compute on the 512K case
+#   abq    the kernel tests (time-boxed: a grid barrier that never opens must not eat the session), then
+#          bench/kernel_ab.py
 # On the device machine:  . bench/gpu_env.sh && bash bench/h200_kernels.sh STAGE $OUT TAG
 set -e
 STAGE=$1; OUT=${2:-/tmp/out}; TAG=${3:-h200}; mkdir -p $OUT; L=$OUT/kernels_log_$TAG.txt
@@ -15,9 +17,13 @@ quick)
 full)
   python3 -m hashattention bench attention --rep 50 --time-limit 420 --out $OUT --tag $TAG 2>&1 | tee -a $L \
     | grep -v "^|" ;;
+abq)
+  timeout 120 python3 bench/launch_overhead.py --out $OUT --tag $TAG 2>&1 | grep -v Warn | tee -a $L
+  timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -6 | tee -a $L
+  timeout 300 python3 bench/kernel_ab.py --out $OUT --tag $TAG 2>&1 | grep -v Warn | tee -a $L ;;
 ab)
   python3 bench/kernel_ab.py --out $OUT --tag $TAG 2>&1 | grep -v Warn | tee -a $L
-  ncu -k regex:"_count_kernel|_emit_kernel|_split_kernel" -c 3 --section SpeedOfLight --section Occupancy \
+  ncu -k regex:"_count_kernel|_emit_kernel|_fused_kernel|_split_kernel" -c 3 --section SpeedOfLight --section Occupancy \
     --section LaunchStats --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
     --section MemoryWorkloadAnalysis python3 bench/ncu_case.py > $OUT/ncu_$TAG.txt 2>&1 || tail -5 $OUT/ncu_$TAG.txt ;;
 esac

@@ -1,15 +1,15 @@
 """Side-by-side A/B of decode-kernel launch options on one GPU (issue 5), all on the same tensors in one
-process: kernel 1's histogram path (one exact histogram, two launches; or coarse + fine, three), the emit
-step's tile, warps and prefetch, kernel 2's split cap, step and pipeline depth (kernel_ab_h200_s5e/f/g: emit
-tiles of 2048 and 8 emit warps, measured in s5f, were dropped from the list; kernel_ab_h200_s5h also measured
-kernel 2 loading each step's row indices one step ahead, no faster, taken out after it).
+process, each variant's index lists checked against the PyTorch reference.
 
-    python3 bench/kernel_ab.py --out bench/results --tag h200
+    python3 bench/kernel_ab.py --out bench/results --tag h200_s6c
 
 Times: median of triton do_bench over CUDA-graph replays, L2 flushed (hashattention.benchmarks.attention).
-Writes kernel_ab_<tag>.{json,md}. Earlier runs (kernel_ab_h200_s5c/d) also measured programmatic dependent
-launch, carry-save popcounts and a kernel fusing the emit step into kernel 2, with this script at commit
-45f19be; all three were no faster and were taken out.
+Writes kernel_ab_<tag>.{json,md}. The list below is what kernel_ab_h200_s6c measured (kernel 2: pipeline depth,
+rows per step, programs per SM, warps; none faster than the defaults). Earlier runs measured, with the
+list of their time: s5c/d (script at commit 45f19be) programmatic dependent launch, carry-save popcounts, the
+emit step fused into kernel 2; s5e-h the exact histogram, emit tiles/warps/prefetch, index prefetch;
+s6a/b count and emit as one cooperative launch with a grid barrier (its code was not kept: no faster,
+see attention_notes_h100.md and launch_overhead_h200_s6b.json).
 """
 import argparse
 import importlib
@@ -28,13 +28,12 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 # name, score_select overrides, sparse_decode overrides
 VARIANTS = [
     ("default", {}, {}),
-    ("emit_tile1024", {"emit_tile": 1024}, {}),
-    ("emit_no_prefetch", {"emit_prefetch": False}, {}),
-    ("coarse+fine", {"exact_max": 0}, {}),
-    ("splits128", {}, {"max_splits": 128, "programs_per_sm": 8}),
-    ("att_stages3", {}, {"num_stages": 3}),
-    ("att_block32_pps8", {}, {"block_n": 32, "programs_per_sm": 8}),
-    ("att_block32_pps8_splits128", {}, {"block_n": 32, "programs_per_sm": 8, "max_splits": 128}),
+    ("att_stages1", {}, {"num_stages": 1}),
+    ("att_bn128_st1", {}, {"block_n": 128, "num_stages": 1}),
+    ("att_bn128_st2", {}, {"block_n": 128}),
+    ("att_bn32_pps8_st1", {}, {"block_n": 32, "programs_per_sm": 8, "num_stages": 1}),
+    ("att_pps6", {}, {"programs_per_sm": 6}),
+    ("att_warps8", {}, {"num_warps": 8}),
 ]
 
 
@@ -65,6 +64,7 @@ def main():
         sdpa, _ = measure(lambda: torch.nn.functional.scaled_dot_product_attention(
             q[:, :, None], kc, vc, enable_gqa=True))
         ref = sd.sparse_decode(q, kc, vc, *ss.score_select(q_sig, k_sig, st, ln, budget, hkv, True))
+        ref_idx = ss.score_select_reference(q_sig, k_sig, st, ln, budget, hkv, True)[0]
         for name, sel_cfg, att_cfg in VARIANTS:
             ss.CONFIG.update(base_cfg[0], **sel_cfg)
             sd.CONFIG.update(base_cfg[1], **att_cfg)
@@ -77,14 +77,16 @@ def main():
                 out = sd.sparse_decode(q, kc, vc, *ss.score_select(q_sig, k_sig, st, ln, budget, hkv, True))
                 err = float((out.float() - ref.float()).norm() / ref.float().norm())
                 r = {"case": case, "variant": name, "sdpa_us": sdpa * 1e3, "select_us": t_sel * 1e3,
-                     "attention_us": t_att * 1e3, "two_kernels_us": t_two * 1e3, "rel_diff_vs_default": err}
+                     "attention_us": t_att * 1e3, "two_kernels_us": t_two * 1e3, "rel_diff_vs_default": err,
+                     "idx_equals_reference": bool(torch.equal(idx, ref_idx))}
             except Exception as e:  # a launch option the machine refuses: say so, go on
                 print(f"{case} {name}: failed {type(e).__name__}: {e}", flush=True)
                 rows.append({"case": case, "variant": name, "failed": f"{type(e).__name__}: {e}"})
                 continue
             rows.append(r)
             print(f"{case:8s} {name:26s} sel {r['select_us']:6.1f} att {r['attention_us']:6.1f} "
-                  f"2k {r['two_kernels_us']:6.1f} | sdpa {r['sdpa_us']:7.1f} (x{sdpa / t_two:.2f}) diff {err:.1e}",
+                  f"2k {r['two_kernels_us']:6.1f} | sdpa {r['sdpa_us']:7.1f} (x{sdpa / t_two:.2f}) diff {err:.1e} "
+                  f"idx==ref {r['idx_equals_reference']}",
                   flush=True)
         del kc, vc
         torch.cuda.empty_cache()

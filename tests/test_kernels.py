@@ -144,6 +144,31 @@ def test_score_select_threshold_at_the_top_scores(exact_max, monkeypatch):
 
 
 @inproc
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_decode_matches_sdpa(dtype):
+    """dense_decode (the engine's dense step, kernel 2 without a list) against PyTorch's SDPA over the rows
+    below each length: one length shared by the batch and one per sequence, odd lengths, GQA 1/3/4."""
+    gen = torch.Generator().manual_seed(5)
+    for b, hq, hkv, d, n, lens in ((2, 8, 2, 32, 700, [693]), (3, 9, 3, 64, 333, [333, 1, 129]),
+                                   (1, 4, 4, 16, 97, [50])):
+        q = torch.randn(b, hq, d, generator=gen).to(DEV, dtype)
+        kc, vc = (torch.randn(b, hkv, n, d, generator=gen).to(DEV, dtype) for _ in range(2))
+        length = torch.tensor(lens, device=DEV)
+        out = K.dense_decode(q, kc, vc, length)
+        for i in range(b):
+            li = lens[0] if len(lens) == 1 else lens[i]
+            want = torch.nn.functional.scaled_dot_product_attention(
+                q[i:i + 1, :, None].float(), kc[i:i + 1, :, :li].float(), vc[i:i + 1, :, :li].float(),
+                enable_gqa=True)[0, :, 0]
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            assert (out[i].float() - want).abs().max() < tol, (b, hq, hkv, d, n, lens, i)
+    with pytest.raises(ValueError, match="length"):
+        K.dense_decode(q, kc, vc, torch.tensor([5, 6], device=DEV))
+    with pytest.raises(TypeError, match="k_cache"):
+        K.dense_decode(q, kc.half() if dtype != torch.float16 else kc.float(), vc, length)
+
+
+@inproc
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("g,per_group", [(1, True), (3, True), (4, False), (8, True), (8, False)])
 @inproc

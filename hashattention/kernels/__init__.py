@@ -28,7 +28,7 @@ from ..core.budget import Budget
 from ._common import INTERPRET, triton, use_triton
 from .reference import (hash_decode_attention_reference, score_select_reference, sparse_decode_reference)
 from .score_select import score_select
-from .sparse_decode import sparse_decode
+from .sparse_decode import dense_decode, sparse_decode
 
 
 def hash_decode_attention(q, k_cache, v_cache, q_sig, k_sig, starts, lengths, budget: Budget,
@@ -48,5 +48,5 @@ def hash_decode_attention(q, k_cache, v_cache, q_sig, k_sig, starts, lengths, bu
     return sparse_decode(q, k_cache, v_cache, idx, counts, scale)
 
 
-__all__ = ["hash_decode_attention", "score_select", "sparse_decode", "hash_decode_attention_reference",
+__all__ = ["hash_decode_attention", "score_select", "sparse_decode", "dense_decode", "hash_decode_attention_reference",
            "score_select_reference", "sparse_decode_reference", "use_triton", "INTERPRET", "triton"]

@@ -1,6 +1,7 @@
 """Kernel 2: decode attention over selected tokens, split along the selected list (flash-decoding).
 
     out = sparse_decode(q, k_cache, v_cache, idx, counts, scale=None)
+    out = dense_decode(q, k_cache, v_cache, length, scale=None)   # the same kernels over rows 0..length-1
 
 Shapes: q [B, Hq, D] (bf16 or fp16; D a power of two <= 256); k_cache, v_cache [B, Hkv, N, D] (same dtype,
 last dim contiguous, any other strides); idx int32 [B, Hsel, K] with Hsel = Hkv (one list shared by a KV
@@ -10,6 +11,8 @@ Returns [B, Hq, D] in q's dtype; fp32 softmax and accumulation. A sequence with 
 Launch 1: program (row, split) takes one slice of a selection row's list; when the list is shared, it holds
 the G query heads of the group as one [G, D] tile, so each selected K/V row is read once per KV head.
 Launch 2: per query head, the splits' (max, sum, acc) are merged in one tile.
+dense_decode (the engine's dense step): no list, the rows below ``length`` (int [1] shared by the batch, or
+[B]); q may also be fp32 there (exact fp32 dots).
 """
 from __future__ import annotations
 
@@ -21,9 +24,11 @@ from .reference import sparse_decode_reference
 DTYPES = (torch.bfloat16, torch.float16)
 
 #: launch shape (the benchmark may retune these): rows per step, warps, pipeline depth (2: ~1 us faster than 3
-#: at 512K on an H200, kernel_ab_h200_s5f), programs per SM
-#: max_splits: splits of one row's list (the merge holds them all in one tile; 128 measured no faster)
-CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4, "max_splits": 64}
+#: at 512K on an H200, kernel_ab_h200_s5f; 1 slower, kernel_ab_h200_s6c), programs per SM
+#: max_splits: splits of one row's list (the merge holds them all in one tile). It binds only when there are
+#: few rows: 128 keeps dense_decode as fast as the engine's former kernel with 3 KV heads (SmolLM2; 64: 14%
+#: slower at 8K, dense_decode_ab_h200_s6.txt); Llama-8B shapes (8 rows) get 66 splits either way.
+CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4, "max_splits": 128}
 
 
 def check_decode_args(q, k_cache, v_cache, idx, counts, kernel: bool = True):
@@ -57,9 +62,40 @@ def sparse_decode(q, k_cache, v_cache, idx, counts, scale: float | None = None, 
         check_decode_args(q, k_cache, v_cache, idx, counts, kernel)
     if not kernel:
         return sparse_decode_reference(q, k_cache, v_cache, idx, counts, scale)
+    return _decode(q, k_cache, v_cache, idx, counts, idx.shape[2], scale)
+
+
+def dense_decode(q, k_cache, v_cache, length, scale: float | None = None, check: bool = True):
+    """Flash decoding over rows 0..length-1 of the caches (see the module docstring): one query per sequence,
+    GQA, fp32 softmax and accumulation. Returns [B, Hq, D] in q's dtype."""
+    kernel = use_triton(q)
+    if check:
+        check_tensor("q", q, 3, DTYPES + (torch.float32,))
+        check_tensor("k_cache", k_cache, 4, (q.dtype,), q.device)
+        check_tensor("v_cache", v_cache, 4, (q.dtype,), q.device)
+        check_tensor("length", length, 1, (torch.int32, torch.int64), q.device)
+        b, hq, d = q.shape
+        if k_cache.shape != v_cache.shape or k_cache.shape[0] != b or k_cache.shape[3] != d:
+            raise ValueError(f"caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)} do not match q {tuple(q.shape)}")
+        if hq % k_cache.shape[1]:
+            raise ValueError(f"{hq} query heads are not a multiple of {k_cache.shape[1]} KV heads")
+        if length.shape[0] not in (1, b):
+            raise ValueError(f"length {tuple(length.shape)} must be [1] or [{b}]")
+        if kernel and (d & (d - 1) or not 16 <= d <= 256):
+            raise ValueError(f"head_dim must be a power of two in 16..256, got {d}")
+    if not kernel:
+        n = k_cache.shape[2]
+        rows = torch.arange(n, device=q.device, dtype=torch.int32)
+        idx = rows.expand(q.shape[0], k_cache.shape[1], n)
+        return sparse_decode_reference(q, k_cache, v_cache, idx, length.expand(q.shape[0]).clamp(max=n), scale)
+    return _decode(q, k_cache, v_cache, None, length, k_cache.shape[2], scale)
+
+
+def _decode(q, k_cache, v_cache, idx, counts, kmax: int, scale):
+    """Both launches; idx None: the rows 0..counts-1 themselves (counts [1]: one length for the batch)."""
     b, hq, d = q.shape
     hkv = k_cache.shape[1]
-    hsel, kmax = idx.shape[1], idx.shape[2]
+    hsel = hkv if idx is None else idx.shape[1]
     g = hq // hkv
     gq = hq // hsel  # query heads sharing one list: G, or 1 for per-query-head lists
     gp = max(16, next_pow2(gq))  # tl.dot needs >= 16 rows
@@ -76,12 +112,14 @@ def sparse_decode(q, k_cache, v_cache, idx, counts, scale: float | None = None, 
     o_part = torch.empty(r, splits, gp, d, dtype=torch.float32, device=dev)
     ml_part = torch.empty(r, splits, 2, gp, dtype=torch.float32, device=dev)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=dev)
+    dense = idx is None
     _split_kernel[(r, splits)](
-        q, k_cache, v_cache, idx, counts, o_part, ml_part, scale * 1.4426950408889634, split,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), idx.stride(0), idx.stride(1),
-        splits, HSEL=hsel, G=g, GQ=gq, GP=gp, D=d, BLOCK_N=bn, DOT_F32=INTERPRET,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        q, k_cache, v_cache, counts if dense else idx, counts, o_part, ml_part, scale * 1.4426950408889634, split,
+        kmax, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), 0 if dense else idx.stride(0),
+        0 if dense else idx.stride(1), counts.stride(0) if counts.shape[0] == b and b > 1 else 0,
+        splits, HSEL=hsel, G=g, GQ=gq, GP=gp, D=d, BLOCK_N=bn, DENSE=dense,
+        DOT_F32=INTERPRET or q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     sp = next_pow2(splits)
     _combine_kernel[(r, gq)](o_part, ml_part, out, out.stride(0), out.stride(1), splits,
                              HSEL=hsel, GQ=gq, GP=gp, D=d, SP=sp, num_warps=4 if sp <= 64 else 8)
@@ -90,10 +128,10 @@ def sparse_decode(q, k_cache, v_cache, idx, counts, scale: float | None = None, 
 
 if triton is not None:
     @triton.jit
-    def _split_kernel(Q, K, V, IDX, CNT, OP, MLP, qk_scale, SPLIT,
-                      sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, SPLITS,
+    def _split_kernel(Q, K, V, IDX, CNT, OP, MLP, qk_scale, SPLIT, KMAX,
+                      sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, sc_b, SPLITS,
                       HSEL: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr,
-                      D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+                      D: tl.constexpr, BLOCK_N: tl.constexpr, DENSE: tl.constexpr, DOT_F32: tl.constexpr):
         row = tl.program_id(0)
         sp = tl.program_id(1)
         b = row // HSEL
@@ -104,7 +142,7 @@ if triton is not None:
         gmask = g_rows < GQ
         cols = tl.arange(0, D)
         q = tl.load(Q + b * sq_b + (qh0 + g_rows)[:, None] * sq_h + cols[None, :], mask=gmask[:, None], other=0.0)
-        count = tl.load(CNT + b).to(tl.int32)
+        count = tl.minimum(tl.load(CNT + b * sc_b).to(tl.int32), KMAX)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
@@ -116,9 +154,12 @@ if triton is not None:
         for n0 in range(lo, hi, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
             live = offs < hi
-            rows = tl.load(ib + offs, mask=live, other=0)
-            live = live & (rows >= 0)
-            rows = tl.where(live, rows, 0).to(tl.int64)
+            if DENSE:  # the rows themselves
+                rows = tl.where(live, offs, 0).to(tl.int64)
+            else:
+                rows = tl.load(ib + offs, mask=live, other=0)
+                live = live & (rows >= 0)
+                rows = tl.where(live, rows, 0).to(tl.int64)
             k = tl.load(kb + rows[:, None] * sk_n + cols[None, :], mask=live[:, None], other=0.0)
             v = tl.load(vb + rows[:, None] * sv_n + cols[None, :], mask=live[:, None], other=0.0)
             if DOT_F32:  # Triton's CPU interpreter gets bf16 dots wrong: fp32 there
