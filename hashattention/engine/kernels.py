@@ -1,8 +1,8 @@
 """Decode-step kernels of the engine, each a Triton kernel with a PyTorch reference of the same semantics.
 
 - :func:`decode_attention`: dense split-K flash decoding over the first ``length`` cache rows, one query
-  per sequence, GQA. One kernel reads the keys of a KV head once for all query heads of its group; a second
-  kernel merges the splits. (HashAttention's sparse step uses :mod:`hashattention.kernels`.)
+  per sequence, GQA: :func:`hashattention.kernels.dense_decode`, the sparse step's attention kernel without an
+  index list (it reads the keys of a KV head once for all query heads of its group; a second launch merges).
 - :func:`fused_signatures`: phi_q of a step's query heads and phi_kv of its key heads (per-head MLPs,
   fp32, tf32x3 tensor-core dots on the GPU), signed and packed, the key words written into the signature cache.
 - :func:`rms_norm`, :func:`rope_and_cache`, :func:`silu_mul`: the rest of a decode step in fewer kernels,
@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from ..kernels.sparse_decode import dense_decode
 
 try:  # Triton is optional on CPU-only installs
     import triton
@@ -75,119 +77,13 @@ def decode_attention_reference(q, k_cache, v_cache, length, scale=None):
     return torch.matmul(p, v).view(b, hq, d).to(q.dtype)
 
 
-_SM_COUNT: dict = {}
-
-
-def _num_sms(device) -> int:
-    if device.type != "cuda":
-        return 8
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SM_COUNT:
-        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SM_COUNT[i]
-
-
 def decode_attention(q, k_cache, v_cache, length, scale=None):
-    """See :func:`decode_attention_reference` (same arguments and result)."""
+    """See :func:`decode_attention_reference` (same arguments and result): on the Triton path, kernel 2 of
+    :mod:`hashattention.kernels` without an index list (:func:`~hashattention.kernels.dense_decode`), so the
+    engine's dense and hash steps run the same attention kernel."""
     if not use_triton(q) or not head_dim_ok(q.shape[-1]):
         return decode_attention_reference(q, k_cache, v_cache, length, scale)
-    b, hq, d = q.shape
-    hkv, s = k_cache.shape[1], k_cache.shape[2]
-    g = hq // hkv
-    scale = d ** -0.5 if scale is None else scale
-    n = s
-    block_n = 64
-    blocks = triton.cdiv(n, block_n)
-    # enough programs to keep every SM busy: splits of the keys of one KV head
-    splits = max(1, min(blocks, triton.cdiv(4 * _num_sms(q.device), b * hkv)))
-    split_size = triton.cdiv(blocks, splits) * block_n
-    splits = triton.cdiv(n, split_size)
-    gp = max(16, triton.next_power_of_2(g))
-    o_part = torch.empty(b, hkv, splits, g, d, device=q.device, dtype=torch.float32)
-    m_part = torch.empty(b, hkv, splits, g, device=q.device, dtype=torch.float32)
-    l_part = torch.empty_like(m_part)
-    _decode_split_kernel[(b * hkv, splits)](
-        q, k_cache, v_cache, length, o_part, m_part, l_part,
-        n, split_size, scale * 1.4426950408889634,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HKV=hkv, G=g, GP=gp, D=d, BLOCK_N=block_n, SPLITS=splits,
-        IEEE=q.dtype == torch.float32 or not q.is_cuda, num_warps=4, num_stages=2)
-    out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
-    _decode_combine_kernel[(b * hq,)](o_part, m_part, l_part, out, out.stride(0), out.stride(1),
-                                      HKV=hkv, G=g, D=d, SPLITS=splits, SP2=triton.next_power_of_2(splits),
-                                      num_warps=4)
-    return out
-
-
-if triton is not None:
-    @triton.jit
-    def _decode_split_kernel(Q, K, V, LEN, OP, MP, LP, N, SPLIT, qk_scale,
-                             sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                             HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                             BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr):
-        pid = tl.program_id(0)
-        sp = tl.program_id(1)
-        b = pid // HKV
-        h = pid % HKV
-        rows_g = tl.arange(0, GP)
-        cols = tl.arange(0, D)
-        gmask = rows_g < G
-        q = tl.load(Q + b * sq_b + (h * G + rows_g)[:, None] * sq_h + cols[None, :], mask=gmask[:, None], other=0.0)
-        m_i = tl.full([GP], float("-inf"), tl.float32)
-        l_i = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, D], tl.float32)
-        start = sp * SPLIT
-        end = tl.minimum(tl.minimum(start + SPLIT, N), tl.load(LEN).to(tl.int32))
-        kb = K + b * sk_b + h * sk_h
-        vb = V + b * sv_b + h * sv_h
-        for n0 in range(start, end, BLOCK_N):
-            offs = n0 + tl.arange(0, BLOCK_N)
-            valid = offs < end
-            rows = offs
-            k = tl.load(kb + rows[:, None].to(tl.int64) * sk_n + cols[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(vb + rows[:, None].to(tl.int64) * sv_n + cols[None, :], mask=valid[:, None], other=0.0)
-            if IEEE:  # fp32 inputs, or the CPU interpreter (which mishandles bf16 dots)
-                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-        base = (b * HKV + h) * SPLITS + sp  # only the G real query rows are kept
-        tl.store(OP + (base * G + rows_g)[:, None] * D + cols[None, :], acc, mask=gmask[:, None])
-        tl.store(MP + base * G + rows_g, m_i, mask=gmask)
-        tl.store(LP + base * G + rows_g, l_i, mask=gmask)
-
-    @triton.jit
-    def _decode_combine_kernel(OP, MP, LP, OUT, so_b, so_h,
-                               HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                               SP2: tl.constexpr):
-        pid = tl.program_id(0)  # one query head: (b, kv head, g)
-        g = pid % G
-        bh = pid // G
-        b = bh // HKV
-        h = bh % HKV
-        sp = tl.arange(0, SP2)
-        smask = sp < SPLITS
-        cols = tl.arange(0, D)
-        row = (bh * SPLITS + sp) * G + g
-        m = tl.load(MP + row, mask=smask, other=float("-inf"))  # log2-domain maxima of the splits
-        mx = tl.max(m, 0)
-        mx = tl.where(mx == float("-inf"), 0.0, mx)
-        w = tl.math.exp2(m - mx)
-        den = tl.sum(w * tl.load(LP + row, mask=smask, other=0.0), 0)
-        o = tl.load(OP + row[:, None] * D + cols[None, :], mask=smask[:, None], other=0.0)
-        out = tl.sum(w[:, None] * o, 0) / tl.where(den > 0, den, 1.0)
-        tl.store(OUT + b * so_b + (h * G + g) * so_h + cols, out.to(OUT.dtype.element_ty))
+    return dense_decode(q, k_cache, v_cache, length, scale, check=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
