@@ -13,6 +13,7 @@ see attention_notes_h100.md and launch_overhead_h200_s6b.json).
 """
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 
@@ -26,14 +27,17 @@ ss = importlib.import_module("hashattention.kernels.score_select")
 sd = importlib.import_module("hashattention.kernels.sparse_decode")
 
 # name, score_select overrides, sparse_decode overrides
+# name, score_select overrides, sparse_decode overrides[, "base": score_select from --base instead]
 VARIANTS = [
     ("default", {}, {}),
-    ("att_stages1", {}, {"num_stages": 1}),
-    ("att_bn128_st1", {}, {"block_n": 128, "num_stages": 1}),
-    ("att_bn128_st2", {}, {"block_n": 128}),
-    ("att_bn32_pps8_st1", {}, {"block_n": 32, "programs_per_sm": 8, "num_stages": 1}),
-    ("att_pps6", {}, {"programs_per_sm": 6}),
-    ("att_warps8", {}, {"num_warps": 8}),
+    ("base", {}, {}, "base"),
+    ("count_tile2048", {"tile": 2048}, {}),
+    ("count_tile4096", {"tile": 4096}, {}),
+    ("count_warps8", {"num_warps": 8}, {}),
+    ("count_pps4", {"programs_per_sm": 4}, {}),
+    ("count_pps16", {"programs_per_sm": 16}, {}),
+    ("default_again", {}, {}),
+    ("base_again", {}, {}, "base"),
 ]
 
 
@@ -43,13 +47,20 @@ def main():
     ap.add_argument("--rep", type=int, default=50)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--base", default="", help="another score_select.py (e.g. the last commit's) for 'base' rows")
     args = ap.parse_args()
+    mods = {"": ss}
+    if args.base:  # loaded as a sibling module, so its relative imports resolve
+        spec = importlib.util.spec_from_file_location("hashattention.kernels._ab_base", args.base)
+        mods["base"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mods["base"])
     dev = torch.device("cuda")
     measure = _timer(args.rep, True)
     hq, hkv, d = 32, 8, 128
     budget = Budget(heavy=1 / 32, sink=128, window=128)
     rows = []
-    base_cfg = (dict(ss.CONFIG), dict(sd.CONFIG))
+    base_cfg = {k: dict(m.CONFIG) for k, m in mods.items()}
+    att_cfg0 = dict(sd.CONFIG)
     for case in args.cases.split(","):
         b, n = case.split("x")
         b, n = int(b), int(n.rstrip("K")) * 1024
@@ -65,16 +76,19 @@ def main():
             q[:, :, None], kc, vc, enable_gqa=True))
         ref = sd.sparse_decode(q, kc, vc, *ss.score_select(q_sig, k_sig, st, ln, budget, hkv, True))
         ref_idx = ss.score_select_reference(q_sig, k_sig, st, ln, budget, hkv, True)[0]
-        for name, sel_cfg, att_cfg in VARIANTS:
-            ss.CONFIG.update(base_cfg[0], **sel_cfg)
-            sd.CONFIG.update(base_cfg[1], **att_cfg)
+        for name, sel_cfg, att_cfg, *which in VARIANTS:
+            m = mods.get(which[0] if which else "")
+            if m is None:
+                continue
+            m.CONFIG.update(base_cfg[which[0] if which else ""], **sel_cfg)
+            sd.CONFIG.update(att_cfg0, **att_cfg)
             try:
-                t_sel, _ = measure(lambda: ss.score_select(q_sig, k_sig, st, ln, budget, hkv, True))
-                idx, cnt = ss.score_select(q_sig, k_sig, st, ln, budget, hkv, True)
+                t_sel, _ = measure(lambda: m.score_select(q_sig, k_sig, st, ln, budget, hkv, True))
+                idx, cnt = m.score_select(q_sig, k_sig, st, ln, budget, hkv, True)
                 t_att, _ = measure(lambda: sd.sparse_decode(q, kc, vc, idx, cnt, check=False))
-                t_two, _ = measure(lambda: sd.sparse_decode(q, kc, vc, *ss.score_select(q_sig, k_sig, st, ln, budget,
+                t_two, _ = measure(lambda: sd.sparse_decode(q, kc, vc, *m.score_select(q_sig, k_sig, st, ln, budget,
                                                                                        hkv, True), check=False))
-                out = sd.sparse_decode(q, kc, vc, *ss.score_select(q_sig, k_sig, st, ln, budget, hkv, True))
+                out = sd.sparse_decode(q, kc, vc, *m.score_select(q_sig, k_sig, st, ln, budget, hkv, True))
                 err = float((out.float() - ref.float()).norm() / ref.float().norm())
                 r = {"case": case, "variant": name, "sdpa_us": sdpa * 1e3, "select_us": t_sel * 1e3,
                      "attention_us": t_att * 1e3, "two_kernels_us": t_two * 1e3, "rel_diff_vs_default": err,
@@ -90,8 +104,9 @@ def main():
                   flush=True)
         del kc, vc
         torch.cuda.empty_cache()
-    ss.CONFIG.update(base_cfg[0])
-    sd.CONFIG.update(base_cfg[1])
+    for k, m in mods.items():
+        m.CONFIG.update(base_cfg[k])
+    sd.CONFIG.update(att_cfg0)
     res = {"device": _device_name(dev), "torch": torch.__version__, "budget": budget.describe(), "rows": rows,
            "timing": "median of triton do_bench over CUDA-graph replays, L2 flushed, microseconds"}
     os.makedirs(args.out, exist_ok=True)

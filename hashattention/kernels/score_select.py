@@ -18,15 +18,16 @@ tokens per row). Scores are kept as one byte per token (two when they can exceed
   2. emit: every block finds the row's threshold t (the largest score with #(score >= t) >= k) and, from the
      suffix tables, its output offset and how many of its ties at t it keeps (ties go to the most recent
      blocks); then writes its kept heavy positions with one prefix sum per tile, and its sink and window
-     positions. The row's last block to finish zeroes the row histogram for the next call (an arrival
-     counter), so no memset launch is needed.
+     positions.
   Coarse + fine (three launches, larger scores): a score is split into a coarse part (score >> SHIFT, at most
   31 values) and a fine part (its low SHIFT bits), so that every histogram stays small (Triton's histogram
   costs per element about as many instructions as bins per lane): count histograms the coarse part; refine
   finds the coarse threshold C and histograms the fine part of the scores in bin C; emit works as above with
   t = C << SHIFT | f and the two suffix tables.
-The row histograms and the arrival counters are a small zeroed workspace kept per (device, rows, bins): calls
-that share it must not run at the same time on different streams.
+The row histograms are a small workspace kept per (device, rows, bins), in two copies used by turns: a device
+counter (the epoch) says which, the emit step zeroes the other copy for the next call and advances the
+epoch, so no memset launch and no arrival atomics are needed. Calls that share a workspace must not run at the
+same time on different streams.
 """
 from __future__ import annotations
 
@@ -45,9 +46,8 @@ _WORKSPACE: dict = {}
 #: up to 512K keys and is 4.5% faster at 128K x batch 7 (the engine's largest batch) than 16384
 #: exact_max: the largest max_score that takes the two-launch path (one histogram of next_pow2(max_score) bins)
 #: emit_tile, emit_warps: tokens per step of the emit step (at most the block), its warps per program;
-#: emit_prefetch: load the first tile's scores before the threshold (0.6 us faster, kernel_ab_h200_s5g)
 CONFIG = {"tile": 1024, "programs_per_sm": 8, "max_block": 4096, "num_warps": 4, "exact_max": 256,
-          "emit_tile": 4096, "emit_warps": 4, "emit_prefetch": True}
+          "emit_tile": 4096, "emit_warps": 4}
 NCB = 32  # coarse bins: coarse scores 0..30, bin 31 for the tokens that are not heavy candidates
 
 
@@ -63,14 +63,16 @@ def _frac_tensor(frac: float, device) -> torch.Tensor:
 
 
 def _workspace(device, rows: int, ncb: int, nfb: int):
-    """Zeroed coarse [rows, ncb] and fine [rows, nfb] row histograms and arrival counters [rows]; the emit
-    step leaves them zeroed again."""
+    """Coarse [2, rows, ncb] and fine [2, rows, nfb] row histograms (two copies used by turns) and the epoch
+    [2]: a call counts into copy epoch[0] & 1, which is zero; its emit step zeroes the other copy and sets
+    epoch[0] to epoch[1] = epoch[0] + 1 (written by the count step)."""
     key = (str(device), rows, ncb, nfb)
     ws = _WORKSPACE.get(key)
     if ws is None:
-        ws = torch.zeros(rows * (ncb + nfb + 1), dtype=torch.int32, device=device)
+        ws = torch.zeros(2 * rows * (ncb + nfb) + 2, dtype=torch.int32, device=device)
         _WORKSPACE[key] = ws
-    return ws[:rows * ncb], ws[rows * ncb:rows * (ncb + nfb)], ws[rows * (ncb + nfb):]
+    c, f = 2 * rows * ncb, 2 * rows * (ncb + nfb)
+    return ws[:c], ws[c:f], ws[f:]
 
 
 def _shift(max_score: int) -> int:
@@ -133,27 +135,27 @@ def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
     while nblk > 4096:
         block *= 2
         nblk = triton.cdiv(n, block)
-    chist, fhist, done = _workspace(dev, r, ncb, nfb)
+    chist, fhist, epoch = _workspace(dev, r, ncb, nfb)
     csuf = torch.empty(r, nblk, ncb, dtype=torch.int32, device=dev)
     fsuf = csuf if exact else torch.empty(r, nblk, nfb, dtype=torch.int32, device=dev)
     scores = torch.empty(r, n, dtype=torch.uint8 if max_score <= 255 else torch.int16, device=dev)
     frac = isinstance(budget.heavy, float)
-    fr = _frac_tensor(budget.heavy, dev) if frac else done  # unused pointer when a count
+    fr = _frac_tensor(budget.heavy, dev) if frac else epoch  # unused pointer when a count
     heavy = 0 if frac else int(budget.heavy)
     common = dict(HSEL=hsel, BLOCK=block, TILE=tile, NB=nb, NCB=ncb, NFB=nfb, SHIFT=shift, MAXS=max_score,
                   FRAC=frac, EXACT=exact, num_warps=cfg["num_warps"], num_stages=3)
     rows = (starts, lengths, fr, n, nblk, heavy, budget.sink, budget.window)
-    _count_kernel[(nblk, r)](q_sig, k_sig, scores, csuf, chist, *rows, q_sig.stride(0), q_sig.stride(1),
+    _count_kernel[(nblk, r)](q_sig, k_sig, scores, csuf, chist, epoch, *rows, q_sig.stride(0), q_sig.stride(1),
                              k_sig.stride(0), k_sig.stride(1), k_sig.stride(2), G=g, GS=gs,
                              KEY_PER_Q=hs != num_kv_heads, W=w, HW=not INTERPRET, **common)
     if not exact:
-        _refine_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, *rows, **common)
+        _refine_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, epoch, *rows, **common)
     k_total = budget.total(n)
     idx = torch.empty(b, hsel, max(k_total, 1), dtype=torch.int32, device=dev)
     counts = torch.empty(b, dtype=torch.int32, device=dev)
-    _emit_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, done, idx, counts, *rows, k_total,
+    _emit_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, epoch, idx, counts, *rows, k_total,
                             NBLKP=next_pow2(nblk), ETILE=min(block, next_pow2(cfg["emit_tile"])),
-                            PREFETCH=cfg["emit_prefetch"], **{**common, "num_warps": cfg["emit_warps"]})
+                            **{**common, "num_warps": cfg["emit_warps"]})
     if k_total == 0:
         idx = idx[..., :0]
     return idx, counts
@@ -218,17 +220,23 @@ if triton is not None:
         return start, end, lo, hi, sink_c, tl.maximum(tl.minimum(heavy, hi - lo), 0)
 
     @triton.jit
-    def _top_bin(HIST, NB: tl.constexpr, LIMIT, need):
-        """In a histogram of NB bins (bins above LIMIT empty): the largest bin c with #(>= c) >= need, and
-        #(> c). need >= 1 and #(all) >= need, else c = LIMIT."""
+    def _hist_copy(HIST, COPY, p, idx):
+        """Entries idx of copy p of a two-copy histogram (COPY entries apart): both copies are loaded, so no
+        load waits on p (the epoch)."""
+        return tl.where(p == 0, tl.load(HIST + idx), tl.load(HIST + COPY + idx))
+
+    @triton.jit
+    def _top_bin(HIST, COPY, p, NB: tl.constexpr, LIMIT, need):
+        """In copy p of a histogram of NB bins (bins above LIMIT empty): the largest bin c with #(>= c) >= need,
+        and #(> c). need >= 1 and #(all) >= need, else c = LIMIT."""
         bins = tl.arange(0, NB)
-        h = tl.load(HIST + bins)
+        h = _hist_copy(HIST, COPY, p, bins)
         at_least = tl.cumsum(h, 0, reverse=True)
         c = tl.max(tl.where((at_least >= need) & (bins <= LIMIT), bins, 0), 0)
         return c, tl.sum(tl.where(bins > c, h, 0), 0)
 
     @triton.jit
-    def _count_kernel(QS, KS, SC, CSUF, CHIST, START, END, FR, N, NBLK, HEAVY, SINK, WINDOW,
+    def _count_kernel(QS, KS, SC, CSUF, CHIST, EPOCH, START, END, FR, N, NBLK, HEAVY, SINK, WINDOW,
                       sq_b, sq_h, sk_b, sk_h, sk_n, HSEL: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
                       NB: tl.constexpr, NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr,
                       MAXS: tl.constexpr, FRAC: tl.constexpr, EXACT: tl.constexpr, G: tl.constexpr,
@@ -238,6 +246,10 @@ if triton is not None:
         b = row // HSEL
         hs = row % HSEL
         start, end, lo, hi, sink_c, k = _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC)
+        e = tl.load(EPOCH)
+        if (blk == 0) & (row == 0):  # the emit step reads the epoch from here (EPOCH[0] stays put meanwhile)
+            tl.store(EPOCH + 1, e + 1)
+        hrow = CHIST + (e & 1) * (tl.num_programs(1) * NCB) + row * NCB  # this call's (zeroed) copy
         hc = tl.zeros([NB], tl.int32)
         top = blk * 0  # exact: candidates scoring NB (they share the top bin with NB - 1)
         outside = blk * 0  # exact: tokens that are not candidates (counted in bin 0, taken out below)
@@ -263,13 +275,13 @@ if triton is not None:
             hc = tl.where(bins <= (MAXS >> SHIFT), hc, 0)
         sbase = CSUF + (row * NBLK + blk).to(tl.int64) * NCB
         tl.store(sbase + bins, tl.cumsum(hc, 0, reverse=True))
-        tl.atomic_add(CHIST + row * NCB + bins, hc, mask=hc > 0, sem="relaxed")
+        tl.atomic_add(hrow + bins, hc, mask=hc > 0, sem="relaxed")
         if EXACT:  # #(score >= NB) at index NB of the suffix table (and 0 at NB + 1) and of the row histogram
             tl.store(sbase + NB + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, top, 0))
-            tl.atomic_add(CHIST + row * NCB + NB, top, mask=top > 0, sem="relaxed")
+            tl.atomic_add(hrow + NB, top, mask=top > 0, sem="relaxed")
 
     @triton.jit
-    def _refine_kernel(SC, CSUF, CHIST, FSUF, FHIST, START, END, FR, N, NBLK, HEAVY, SINK, WINDOW,
+    def _refine_kernel(SC, CSUF, CHIST, FSUF, FHIST, EPOCH, START, END, FR, N, NBLK, HEAVY, SINK, WINDOW,
                        HSEL: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
                        NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr, MAXS: tl.constexpr,
                        FRAC: tl.constexpr, EXACT: tl.constexpr):
@@ -277,7 +289,9 @@ if triton is not None:
         row = tl.program_id(1)
         b = row // HSEL
         start, end, lo, hi, sink_c, k = _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC)
-        c, _ = _top_bin(CHIST + row * NCB, NCB, MAXS >> SHIFT, k)
+        rows_ = tl.num_programs(1)
+        p = (tl.load(EPOCH + 1) - 1) & 1  # this call's copy
+        c, _ = _top_bin(CHIST + row * NCB, rows_ * NCB, p, NCB, MAXS >> SHIFT, k)
         hf = tl.zeros([NFB], tl.int32)
         sbase = SC + row.to(tl.int64) * N
         for t in range(0, BLOCK, TILE):
@@ -289,15 +303,15 @@ if triton is not None:
         bins = tl.arange(0, NFB)
         hf = tl.where(bins < (1 << SHIFT), hf, 0)
         tl.store(FSUF + (row * NBLK + blk).to(tl.int64) * NFB + bins, tl.cumsum(hf, 0, reverse=True))
-        tl.atomic_add(FHIST + row * NFB + bins, hf, mask=hf > 0, sem="relaxed")
+        tl.atomic_add(FHIST + p * (rows_ * NFB) + row * NFB + bins, hf, mask=hf > 0, sem="relaxed")
 
     @triton.jit
-    def _threshold_exact(HIST, NB: tl.constexpr, k):
-        """The row's threshold t (the largest score with #(score >= t) >= k) and #(score > t), from the exact
-        histogram (bins 0..NB-1, the top one holding NB - 1 and NB; #(score == NB) at index NB)."""
+    def _threshold_exact(HIST, COPY, p, NB: tl.constexpr, k):
+        """The row's threshold t (the largest score with #(score >= t) >= k) and #(score > t), from copy p of
+        the exact histogram (bins 0..NB-1, the top one holding NB - 1 and NB; #(score == NB) at index NB)."""
         bins = tl.arange(0, NB)
-        h = tl.load(HIST + bins)
-        top = tl.load(HIST + NB)
+        h = _hist_copy(HIST, COPY, p, bins)
+        top = _hist_copy(HIST, COPY, p, NB)
         at_least = tl.cumsum(h, 0, reverse=True)
         t = tl.max(tl.where(at_least >= k, bins, 0), 0)
         t = tl.where((t == NB - 1) & (top >= k), NB, t)
@@ -305,7 +319,7 @@ if triton is not None:
         return t, above
 
     @triton.jit
-    def _row_blocks(CSUF, CHIST, FSUF, FHIST, row, NBLK, k, NBLKP: tl.constexpr, NB: tl.constexpr,
+    def _row_blocks(CSUF, CHIST, FSUF, FHIST, p, row, ROWS, NBLK, k, NBLKP: tl.constexpr, NB: tl.constexpr,
                     NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr, MAXS: tl.constexpr,
                     EXACT: tl.constexpr):
         """The row's threshold t, and per block [NBLKP]: the heavy tokens it keeps and how many of its first
@@ -314,12 +328,12 @@ if triton is not None:
         bm = blks < NBLK
         cs = CSUF + (row * NBLK + blks).to(tl.int64) * NCB
         if EXACT:
-            thr, above_row = _threshold_exact(CHIST + row * NCB, NB, k)
+            thr, above_row = _threshold_exact(CHIST + row * NCB, ROWS * NCB, p, NB, k)
             at_t = tl.load(cs + thr, mask=bm, other=0)
             above = tl.load(cs + thr + 1, mask=bm, other=0)  # index NB + 1 holds 0
         else:  # t = c << SHIFT | f: the coarse bin, then the fine part inside it
-            c, above_c = _top_bin(CHIST + row * NCB, NCB, MAXS >> SHIFT, k)
-            f, above_f = _top_bin(FHIST + row * NFB, NFB, (1 << SHIFT) - 1, k - above_c)
+            c, above_c = _top_bin(CHIST + row * NCB, ROWS * NCB, p, NCB, MAXS >> SHIFT, k)
+            f, above_f = _top_bin(FHIST + row * NFB, ROWS * NFB, p, NFB, (1 << SHIFT) - 1, k - above_c)
             thr = (c << SHIFT) + f
             above_row = above_c + above_f
             fs = FSUF + (row * NBLK + blks).to(tl.int64) * NFB
@@ -369,35 +383,38 @@ if triton is not None:
                          mask=is_sink | is_win)
 
     @triton.jit
-    def _release_row(CHIST, FHIST, DONE, row, PROGRAMS, NCB: tl.constexpr, NFB: tl.constexpr,
-                     EXACT: tl.constexpr):
-        """The row's last program to finish leaves the row histograms zeroed for the next call."""
-        tl.debug_barrier()  # this program's reads of the histograms precede the release below
-        arrived = tl.atomic_add(DONE + row, 1, sem="acq_rel")
-        if arrived == PROGRAMS - 1:
-            tl.store(CHIST + row * NCB + tl.arange(0, NCB), tl.zeros([NCB], tl.int32))
+    def _clear_other_copy(CHIST, FHIST, EPOCH, e1, p, row, ROWS, blk, NCB: tl.constexpr, NFB: tl.constexpr,
+                          EXACT: tl.constexpr):
+        """Block 0 of each row zeroes the row's other histogram copy (the next call counts into it); block 0 of
+        row 0 advances the epoch. Nobody reads that copy's values in this call, nor EPOCH[0]."""
+        if blk == 0:
+            q = 1 - p
+            tl.store(CHIST + q * (ROWS * NCB) + row * NCB + tl.arange(0, NCB), tl.zeros([NCB], tl.int32))
             if not EXACT:
-                tl.store(FHIST + row * NFB + tl.arange(0, NFB), tl.zeros([NFB], tl.int32))
-            tl.atomic_xchg(DONE + row, 0, sem="relaxed")
+                tl.store(FHIST + q * (ROWS * NFB) + row * NFB + tl.arange(0, NFB), tl.zeros([NFB], tl.int32))
+            if row == 0:
+                tl.store(EPOCH, e1)
 
     @triton.jit
-    def _emit_kernel(SC, CSUF, CHIST, FSUF, FHIST, DONE, IDX, COUNTS, START, END, FR, N, NBLK, HEAVY, SINK,
+    def _emit_kernel(SC, CSUF, CHIST, FSUF, FHIST, EPOCH, IDX, COUNTS, START, END, FR, N, NBLK, HEAVY, SINK,
                      WINDOW, KTOT, HSEL: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
                      NB: tl.constexpr, NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr,
                      MAXS: tl.constexpr, FRAC: tl.constexpr, EXACT: tl.constexpr, NBLKP: tl.constexpr,
-                     ETILE: tl.constexpr, PREFETCH: tl.constexpr):
+                     ETILE: tl.constexpr):
         blk = tl.program_id(0)
         row = tl.program_id(1)
+        rows_ = tl.num_programs(1)
         b = row // HSEL
-        start, end, lo, hi, sink_c, k = _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC)
         sbase = SC + row.to(tl.int64) * N
-        offs = blk * BLOCK + tl.arange(0, ETILE)  # the first tile's scores, loaded before the threshold is known
-        if PREFETCH:
-            first = tl.load(sbase + offs, mask=(offs >= lo) & (offs < tl.where(k > 0, hi, lo)), other=0)
-        thr, sel, drop = _row_blocks(CSUF, CHIST, FSUF, FHIST, row, NBLK, k, NBLKP, NB, NCB, NFB, SHIFT, MAXS,
-                                     EXACT)
-        if not PREFETCH:
-            first = tl.load(sbase + offs, mask=(offs >= lo) & (offs < tl.where(k > 0, hi, lo)), other=0)
+        # the first tile's scores, loaded first: no load here waits on another (the bytes outside the row's
+        # candidates are never used)
+        offs = blk * BLOCK + tl.arange(0, ETILE)
+        first = tl.load(sbase + offs, mask=offs < N, other=0)
+        e1 = tl.load(EPOCH + 1)
+        p = (e1 - 1) & 1  # this call's histogram copy
+        start, end, lo, hi, sink_c, k = _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC)
+        thr, sel, drop = _row_blocks(CSUF, CHIST, FSUF, FHIST, p, row, rows_, NBLK, k, NBLKP, NB, NCB, NFB, SHIFT,
+                                     MAXS, EXACT)
         blks = tl.arange(0, NBLKP)
         off = sink_c + tl.sum(tl.where(blks < blk, sel, 0), 0)  # first heavy slot of the block
         skip = tl.sum(tl.where(blks == blk, drop, 0), 0)  # the block's first ``skip`` ties are not kept
@@ -409,4 +426,4 @@ if triton is not None:
             for s0 in range(0, KTOT, 1024):  # -1 after the row's last slot (less context than the cache)
                 slots = s0 + tl.arange(0, 1024)
                 tl.store(base + slots, tl.full([1024], -1, tl.int32), mask=(slots >= total) & (slots < KTOT))
-        _release_row(CHIST, FHIST, DONE, row, NBLK, NCB, NFB, EXACT)
+        _clear_other_copy(CHIST, FHIST, EPOCH, e1, p, row, rows_, blk, NCB, NFB, EXACT)
