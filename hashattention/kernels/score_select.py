@@ -136,8 +136,9 @@ def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
         block *= 2
         nblk = triton.cdiv(n, block)
     chist, fhist, epoch = _workspace(dev, r, ncb, nfb)
-    csuf = torch.empty(r, nblk, ncb, dtype=torch.int32, device=dev)
-    fsuf = csuf if exact else torch.empty(r, nblk, nfb, dtype=torch.int32, device=dev)
+    # suffix tables bin-major: the emit step reads one bin of every block of a row as one contiguous run
+    csuf = torch.empty(r, ncb, nblk, dtype=torch.int32, device=dev)
+    fsuf = csuf if exact else torch.empty(r, nfb, nblk, dtype=torch.int32, device=dev)
     scores = torch.empty(r, n, dtype=torch.uint8 if max_score <= 255 else torch.int16, device=dev)
     frac = isinstance(budget.heavy, float)
     fr = _frac_tensor(budget.heavy, dev) if frac else epoch  # unused pointer when a count
@@ -273,11 +274,11 @@ if triton is not None:
             hc = tl.where(bins == 0, hc - outside, hc)
         else:
             hc = tl.where(bins <= (MAXS >> SHIFT), hc, 0)
-        sbase = CSUF + (row * NBLK + blk).to(tl.int64) * NCB
-        tl.store(sbase + bins, tl.cumsum(hc, 0, reverse=True))
+        sbase = CSUF + row.to(tl.int64) * NCB * NBLK + blk  # entry v at sbase + v * NBLK
+        tl.store(sbase + bins * NBLK, tl.cumsum(hc, 0, reverse=True))
         tl.atomic_add(hrow + bins, hc, mask=hc > 0, sem="relaxed")
         if EXACT:  # #(score >= NB) at index NB of the suffix table (and 0 at NB + 1) and of the row histogram
-            tl.store(sbase + NB + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, top, 0))
+            tl.store(sbase + (NB + tl.arange(0, 2)) * NBLK, tl.where(tl.arange(0, 2) == 0, top, 0))
             tl.atomic_add(hrow + NB, top, mask=top > 0, sem="relaxed")
 
     @triton.jit
@@ -302,7 +303,7 @@ if triton is not None:
             hf += tl.histogram(tl.where(inbin, score & ((1 << SHIFT) - 1), NFB - 1), NFB)
         bins = tl.arange(0, NFB)
         hf = tl.where(bins < (1 << SHIFT), hf, 0)
-        tl.store(FSUF + (row * NBLK + blk).to(tl.int64) * NFB + bins, tl.cumsum(hf, 0, reverse=True))
+        tl.store(FSUF + row.to(tl.int64) * NFB * NBLK + blk + bins * NBLK, tl.cumsum(hf, 0, reverse=True))
         tl.atomic_add(FHIST + p * (rows_ * NFB) + row * NFB + bins, hf, mask=hf > 0, sem="relaxed")
 
     @triton.jit
@@ -326,20 +327,20 @@ if triton is not None:
         ties at t it drops (the row keeps the most recent ties), from the row histograms and suffix tables."""
         blks = tl.arange(0, NBLKP)
         bm = blks < NBLK
-        cs = CSUF + (row * NBLK + blks).to(tl.int64) * NCB
+        cs = CSUF + row.to(tl.int64) * NCB * NBLK + blks  # bin v of every block: cs + v * NBLK
         if EXACT:
             thr, above_row = _threshold_exact(CHIST + row * NCB, ROWS * NCB, p, NB, k)
-            at_t = tl.load(cs + thr, mask=bm, other=0)
-            above = tl.load(cs + thr + 1, mask=bm, other=0)  # index NB + 1 holds 0
+            at_t = tl.load(cs + thr * NBLK, mask=bm, other=0)
+            above = tl.load(cs + (thr + 1) * NBLK, mask=bm, other=0)  # index NB + 1 holds 0
         else:  # t = c << SHIFT | f: the coarse bin, then the fine part inside it
             c, above_c = _top_bin(CHIST + row * NCB, ROWS * NCB, p, NCB, MAXS >> SHIFT, k)
             f, above_f = _top_bin(FHIST + row * NFB, ROWS * NFB, p, NFB, (1 << SHIFT) - 1, k - above_c)
             thr = (c << SHIFT) + f
             above_row = above_c + above_f
-            fs = FSUF + (row * NBLK + blks).to(tl.int64) * NFB
-            above_cb = tl.load(cs + c + 1, mask=bm, other=0)  # c + 1 <= NCB - 1
-            at_t = above_cb + tl.load(fs + f, mask=bm, other=0)
-            above = above_cb + tl.load(fs + f + 1, mask=bm, other=0)
+            fs = FSUF + row.to(tl.int64) * NFB * NBLK + blks
+            above_cb = tl.load(cs + (c + 1) * NBLK, mask=bm, other=0)  # c + 1 <= NCB - 1
+            at_t = above_cb + tl.load(fs + f * NBLK, mask=bm, other=0)
+            above = above_cb + tl.load(fs + (f + 1) * NBLK, mask=bm, other=0)
         need = k - above_row  # ties at the threshold the row keeps
         ties = at_t - above
         ties_after = tl.cumsum(ties, 0, reverse=True) - ties
