@@ -27,17 +27,14 @@ ss = importlib.import_module("hashattention.kernels.score_select")
 sd = importlib.import_module("hashattention.kernels.sparse_decode")
 
 # name, score_select overrides, sparse_decode overrides
-# name, score_select overrides, sparse_decode overrides[, "base": score_select from --base instead]
+# name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
     ("default", {}, {}),
-    ("base", {}, {}, "base"),
-    ("count_tile2048", {"tile": 2048}, {}),
-    ("count_tile4096", {"tile": 4096}, {}),
-    ("count_warps8", {"num_warps": 8}, {}),
-    ("count_pps4", {"programs_per_sm": 4}, {}),
-    ("count_pps16", {"programs_per_sm": 16}, {}),
+    ("epoch (01a5848)", {}, {}, "epoch"),
+    ("binmajor (fc97cea)", {}, {}, "binmajor"),
     ("default_again", {}, {}),
-    ("base_again", {}, {}, "base"),
+    ("epoch_again", {}, {}, "epoch"),
+    ("binmajor_again", {}, {}, "binmajor"),
 ]
 
 
@@ -47,13 +44,15 @@ def main():
     ap.add_argument("--rep", type=int, default=50)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="")
-    ap.add_argument("--base", default="", help="another score_select.py (e.g. the last commit's) for 'base' rows")
+    ap.add_argument("--base", action="append", default=[],
+                    help="NAME=PATH: another score_select.py (e.g. an earlier commit's) for the variants named NAME")
     args = ap.parse_args()
     mods = {"": ss}
-    if args.base:  # loaded as a sibling module, so its relative imports resolve
-        spec = importlib.util.spec_from_file_location("hashattention.kernels._ab_base", args.base)
-        mods["base"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mods["base"])
+    for item in args.base:  # loaded as sibling modules, so their relative imports resolve
+        name, path = item.split("=", 1)
+        spec = importlib.util.spec_from_file_location(f"hashattention.kernels._ab_{name}", path)
+        mods[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mods[name])
     dev = torch.device("cuda")
     measure = _timer(args.rep, True)
     hq, hkv, d = 32, 8, 128

@@ -255,11 +255,12 @@ if triton is not None:
         top = blk * 0  # exact: candidates scoring NB (they share the top bin with NB - 1)
         outside = blk * 0  # exact: tokens that are not candidates (counted in bin 0, taken out below)
         sbase = SC + row.to(tl.int64) * N
-        # no branch around the loads: masked lanes cost nothing, and the loop stays pipelined
+        # no branch around the loads, and their mask is the cache's bounds, not the row's: the signature loads
+        # need not wait for the row bounds, and the loop stays pipelined (non-candidates are masked below)
         for t in range(0, BLOCK, TILE):
             offs = blk * BLOCK + t + tl.arange(0, TILE)
             cand = (offs >= lo) & (offs < hi)
-            score = _block_scores(QS, KS, b, hs, offs, cand, sq_b, sq_h, sk_b, sk_h, sk_n, G, GS, KEY_PER_Q,
+            score = _block_scores(QS, KS, b, hs, offs, offs < N, sq_b, sq_h, sk_b, sk_h, sk_n, G, GS, KEY_PER_Q,
                                   W, HW)
             tl.store(sbase + offs, score.to(SC.dtype.element_ty), mask=cand)
             if EXACT:
