@@ -30,11 +30,12 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
     ("default", {}, {}),
-    ("epoch (01a5848)", {}, {}, "epoch"),
-    ("binmajor (fc97cea)", {}, {}, "binmajor"),
+    ("att_pps3", {}, {"programs_per_sm": 3}),
+    ("att_pps3_floor", {}, {"programs_per_sm": 3, "split_floor": True}),
+    ("att_pps2", {}, {"programs_per_sm": 2}),
+    ("att_pps2_floor", {}, {"programs_per_sm": 2, "split_floor": True}),
+    ("att_pps3_floor_again", {}, {"programs_per_sm": 3, "split_floor": True}),
     ("default_again", {}, {}),
-    ("epoch_again", {}, {}, "epoch"),
-    ("binmajor_again", {}, {}, "binmajor"),
 ]
 
 

@@ -115,8 +115,8 @@ def tune_decode(q, kc, vc, idx, counts, measure, log) -> dict:
     """Time kernel 2 under a few launch shapes on one case; keep the fastest in sparse_decode.CONFIG."""
     sd = sys.modules["hashattention.kernels.sparse_decode"]  # the module (the package exports the function)
     base = dict(sd.CONFIG)
-    shapes = [(64, 4, 3, 4), (32, 4, 3, 4), (64, 4, 2, 4), (64, 4, 4, 4), (64, 8, 3, 4), (128, 8, 3, 4),
-              (64, 4, 3, 2), (64, 4, 3, 8), (32, 4, 4, 8), (16, 4, 4, 8)]
+    shapes = [(64, 4, 2, 3), (64, 4, 2, 4), (64, 4, 3, 3), (32, 4, 3, 4), (64, 4, 4, 4), (64, 8, 3, 4),
+              (128, 8, 3, 4), (64, 4, 2, 2), (64, 4, 3, 8), (32, 4, 4, 8)]
     results = []
     for bn, nw, ns, pps in shapes:
         sd.CONFIG.update(block_n=bn, num_warps=nw, num_stages=ns, programs_per_sm=pps)

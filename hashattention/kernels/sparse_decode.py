@@ -24,11 +24,15 @@ from .reference import sparse_decode_reference
 DTYPES = (torch.bfloat16, torch.float16)
 
 #: launch shape (the benchmark may retune these): rows per step, warps, pipeline depth (2: ~1 us faster than 3
-#: at 512K on an H200, kernel_ab_h200_s5f; 1 slower, kernel_ab_h200_s6c), programs per SM
+#: at 512K on an H200, kernel_ab_h200_s5f; 1 slower, kernel_ab_h200_s6c), programs per SM: 3, as many as are
+#: resident at once, so the splits run in one wave (H200, kernel_ab_h200_s6g: 512K 33.9 vs 36.4 us with 4,
+#: 128K x 8 53.2 vs 60.2; 2 is slower at 512K); dense_decode keeps 4 (mixed there: 128K x 4 500 vs 514 us,
+#: SmolLM2 shapes x 8 27.7 vs 26.3; dense_decode_pps_h200_s6.txt)
 #: max_splits: splits of one row's list (the merge holds them all in one tile). It binds only when there are
 #: few rows: 128 keeps dense_decode as fast as the engine's former kernel with 3 KV heads (SmolLM2; 64: 14%
 #: slower at 8K, dense_decode_ab_h200_s6.txt); Llama-8B shapes (8 rows) get 66 splits either way.
-CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4, "max_splits": 128}
+CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 3, "dense_programs_per_sm": 4,
+          "max_splits": 128}
 
 
 def check_decode_args(q, k_cache, v_cache, idx, counts, kernel: bool = True):
@@ -105,7 +109,8 @@ def _decode(q, k_cache, v_cache, idx, counts, kmax: int, scale):
     bn = cfg["block_n"]
     nblocks = max(1, triton.cdiv(kmax, bn))
     # enough programs to fill the GPU; at most max_splits so the merge holds all splits in one tile
-    splits = max(1, min(nblocks, cfg["max_splits"], triton.cdiv(cfg["programs_per_sm"] * num_sms(q.device), r)))
+    pps = cfg["dense_programs_per_sm"] if idx is None else cfg["programs_per_sm"]
+    splits = max(1, min(nblocks, cfg["max_splits"], triton.cdiv(pps * num_sms(q.device), r)))
     split = triton.cdiv(nblocks, splits) * bn
     splits = max(1, triton.cdiv(kmax, split))
     dev = q.device
