@@ -30,11 +30,11 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
     ("default", {}, {}),
-    ("att_pps3", {}, {"programs_per_sm": 3}),
-    ("att_pps3_floor", {}, {"programs_per_sm": 3, "split_floor": True}),
-    ("att_pps2", {}, {"programs_per_sm": 2}),
-    ("att_pps2_floor", {}, {"programs_per_sm": 2, "split_floor": True}),
-    ("att_pps3_floor_again", {}, {"programs_per_sm": 3, "split_floor": True}),
+    ("emit8192_w8", {"max_block": 8192, "emit_tile": 8192, "emit_warps": 8}, {}),
+    ("emit16384_w16", {"max_block": 16384, "emit_tile": 16384, "emit_warps": 16}, {}),
+    ("pps2_emit8192_w8", {"programs_per_sm": 2, "max_block": 8192, "emit_tile": 8192, "emit_warps": 8}, {}),
+    ("pps2_emit16384_w16", {"programs_per_sm": 2, "max_block": 16384, "emit_tile": 16384, "emit_warps": 16}, {}),
+    ("pps4_emit8192_w8", {"programs_per_sm": 4, "max_block": 8192, "emit_tile": 8192, "emit_warps": 8}, {}),
     ("default_again", {}, {}),
 ]
 
