@@ -4,12 +4,13 @@ process, each variant's index lists checked against the PyTorch reference.
     python3 bench/kernel_ab.py --out bench/results --tag h200_s6c
 
 Times: median of triton do_bench over CUDA-graph replays, L2 flushed (hashattention.benchmarks.attention).
-Writes kernel_ab_<tag>.{json,md}. The list below is what kernel_ab_h200_s6c measured (kernel 2: pipeline depth,
-rows per step, programs per SM, warps; none faster than the defaults). Earlier runs measured, with the
-list of their time: s5c/d (script at commit 45f19be) programmatic dependent launch, carry-save popcounts, the
-emit step fused into kernel 2; s5e-h the exact histogram, emit tiles/warps/prefetch, index prefetch;
-s6a/b count and emit as one cooperative launch with a grid barrier (its code was not kept: no faster,
-see attention_notes_h100.md and launch_overhead_h200_s6b.json).
+Writes kernel_ab_<tag>.{json,md}. The list below is what kernel_ab_h200_s6h measured (emit tiles and warps:
+none faster than the defaults). Earlier runs, each with the list of its time: s5c/d (script at commit 45f19be)
+programmatic dependent launch, carry-save popcounts, the emit step fused into kernel 2; s5e-h the exact
+histogram, emit tiles/warps/prefetch, index prefetch; s6a/b count and emit as one cooperative launch with a grid
+barrier (its code was not kept: no faster, see attention_notes_h100.md and launch_overhead_h200_s6b.json);
+s6c kernel 2 shapes; s6d/e (with --base, the previous commit's score_select.py) the histogram epoch and the
+bin-major suffix tables; s6f/g kernel 2 programs per SM.
 """
 import argparse
 import importlib

@@ -123,6 +123,32 @@ def test_score_select_blocks_and_tiles(tile, max_block, num_warps, exact_max, mo
 
 
 @inproc
+def test_score_select_recovers_after_a_failed_launch(monkeypatch):
+    """If the emit launch fails after the count launch has filled a histogram copy (say, it does not compile),
+    the error propagates and the workspace is left clean: the next call is right."""
+    ss = sys.modules["hashattention.kernels.score_select"]
+    gen = torch.Generator().manual_seed(17)
+    q_sig, k_sig = _sigs(1, 4, 1, 300, 1, gen)
+    st, ln = torch.tensor([0], device=DEV), torch.tensor([300], device=DEV)
+    budget = ha.Budget(heavy=1 / 8, sink=2, window=2)
+    want = K.score_select_reference(q_sig, k_sig, st, ln, budget, 1, True)
+
+    class Failing:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                raise RuntimeError("emit launch failed")
+            return launch
+    emit = ss._emit_kernel
+    monkeypatch.setattr(ss, "_emit_kernel", Failing())
+    with pytest.raises(RuntimeError, match="emit launch failed"):
+        K.score_select(q_sig, k_sig, st, ln, budget, 1, True)
+    monkeypatch.setattr(ss, "_emit_kernel", emit)
+    for _ in range(2):
+        got = K.score_select(q_sig, k_sig, st, ln, budget, 1, True)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@inproc
 @pytest.mark.parametrize("exact_max", [256, 0])
 def test_score_select_threshold_at_the_top_scores(exact_max, monkeypatch):
     """Keys equal to the query (score = the largest possible, which shares the exact histogram's top bin

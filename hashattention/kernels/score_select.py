@@ -146,17 +146,21 @@ def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
     common = dict(HSEL=hsel, BLOCK=block, TILE=tile, NB=nb, NCB=ncb, NFB=nfb, SHIFT=shift, MAXS=max_score,
                   FRAC=frac, EXACT=exact, num_warps=cfg["num_warps"], num_stages=3)
     rows = (starts, lengths, fr, n, nblk, heavy, budget.sink, budget.window)
-    _count_kernel[(nblk, r)](q_sig, k_sig, scores, csuf, chist, epoch, *rows, q_sig.stride(0), q_sig.stride(1),
-                             k_sig.stride(0), k_sig.stride(1), k_sig.stride(2), G=g, GS=gs,
-                             KEY_PER_Q=hs != num_kv_heads, W=w, HW=not INTERPRET, **common)
-    if not exact:
-        _refine_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, epoch, *rows, **common)
     k_total = budget.total(n)
     idx = torch.empty(b, hsel, max(k_total, 1), dtype=torch.int32, device=dev)
     counts = torch.empty(b, dtype=torch.int32, device=dev)
-    _emit_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, epoch, idx, counts, *rows, k_total,
-                            NBLKP=next_pow2(nblk), ETILE=min(block, next_pow2(cfg["emit_tile"])),
-                            **{**common, "num_warps": cfg["emit_warps"]})
+    try:
+        _count_kernel[(nblk, r)](q_sig, k_sig, scores, csuf, chist, epoch, *rows, q_sig.stride(0),
+                                 q_sig.stride(1), k_sig.stride(0), k_sig.stride(1), k_sig.stride(2), G=g, GS=gs,
+                                 KEY_PER_Q=hs != num_kv_heads, W=w, HW=not INTERPRET, **common)
+        if not exact:
+            _refine_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, epoch, *rows, **common)
+        _emit_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, epoch, idx, counts, *rows, k_total,
+                                NBLKP=next_pow2(nblk), ETILE=min(block, next_pow2(cfg["emit_tile"])),
+                                **{**common, "num_warps": cfg["emit_warps"]})
+    except BaseException:  # e.g. a later kernel failing to compile: the counted copy must not stay dirty
+        _WORKSPACE[(str(dev), r, ncb, nfb)].zero_()  # in place: captured CUDA graphs keep their pointers
+        raise
     if k_total == 0:
         idx = idx[..., :0]
     return idx, counts
