@@ -30,7 +30,7 @@ DTYPES = (torch.bfloat16, torch.float16)
 #: SmolLM2 shapes x 8 27.7 vs 26.3; dense_decode_pps_h200_s6.txt)
 #: max_splits: splits of one row's list (the merge holds them all in one tile). It binds only when there are
 #: few rows: 128 keeps dense_decode as fast as the engine's former kernel with 3 KV heads (SmolLM2; 64: 14%
-#: slower at 8K, dense_decode_ab_h200_s6.txt); Llama-8B shapes (8 rows) get 66 splits either way.
+#: slower at 8K, dense_decode_ab_h200_s6.txt); Llama-8B shapes (8 rows) get at most 66 either way.
 CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 3, "dense_programs_per_sm": 4,
           "max_splits": 128}
 
