@@ -4,13 +4,14 @@ process, each variant's index lists checked against the PyTorch reference.
     python3 bench/kernel_ab.py --out bench/results --tag h200_s6c
 
 Times: median of triton do_bench over CUDA-graph replays, L2 flushed (hashattention.benchmarks.attention).
-Writes kernel_ab_<tag>.{json,md}. The list below is what kernel_ab_h200_s6h measured (emit tiles and warps:
-none faster than the defaults). Earlier runs, each with the list of its time: s5c/d (script at commit 45f19be)
+Writes kernel_ab_<tag>.{json,md}. Runs, each with the list of its time: s6h emit tiles and warps (none faster
+than the defaults). Earlier runs, each with the list of its time: s5c/d (script at commit 45f19be)
 programmatic dependent launch, carry-save popcounts, the emit step fused into kernel 2; s5e-h the exact
 histogram, emit tiles/warps/prefetch, index prefetch; s6a/b count and emit as one cooperative launch with a grid
 barrier (its code was not kept: no faster, see attention_notes_h100.md and launch_overhead_h200_s6b.json);
 s6c kernel 2 shapes; s6d/e (with --base, the previous commit's score_select.py) the histogram epoch and the
-bin-major suffix tables; s6f/g kernel 2 programs per SM.
+bin-major suffix tables; s6f/g kernel 2 programs per SM; s6i vector stores of the score bytes (no change, not
+kept; the list is that run's).
 """
 import argparse
 import importlib
@@ -31,12 +32,9 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
     ("default", {}, {}),
-    ("emit8192_w8", {"max_block": 8192, "emit_tile": 8192, "emit_warps": 8}, {}),
-    ("emit16384_w16", {"max_block": 16384, "emit_tile": 16384, "emit_warps": 16}, {}),
-    ("pps2_emit8192_w8", {"programs_per_sm": 2, "max_block": 8192, "emit_tile": 8192, "emit_warps": 8}, {}),
-    ("pps2_emit16384_w16", {"programs_per_sm": 2, "max_block": 16384, "emit_tile": 16384, "emit_warps": 16}, {}),
-    ("pps4_emit8192_w8", {"programs_per_sm": 4, "max_block": 8192, "emit_tile": 8192, "emit_warps": 8}, {}),
+    ("head (3538f50)", {}, {}, "head"),
     ("default_again", {}, {}),
+    ("head_again", {}, {}, "head"),
 ]
 
 
