@@ -32,6 +32,24 @@ def tiny_model(kind: str = "llama", layers: int = 2, heads: int = 6, kv_heads: i
     return model
 
 
+def engine_beside_hf(batch: int = 2, prompt: int = 60, cache: int = 80):
+    """A tiny HF model, prompts, a small budget, random maps, and the engine built from that model with hash
+    caches set up: what the engine-vs-integration comparisons start from. Returns (hf, ids, budget, maps,
+    engine)."""
+    from hashattention.core.budget import Budget
+    from hashattention.core.maps import HashMaps
+    from hashattention.engine import Transformer
+    from hashattention.weights import maps_config_for
+    hf = tiny_model("llama", layers=2)
+    torch.manual_seed(3)
+    ids = torch.randint(3, 97, (batch, prompt))
+    bud = Budget(heavy=1 / 4, sink=4, window=4)
+    maps = HashMaps(maps_config_for(hf.config))
+    m = Transformer.from_hf(hf)
+    m.setup_caches(batch, cache, maps=maps, budget=bud)
+    return hf, ids, bud, maps, m
+
+
 @pytest.fixture
 def tiny():
     return tiny_model

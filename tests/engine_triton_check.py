@@ -10,13 +10,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 DEV = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 assert DEV == "cpu" or torch.cuda.is_available(), "without CUDA, run with TRITON_INTERPRET=1"
 torch.set_default_device(DEV)
-from conftest import tiny_model  # noqa: E402
+from conftest import engine_beside_hf  # noqa: E402
 from hashattention import HashAttentionPolicy, enable  # noqa: E402
-from hashattention.core.budget import Budget  # noqa: E402
 from hashattention.core.maps import HashMaps, MapsConfig  # noqa: E402
-from hashattention.engine import Generator, Transformer, kernels as K  # noqa: E402
+from hashattention.engine import Generator, kernels as K  # noqa: E402
 from hashattention.engine.model import _rms_norm, _rotate_half  # noqa: E402
-from hashattention.weights import maps_config_for  # noqa: E402
 
 torch.manual_seed(0)
 # dense decode attention
@@ -57,13 +55,7 @@ x4 = qkv.view(2, hq + 2 * hkv, d)
 ref = x4[:, :hq + hkv] * cos + _rotate_half(x4[:, :hq + hkv]) * sin
 assert torch.allclose(qk, ref, atol=1e-6) and torch.equal(kc[:, :, 5], qk[:, hq:]) and torch.equal(vc[:, :, 5], x4[:, hq + hkv:])
 # the whole engine on the Triton path: the HF integration's tokens
-hf = tiny_model("llama", layers=2)
-torch.manual_seed(3)
-ids = torch.randint(3, 97, (2, 60))
-bud = Budget(heavy=1 / 4, sink=4, window=4)
-maps = HashMaps(maps_config_for(hf.config))
-m = Transformer.from_hf(hf)
-m.setup_caches(2, 80, maps=maps, budget=bud)
+hf, ids, bud, maps, m = engine_beside_hf()
 with enable(hf, HashAttentionPolicy(maps, bud, per_group=True), mode="decode"):
     ref = hf.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)[:, 60:]
 dense_ref = hf.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False)[:, 60:]

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import engine_beside_hf, tiny_model
 from hashattention import HashAttentionPolicy, enable
 from hashattention.core.budget import Budget
 from hashattention.core.maps import HashMaps
@@ -52,13 +52,7 @@ def test_tied_embeddings_match_hf():
 
 def test_hash_matches_hf_integration_small_budget():
     """With a budget far below the context the engine reads exactly what the HF integration reads."""
-    hf = tiny_model("llama", layers=2)
-    torch.manual_seed(3)
-    ids = torch.randint(3, 97, (2, 60))
-    bud = Budget(heavy=1 / 4, sink=4, window=4)
-    maps = HashMaps(maps_config_for(hf.config))
-    m = Transformer.from_hf(hf)
-    m.setup_caches(2, 80, maps=maps, budget=bud)
+    hf, ids, bud, maps, m = engine_beside_hf()
     with enable(hf, HashAttentionPolicy(maps, bud, per_group=True), mode="decode"):
         ref = _hf_greedy(hf, ids, 16)
     dense = _hf_greedy(hf, ids, 16)

@@ -111,11 +111,7 @@ class Generator:
         """Greedy continuation of equal-length prompts input_ids [B, T]: returns the new tokens [B, N]."""
         m = self.model
         self._check_mode(mode)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, tokens], got {tuple(input_ids.shape)}")
-        b, t = input_ids.shape
-        if b != m.batch:
-            raise CacheError(f"the caches were set up for batch {m.batch}, got {b} prompts")
+        _, t = m.check_prompts(input_ids)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if t + max_new_tokens - 1 > m.max_seq_len:

@@ -403,16 +403,21 @@ class Transformer(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(_rms_norm(x, self.norm, self.c.rms_norm_eps)).float()
 
-    @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-        """Dense prefill of equal-length prompts ``input_ids`` [B, T] into empty caches; keys are signed
-        as they are written. Returns the logits of the last position [B, V] (fp32)."""
-        self._check_caches()
+    def check_prompts(self, input_ids: torch.Tensor) -> tuple[int, int]:
+        """input_ids must be [batch, tokens] with the caches' batch; returns (batch, tokens)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got {tuple(input_ids.shape)}")
         b, t = input_ids.shape
         if b != self.batch:
             raise CacheError(f"the caches were set up for batch {self.batch}, got {b} prompts")
+        return b, t
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """Dense prefill of equal-length prompts ``input_ids`` [B, T] into empty caches; keys are signed
+        as they are written. Returns the logits of the last position [B, V] (fp32)."""
+        self._check_caches()
+        _, t = self.check_prompts(input_ids)
         if t < 1:
             raise ValueError("empty prompt")
         if t >= self.max_seq_len:
