@@ -22,7 +22,7 @@ import os
 import torch
 
 from hashattention import Budget
-from hashattention.benchmarks.attention import _device_name, _timer
+from hashattention.benchmarks.attention import _device_name, _timer, kernel_breakdown
 
 # the modules (the package binds these names to functions)
 ss = importlib.import_module("hashattention.kernels.score_select")
@@ -31,10 +31,10 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 # name, score_select overrides, sparse_decode overrides
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
-    ("default", {}, {}),
-    ("head (3538f50)", {}, {}, "head"),
+    ("default (short lists: 32-row steps, merge slices)", {}, {}),
+    ("before (s6 shapes)", {}, {"short_max_steps": 0, "combine_cols": 128}),
     ("default_again", {}, {}),
-    ("head_again", {}, {}, "head"),
+    ("before_again", {}, {"short_max_steps": 0, "combine_cols": 128}),
 ]
 
 
@@ -44,6 +44,10 @@ def main():
     ap.add_argument("--rep", type=int, default=50)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--kernels", action="store_true", help="also each kernel's device time (torch profiler)")
+    ap.add_argument("--chain", type=int, default=0,
+                    help="also time L calls in one CUDA graph on L copies of the caches (per call: as the layers "
+                         "of a decode step run them, without one graph launch per call)")
     ap.add_argument("--base", action="append", default=[],
                     help="NAME=PATH: another score_select.py (e.g. an earlier commit's) for the variants named NAME")
     args = ap.parse_args()
@@ -73,6 +77,11 @@ def main():
         ln = torch.full((b,), n, dtype=torch.int32, device=dev)
         sdpa, _ = measure(lambda: torch.nn.functional.scaled_dot_product_attention(
             q[:, :, None], kc, vc, enable_gqa=True))
+        chain, sdpa_chain = [], None
+        if args.chain:  # L copies (L2 holds none of them when its call comes)
+            chain = [(kc.clone(), vc.clone(), k_sig.clone()) for _ in range(args.chain)]
+            sdpa_chain, _ = measure(lambda: [torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, None], kc_, vc_, enable_gqa=True) for kc_, vc_, _ in chain])
         ref = sd.sparse_decode(q, kc, vc, *ss.score_select(q_sig, k_sig, st, ln, budget, hkv, True))
         ref_idx = ss.score_select_reference(q_sig, k_sig, st, ln, budget, hkv, True)[0]
         for name, sel_cfg, att_cfg, *which in VARIANTS:
@@ -92,6 +101,19 @@ def main():
                 r = {"case": case, "variant": name, "sdpa_us": sdpa * 1e3, "select_us": t_sel * 1e3,
                      "attention_us": t_att * 1e3, "two_kernels_us": t_two * 1e3, "rel_diff_vs_default": err,
                      "idx_equals_reference": bool(torch.equal(idx, ref_idx))}
+                if args.kernels:
+                    r["kernels_us"] = {k.split("(")[0][:40]: round(v, 2) for k, v in kernel_breakdown(
+                        lambda: sd.sparse_decode(q, kc, vc, *m.score_select(q_sig, k_sig, st, ln, budget, hkv,
+                                                                            True), check=False),
+                        lambda s: None).items()}
+                    print(f"{case:8s} {name:26s} kernels {r['kernels_us']}", flush=True)
+                if chain:
+                    t_chain, _ = measure(lambda: [sd.sparse_decode(q, kc_, vc_, *m.score_select(
+                        q_sig, ks_, st, ln, budget, hkv, True), check=False) for kc_, vc_, ks_ in chain])
+                    r["chain_us"] = t_chain * 1e3 / len(chain)
+                    r["sdpa_chain_us"] = sdpa_chain * 1e3 / len(chain)
+                    print(f"{case:8s} {name:26s} per call in a chain of {len(chain)}: {r['chain_us']:.1f} us, "
+                          f"SDPA {r['sdpa_chain_us']:.1f} (x{sdpa_chain / t_chain:.2f})", flush=True)
             except Exception as e:  # a launch option the machine refuses: say so, go on
                 print(f"{case} {name}: failed {type(e).__name__}: {e}", flush=True)
                 rows.append({"case": case, "variant": name, "failed": f"{type(e).__name__}: {e}"})
@@ -101,7 +123,7 @@ def main():
                   f"2k {r['two_kernels_us']:6.1f} | sdpa {r['sdpa_us']:7.1f} (x{sdpa / t_two:.2f}) diff {err:.1e} "
                   f"idx==ref {r['idx_equals_reference']}",
                   flush=True)
-        del kc, vc
+        del kc, vc, chain
         torch.cuda.empty_cache()
     for k, m in mods.items():
         m.CONFIG.update(base_cfg[k])

@@ -221,9 +221,14 @@ def test_sparse_decode_matches_reference(g, per_group, dtype):
     assert idx.shape[1] == hsel
     ref = K.sparse_decode_reference(q.double(), kc.double(), vc.double(), idx, counts, scale=0.1)
     sd = sys.modules["hashattention.kernels.sparse_decode"]
-    for cfg in ({}, {"block_n": 16, "programs_per_sm": 64}):  # a few splits; many (up to max_splits)
+    # the default shapes (a short list: short steps); many splits of the base shape (up to max_splits); a GPU
+    # of many SMs (the merge then works on column slices of 16)
+    for cfg, sms in (({}, None), ({"block_n": 16, "programs_per_sm": 64, "short_max_steps": 0}, None),
+                     ({"combine_cols": 16}, 4096)):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(sd, "CONFIG", dict(sd.CONFIG, **cfg))
+            if sms:
+                mp.setattr(sd, "num_sms", lambda dev: sms)
             out = K.sparse_decode(q, kc, vc, idx, counts, scale=0.1)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert torch.isfinite(out).all() and err < (2e-2 if dtype == torch.bfloat16 else 2e-3), (cfg, err)
@@ -233,7 +238,8 @@ def test_sparse_decode_matches_reference(g, per_group, dtype):
 def test_sparse_decode_more_than_64_splits(monkeypatch):
     """max_splits 128: the merge holds 65..128 splits in one tile (8 warps)."""
     sd = sys.modules["hashattention.kernels.sparse_decode"]
-    monkeypatch.setattr(sd, "CONFIG", dict(sd.CONFIG, block_n=16, programs_per_sm=256, max_splits=128))
+    monkeypatch.setattr(sd, "CONFIG", dict(sd.CONFIG, block_n=16, programs_per_sm=256, max_splits=128,
+                                           short_max_steps=0))
     torch.manual_seed(3)
     b, hkv, g, n, d = 1, 1, 4, 2500, 32
     q = torch.randn(b, hkv * g, d, dtype=torch.bfloat16, device=DEV)

@@ -32,7 +32,15 @@ DTYPES = (torch.bfloat16, torch.float16)
 #: few rows: 128 keeps dense_decode as fast as the engine's former kernel with 3 KV heads (SmolLM2; 64: 14%
 #: slower at 8K, dense_decode_ab_h200_s6.txt); Llama-8B shapes (8 rows) get at most 66 either way.
 CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 3, "dense_programs_per_sm": 4,
-          "max_splits": 128}
+          "max_splits": 128, "short_block_n": 32, "short_programs_per_sm": 6, "short_max_steps": 4,
+          "combine_cols": 32}
+#: short lists (sparse only): when a split would take at most short_max_steps steps of block_n rows, steps of
+#: short_block_n rows and short_programs_per_sm programs per SM instead (twice the programs for the same bytes;
+#: H200, kernel_ab_h200_s7e: 128K x 1 30.3 vs 31.7 us, 512K x 1 68.9 vs 69.5 (6 steps), 128K x 8 (10 steps)
+#: 1.6 us slower, so long splits keep the default shape).
+#: combine_cols: the merge splits head_dim into slices down to this many columns while its programs stay
+#: within one per SM (batch 1: 4x the programs; 16K merge 1.6 vs 2.1 us, and with the short shape's 2x splits
+#: 2.3 vs 3.6 us at 128K)
 
 
 def check_decode_args(q, k_cache, v_cache, idx, counts, kernel: bool = True):
@@ -106,13 +114,12 @@ def _decode(q, k_cache, v_cache, idx, counts, kmax: int, scale):
     scale = d ** -0.5 if scale is None else float(scale)
     r = b * hsel
     cfg = CONFIG
-    bn = cfg["block_n"]
-    nblocks = max(1, triton.cdiv(kmax, bn))
-    # enough programs to fill the GPU; at most max_splits so the merge holds all splits in one tile
-    pps = cfg["dense_programs_per_sm"] if idx is None else cfg["programs_per_sm"]
-    splits = max(1, min(nblocks, cfg["max_splits"], triton.cdiv(pps * num_sms(q.device), r)))
-    split = triton.cdiv(nblocks, splits) * bn
-    splits = max(1, triton.cdiv(kmax, split))
+    bn, pps = cfg["block_n"], cfg["dense_programs_per_sm"] if idx is None else cfg["programs_per_sm"]
+    steps, splits = _split_shape(kmax, r, bn, pps, q.device)
+    if idx is not None and steps <= cfg["short_max_steps"]:
+        bn, pps = cfg["short_block_n"], cfg["short_programs_per_sm"]
+        steps, splits = _split_shape(kmax, r, bn, pps, q.device)
+    split = steps * bn
     dev = q.device
     o_part = torch.empty(r, splits, gp, d, dtype=torch.float32, device=dev)
     ml_part = torch.empty(r, splits, 2, gp, dtype=torch.float32, device=dev)
@@ -126,9 +133,22 @@ def _decode(q, k_cache, v_cache, idx, counts, kmax: int, scale):
         splits, HSEL=hsel, G=g, GQ=gq, GP=gp, D=d, BLOCK_N=bn, DENSE=dense,
         DOT_F32=INTERPRET or q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     sp = next_pow2(splits)
-    _combine_kernel[(r, gq)](o_part, ml_part, out, out.stride(0), out.stride(1), splits,
-                             HSEL=hsel, GQ=gq, GP=gp, D=d, SP=sp, num_warps=4 if sp <= 64 else 8)
+    dc = d
+    while dc > cfg["combine_cols"] and r * gq * (2 * d // dc) <= num_sms(dev):
+        dc //= 2
+    _combine_kernel[(r, gq, d // dc)](o_part, ml_part, out, out.stride(0), out.stride(1), splits,
+                                      HSEL=hsel, GQ=gq, GP=gp, D=d, DC=dc, SP=sp,
+                                      num_warps=4 if sp * dc <= 64 * 128 else 8)
     return out
+
+
+def _split_shape(kmax: int, rows: int, bn: int, pps: int, device) -> tuple[int, int]:
+    """Steps of bn rows per split and the number of splits of a list of kmax: enough programs to fill the GPU
+    (pps per SM), at most max_splits so the merge holds all splits in one tile."""
+    nblocks = max(1, triton.cdiv(kmax, bn))
+    splits = max(1, min(nblocks, CONFIG["max_splits"], triton.cdiv(pps * num_sms(device), rows)))
+    steps = triton.cdiv(nblocks, splits)
+    return steps, max(1, triton.cdiv(kmax, steps * bn))
 
 
 if triton is not None:
@@ -190,15 +210,15 @@ if triton is not None:
 
     @triton.jit
     def _combine_kernel(OP, MLP, OUT, so_b, so_h, SPLITS, HSEL: tl.constexpr, GQ: tl.constexpr,
-                        GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr):
-        # one program per (row, query head): all splits in one [SP, D] tile, so a single round trip
+                        GP: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, SP: tl.constexpr):
+        # one program per (row, query head, DC columns): all splits in one [SP, DC] tile, so a single round trip
         row = tl.program_id(0)
         gi = tl.program_id(1)
         b = row // HSEL
         qh = (row % HSEL) * GQ + gi
         sp = tl.arange(0, SP)
         smask = sp < SPLITS
-        cols = tl.arange(0, D)
+        cols = tl.program_id(2) * DC + tl.arange(0, DC)
         base = row * SPLITS + sp
         m = tl.load(MLP + (base * 2) * GP + gi, mask=smask, other=float("-inf"))
         lsum = tl.load(MLP + (base * 2 + 1) * GP + gi, mask=smask, other=0.0)
