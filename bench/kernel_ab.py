@@ -11,7 +11,12 @@ histogram, emit tiles/warps/prefetch, index prefetch; s6a/b count and emit as on
 barrier (its code was not kept: no faster, see attention_notes_h100.md and launch_overhead_h200_s6b.json);
 s6c kernel 2 shapes; s6d/e (with --base, the previous commit's score_select.py) the histogram epoch and the
 bin-major suffix tables; s6f/g kernel 2 programs per SM; s6i vector stores of the score bytes (no change, not
-kept; the list is that run's).
+kept; the list is that run's). Session 7 (--kernels adds each kernel's device time, --chain L the time per call
+in a chain of L calls): s7a count-step prefetch (branch exp/count-prefetch, with --base), s7b/c the plan written
+by the last count block (branch exp/plan, with --base), s7d/e kernel 2 shapes and merge column slices, s7f the
+kept short-list shape (the list above), s7g several emit blocks per program, s7h a one-count emit path for the
+blocks that keep all or none of their ties (none of s7a-c, g, h kept: s7a-c live on their branches, s7g/h are
+described in attention_notes_h100.md, session 7).
 """
 import argparse
 import importlib
