@@ -16,7 +16,8 @@ in a chain of L calls): s7a count-step prefetch (branch exp/count-prefetch, with
 by the last count block (branch exp/plan, with --base), s7d/e kernel 2 shapes and merge column slices, s7f the
 kept short-list shape (the list above), s7g several emit blocks per program, s7h a one-count emit path for the
 blocks that keep all or none of their ties (none of s7a-c, g, h kept: s7a-c live on their branches, s7g/h are
-described in attention_notes_h100.md, session 7).
+described in attention_notes_h100.md, session 7); s7i (with --base, the previous commit) one top-count reduction
+per count block (kept), 16 count programs per SM and kernel 2's short shape up to 6 steps (within noise).
 """
 import argparse
 import importlib
@@ -36,10 +37,12 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 # name, score_select overrides, sparse_decode overrides
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
-    ("default (short lists: 32-row steps, merge slices)", {}, {}),
-    ("before (s6 shapes)", {}, {"short_max_steps": 0, "combine_cols": 128}),
+    ("default (one top-count reduction per block)", {}, {}),
+    ("main (0c432f0)", {}, {}, "main"),
+    ("count 16 programs/SM", {"programs_per_sm": 16}, {}),
+    ("kernel 2 short shape up to 6 steps", {}, {"short_max_steps": 6}),
     ("default_again", {}, {}),
-    ("before_again", {}, {"short_max_steps": 0, "combine_cols": 128}),
+    ("main_again", {}, {}, "main"),
 ]
 
 

@@ -256,7 +256,8 @@ if triton is not None:
             tl.store(EPOCH + 1, e + 1)
         hrow = CHIST + (e & 1) * (tl.num_programs(1) * NCB) + row * NCB  # this call's (zeroed) copy
         hc = tl.zeros([NB], tl.int32)
-        top = blk * 0  # exact: candidates scoring NB (they share the top bin with NB - 1)
+        top_v = tl.zeros([TILE], tl.int32)  # exact: candidates scoring NB (they share the top bin with NB - 1),
+        # per lane: one reduction per block, not one per tile
         outside = blk * 0  # exact: tokens that are not candidates (counted in bin 0, taken out below)
         sbase = SC + row.to(tl.int64) * N
         # no branch around the loads, and their mask is the cache's bounds, not the row's: the signature loads
@@ -269,12 +270,13 @@ if triton is not None:
             tl.store(sbase + offs, score.to(SC.dtype.element_ty), mask=cand)
             if EXACT:
                 hc += tl.histogram(tl.where(cand, tl.minimum(score, NB - 1), 0), NB)
-                top += tl.sum((cand & (score == NB)).to(tl.int32), 0)
+                top_v += (cand & (score == NB)).to(tl.int32)
                 t0 = blk * BLOCK + t  # the candidates of a tile are one range: no reduction needed
                 outside += TILE - tl.maximum(tl.minimum(hi, t0 + TILE) - tl.maximum(lo, t0), 0)
             else:
                 hc += tl.histogram(tl.where(cand, score >> SHIFT, NB - 1), NB)
         bins = tl.arange(0, NB)
+        top = tl.sum(top_v, 0)
         if EXACT:
             hc = tl.where(bins == 0, hc - outside, hc)
         else:
