@@ -17,7 +17,9 @@ by the last count block (branch exp/plan, with --base), s7d/e kernel 2 shapes an
 kept short-list shape (the list above), s7g several emit blocks per program, s7h a one-count emit path for the
 blocks that keep all or none of their ties (none of s7a-c, g, h kept: s7a-c live on their branches, s7g/h are
 described in attention_notes_h100.md, session 7); s7i (with --base, the previous commit) one top-count reduction
-per count block (kept), 16 count programs per SM and kernel 2's short shape up to 6 steps (within noise).
+per count block (kept), 16 count programs per SM and kernel 2's short shape up to 6 steps (within noise);
+s7j (the list above, --base main=c61fc00's file) scores stored as score + 1 / 0 (kept), s7k the same with the
+select only in the tiles that hold non-candidates (--base where=...: equal, not kept).
 """
 import argparse
 import importlib
@@ -37,10 +39,8 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 # name, score_select overrides, sparse_decode overrides
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
-    ("default (one top-count reduction per block)", {}, {}),
-    ("main (0c432f0)", {}, {}, "main"),
-    ("count 16 programs/SM", {"programs_per_sm": 16}, {}),
-    ("kernel 2 short shape up to 6 steps", {}, {"short_max_steps": 6}),
+    ("default (score + 1 / 0: no candidate mask)", {}, {}),
+    ("main (c61fc00)", {}, {}, "main"),
     ("default_again", {}, {}),
     ("main_again", {}, {}, "main"),
 ]

@@ -10,7 +10,8 @@ counts int32 [B]. Same set as :func:`hashattention.core.selection.select` (ties 
 
 Two launches when the largest score fits one histogram (max_score <= CONFIG["exact_max"]: 32-bit signatures
 summed over up to 8 query heads), three otherwise; no sort (R = B * Hsel selection rows, NBLK blocks of BLOCK
-tokens per row). Scores are kept as one byte per token (two when they can exceed 255).
+tokens per row). Scores are kept as score + 1 for a row's heavy candidates and 0 for every other token (so
+the emit step needs no candidate mask), one byte per token (two when score + 1 can exceed 255).
   Exact (two launches): NB = next_pow2(max_score) bins, the top bin holding the values NB - 1 and NB (so a
   score of 32 or 128 needs no doubled histogram) and #(score == NB) counted beside it.
   1. count: per block, bit matches (XOR + popcount, summed over the KV group when shared), the histogram of
@@ -118,6 +119,9 @@ def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
     hsel = num_kv_heads if per_group else hq
     gs = g if per_group else 1  # query heads summed into one selection row
     max_score = 32 * w * gs
+    if max_score + 1 > 32767:
+        raise ValueError(f"{w} signature words summed over {gs} query heads: scores up to {max_score} do not fit "
+                         "the int16 score buffer")
     cfg = CONFIG
     exact = max_score <= cfg["exact_max"]
     if exact:  # one histogram: bins 0..NB-1 (the top one holds NB - 1 and NB), #(score == NB) at index NB
@@ -139,7 +143,7 @@ def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
     # suffix tables bin-major: the emit step reads one bin of every block of a row as one contiguous run
     csuf = torch.empty(r, ncb, nblk, dtype=torch.int32, device=dev)
     fsuf = csuf if exact else torch.empty(r, nfb, nblk, dtype=torch.int32, device=dev)
-    scores = torch.empty(r, n, dtype=torch.uint8 if max_score <= 255 else torch.int16, device=dev)
+    scores = torch.empty(r, n, dtype=torch.uint8 if max_score + 1 <= 255 else torch.int16, device=dev)
     frac = isinstance(budget.heavy, float)
     fr = _frac_tensor(budget.heavy, dev) if frac else epoch  # unused pointer when a count
     heavy = 0 if frac else int(budget.heavy)
@@ -267,7 +271,9 @@ if triton is not None:
             cand = (offs >= lo) & (offs < hi)
             score = _block_scores(QS, KS, b, hs, offs, offs < N, sq_b, sq_h, sk_b, sk_h, sk_n, G, GS, KEY_PER_Q,
                                   W, HW)
-            tl.store(sbase + offs, score.to(SC.dtype.element_ty), mask=cand)
+            # score + 1 for a heavy candidate, 0 for any other token: the emit step then needs no candidate mask,
+            # and the store is a full vector store
+            tl.store(sbase + offs, tl.where(cand, score + 1, 0).to(SC.dtype.element_ty), mask=offs < N)
             if EXACT:
                 hc += tl.histogram(tl.where(cand, tl.minimum(score, NB - 1), 0), NB)
                 top_v += (cand & (score == NB)).to(tl.int32)
@@ -305,7 +311,7 @@ if triton is not None:
         for t in range(0, BLOCK, TILE):
             offs = blk * BLOCK + t + tl.arange(0, TILE)
             cand = (offs >= lo) & (offs < hi)
-            score = tl.load(sbase + offs, mask=cand, other=0).to(tl.int32)
+            score = tl.load(sbase + offs, mask=cand, other=0).to(tl.int32) - 1
             inbin = cand & ((score >> SHIFT) == c)
             hf += tl.histogram(tl.where(inbin, score & ((1 << SHIFT) - 1), NFB - 1), NFB)
         bins = tl.arange(0, NFB)
@@ -355,24 +361,24 @@ if triton is not None:
         return thr, tl.where(k > 0, above + take, 0), ties - take
 
     @triton.jit
-    def _emit_block(sbase, base, blk, start, end, lo, hi, sink_c, k, thr, off, skip, first, BLOCK: tl.constexpr,
+    def _emit_block(sbase, base, blk, N, start, end, lo, hi, sink_c, k, thr, off, skip, first, BLOCK: tl.constexpr,
                     TILE: tl.constexpr):
         """Write block blk's selected positions into the row's list at base: heavy tokens from slot off on
         (its first ``skip`` ties at thr dropped), sink and window tokens at their fixed slots. sbase: the row's
         byte scores; first: the block's first tile of them, already loaded."""
-        skip = tl.where(k > 0, skip, TILE * 0x7FFF)
+        # the stored scores are score + 1 for the heavy candidates, 0 for all others; no heavy tokens: a stored
+        # threshold above every stored score
+        thr1 = tl.where(k > 0, thr + 1, 1 << 20)
         a_run = skip * 0  # kept tokens above the threshold in earlier tiles of the block
         t_run = skip * 0  # ties in earlier tiles of the block
-        hi_k = tl.where(k > 0, hi, lo)  # no heavy tokens: no candidates
         for t in tl.static_range(0, BLOCK, TILE):
             offs = blk * BLOCK + t + tl.arange(0, TILE)
-            cand = (offs >= lo) & (offs < hi_k)
             if t == 0:
                 score = first.to(tl.int32)
             else:
-                score = tl.load(sbase + offs, mask=cand, other=0).to(tl.int32)
-            a_i = (cand & (score > thr)).to(tl.int32)
-            t_i = (cand & (score == thr)).to(tl.int32)
+                score = tl.load(sbase + offs, mask=offs < N, other=0).to(tl.int32)
+            a_i = (score > thr1).to(tl.int32)
+            t_i = (score == thr1).to(tl.int32)
             # one prefix sum for both counts (a tile holds < 2^15 tokens)
             pre = tl.cumsum(a_i + (t_i << 15), 0)
             a_inc = a_run + (pre & 0x7FFF)
@@ -427,7 +433,7 @@ if triton is not None:
         off = sink_c + tl.sum(tl.where(blks < blk, sel, 0), 0)  # first heavy slot of the block
         skip = tl.sum(tl.where(blks == blk, drop, 0), 0)  # the block's first ``skip`` ties are not kept
         base = IDX + row.to(tl.int64) * KTOT
-        _emit_block(sbase, base, blk, start, end, lo, hi, sink_c, k, thr, off, skip, first, BLOCK, ETILE)
+        _emit_block(sbase, base, blk, N, start, end, lo, hi, sink_c, k, thr, off, skip, first, BLOCK, ETILE)
         if blk == 0:
             total = sink_c + k + (end - hi)
             tl.store(COUNTS + b, total, mask=(row % HSEL) == 0)
