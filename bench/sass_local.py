@@ -1,0 +1,79 @@
+"""Compile the selection kernels for sm_90 on a machine without a GPU and report what ptxas made of them:
+registers, shared memory, instruction counts (whole kernel and the count pass's tile loop), ballots (VOTE) and
+shared-memory atomics (ATOMS). Static analysis only: it says how much work a change removes, not how fast it
+runs (that needs bench/kernel_ab.py on the GPU).
+
+    python3 bench/sass_local.py                 # the installed Triton
+    PYTHONPATH=/path/to/other/triton python3 bench/sass_local.py   # another Triton (same Python ABI)
+
+Session 7 (Triton 3.6 is the GPU machine's, 3.9 this machine's): count tile loop 623 instructions under 3.6 (57
+VOTE: the ballot histogram), 340 under 3.9 (8 ATOMS: shared-memory atomics). The score + 1 / 0 encoding (commit
+ef2292b) took emit from 2128 to 1744 instructions under 3.6 (measured: 14.3 -> 11.8 us at 512K) and the count
+loop from 593 to 623 (measured: 20.5 -> 21.6 us).
+"""
+import os
+import re
+import subprocess
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from hashattention.kernels import score_select  # noqa: E402,F401
+ss = sys.modules["hashattention.kernels.score_select"]
+
+# the 512K, batch 1, shared-selection launch (Llama-3.1-8B shapes): 8 rows, blocks of 4096, exact 128-bin path
+COMMON = dict(HSEL=8, BLOCK=4096, TILE=1024, NB=128, NCB=256, NFB=1, SHIFT=0, MAXS=128, FRAC=True, EXACT=True)
+KERNELS = {
+    "count": (ss._count_kernel, dict(COMMON, G=4, GS=4, KEY_PER_Q=False, W=1, HW=True, sk_n=1),
+              dict(QS="*i32", KS="*i32", SC="*u8", CSUF="*i32", CHIST="*i32", EPOCH="*i32", START="*i32",
+                   END="*i32", FR="*fp64")),
+    "emit": (ss._emit_kernel, dict(COMMON, NBLKP=128, ETILE=4096),
+             dict(SC="*u8", CSUF="*i32", CHIST="*i32", FSUF="*i32", FHIST="*i32", EPOCH="*i32", IDX="*i32",
+                  COUNTS="*i32", START="*i32", END="*i32", FR="*fp64")),
+}
+# integer arguments the GPU launch sees as multiples of 16 (Triton specializes them: vector loads and stores)
+DIV16 = ("N", "NBLK", "HEAVY", "SINK", "WINDOW", "KTOT", "sk_b", "sk_h", "sq_b", "sq_h")
+
+
+def compile_one(fn, consts, types):
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
+             if t.startswith("*") or n in DIV16}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+
+
+def main():
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    print(f"triton {triton.__version__}")
+    for name, (fn, consts, types) in KERNELS.items():
+        k = compile_one(fn, consts, types)
+        path = f"/tmp/sass_local_{name}.cubin"
+        with open(path, "wb") as f:
+            f.write(k.asm["cubin"])
+        res = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", path], capture_output=True, text=True)
+        regs = re.search(r"REG:(\d+)", res.stdout)
+        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", path], capture_output=True,
+                              text=True).stdout
+        ins = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+        line = (f"{name}: {regs.group(1) if regs else '?'} registers, {k.metadata.shared} B shared, {len(ins)} "
+                f"instructions, VOTE {sum(op.startswith('VOTE') for _, _, op in ins)}, "
+                f"ATOMS {sum(op.startswith('ATOMS') for _, _, op in ins)}")
+        # the count pass's tile loop: from the backward branch's target to the branch
+        back = [(int(a, 16), re.search(r"BRA\s+0x([0-9a-f]+)", sass[sass.find(f"/*{a}*/"):][:120]))
+                for a, _, op in ins if op == "BRA"]
+        loops = [(int(m.group(1), 16), at) for at, m in back if m and int(m.group(1), 16) < at]
+        if name == "count" and loops:
+            lo, hi = max(loops, key=lambda x: x[1] - x[0])
+            line += f"; tile loop {(hi - lo) // 16 + 1} instructions"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
