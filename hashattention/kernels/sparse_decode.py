@@ -10,7 +10,8 @@ Returns [B, Hq, D] in q's dtype; fp32 softmax and accumulation. A sequence with 
 
 Launch 1: program (row, split) takes one slice of a selection row's list; when the list is shared, it holds
 the G query heads of the group as one [G, D] tile, so each selected K/V row is read once per KV head.
-Launch 2: per query head, the splits' (max, sum, acc) are merged in one tile.
+Launch 2: per query head (and slice of head_dim when the rows are few), the splits' (max, sum, acc) are merged
+in one tile.
 dense_decode (the engine's dense step): no list, the rows below ``length`` (int [1] shared by the batch, or
 [B]); q may also be fp32 there (exact fp32 dots).
 """
