@@ -7,6 +7,8 @@
 #          counters as CSV, summarised by bench/ncu_top_sass.py (session 6: ncu_h200_s6.txt, ncu_count_sass_h200_s6.csv)
 #   abq    the kernel tests (time-boxed: a grid barrier that never opens must not eat the session), then
 #          bench/kernel_ab.py
+#   t39    (after bench/triton39_env.sh unpacked Triton 3.9 into $TRITON39) the kernel tests under Triton 3.9, then
+#          bench/kernel_ab.py under 3.6, 3.9, 3.6, 3.9 (one Triton per process), kernel times included
 # On the device machine:  . bench/gpu_env.sh && bash bench/h200_kernels.sh STAGE $OUT TAG
 set -e
 STAGE=$1; OUT=${2:-/tmp/out}; TAG=${3:-h200}; mkdir -p $OUT; L=$OUT/kernels_log_$TAG.txt
@@ -35,4 +37,13 @@ ab)
   ncu -k regex:"_count_kernel|_emit_kernel|_fused_kernel|_split_kernel" -c 3 --section SpeedOfLight --section Occupancy \
     --section LaunchStats --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
     --section MemoryWorkloadAnalysis python3 bench/ncu_case.py > $OUT/ncu_$TAG.txt 2>&1 || tail -5 $OUT/ncu_$TAG.txt ;;
+t39)
+  [ -d "$TRITON39/triton" ] || { echo "no Triton 3.9 unpacked (source bench/triton39_env.sh)"; exit 1; }
+  PYTHONPATH=$TRITON39:$PYTHONPATH timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+    2>&1 | tail -3 | tee -a $L
+  for v in t36 t39 t36b t39b; do
+    case $v in t39*) PP=$TRITON39:$PYTHONPATH ;; *) PP=$PYTHONPATH ;; esac
+    PYTHONPATH=$PP timeout 150 python3 bench/kernel_ab.py --cases 1x16K,1x128K,1x512K,8x128K --kernels --out $OUT \
+      --tag ${TAG}_$v 2>&1 | grep -v "Warn\|warn" | tee -a $L
+  done ;;
 esac

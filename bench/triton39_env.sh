@@ -7,8 +7,8 @@
 # per call, e.g.
 #   run(carry=[".triton39/part_00"], command=". bench/gpu_env.sh; . bench/triton39_env.sh")
 #   run(carry=[".triton39/part_01"], command=". bench/gpu_env.sh; . bench/triton39_env.sh")
-#   run(carry=[".triton39/part_02", ".ab"], command=". bench/gpu_env.sh; . bench/triton39_env.sh && python3 ...")
-# on one warm machine. Rebuild the parts: see attention_notes_h100.md, session 7.
+#   run(carry=[".triton39/part_02"], command=". bench/gpu_env.sh; . bench/triton39_env.sh; bash bench/h200_kernels.sh t39 $OUT h200_s8")
+# on one warm machine (the t39 stage: kernel tests under 3.9, then bench/kernel_ab.py under 3.6 and 3.9 in turn). Rebuild the parts: see attention_notes_h100.md, session 7.
 mkdir -p /root/t39
 for p in .triton39/part_*; do [ -f "$p" ] && cp "$p" /root/t39/; done
 if [ ! -d /tmp/t39/triton ] && [ -f /root/t39/part_00 ] && [ -f /root/t39/part_01 ] && [ -f /root/t39/part_02 ]; then
@@ -19,9 +19,9 @@ if [ ! -d /tmp/t39/triton ] && [ -f /root/t39/part_00 ] && [ -f /root/t39/part_0
     echo "triton 3.9: parts do not match the expected sha256"
   fi
 fi
-if [ -d /tmp/t39/triton ]; then
-  export PYTHONPATH=/tmp/t39:$PYTHONPATH
-  python3 -c "import triton; print('triton', triton.__version__, triton.__file__)"
+if [ -d /tmp/t39/triton ]; then  # not put on PYTHONPATH here: prefix a command with PYTHONPATH=$TRITON39:$PYTHONPATH
+  export TRITON39=/tmp/t39
+  PYTHONPATH=$TRITON39:$PYTHONPATH python3 -c "import triton; print('triton', triton.__version__, triton.__file__)"
 else
   echo "triton 3.9: $(ls /root/t39/part_* 2>/dev/null | wc -l) of 3 parts here"
 fi
