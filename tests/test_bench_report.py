@@ -1,6 +1,8 @@
 """The attention benchmark's report (issue 5): targets judged from the rows, the per-call chain table. The timing
 itself needs a GPU; what is checked here is that measured numbers become the right verdicts and table cells."""
-from hashattention.benchmarks.attention import acceptance, markdown
+import pytest
+
+from hashattention.benchmarks.attention import acceptance, markdown, plot
 
 
 def _row(batch, n, sdpa_us, total_us, sel_us, chain_us=None, sdpa_chain_us=None):
@@ -17,6 +19,22 @@ def _row(batch, n, sdpa_us, total_us, sel_us, chain_us=None, sdpa_chain_us=None)
             "sdpa_chain_ms": None if sdpa_chain_us is None else sdpa_chain_us / 1e3, "group": group, "head": head}
 
 
+def _result(rows):
+    return {"device": "GPU", "torch": "t", "triton": "tr", "copy_bandwidth_Bps": 4e12,
+            "shapes": {"q_heads": 32, "kv_heads": 8, "head_dim": 128, "dtype": "bf16", "sink": 128, "window": 128},
+            "timing": "median", "flashinfer_not_measured_because": None, "acceptance": acceptance(rows),
+            "rows": rows, "tune": None, "checks": []}
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [_row(1, 131072, 138.6, 20.0, 9.0, 18.0, 128.0), _row(1, 524288, 489.8, 68.2, 38.0, 61.3, 479.4),
+            _row(8, 131072, 959.9, 112.6, 64.9)]
+    path = tmp_path / "a.png"
+    plot(_result(rows), str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
 def test_targets_and_chain_table():
     rows = [_row(1, 131072, 138.6, 20.0, 9.0, 18.0, 128.0),  # 6.93x: met
             _row(1, 524288, 489.8, 68.2, 38.0, 61.3, 479.4),  # 7.2x: missed; selection 9.5x sig read: missed
@@ -28,10 +46,7 @@ def test_targets_and_chain_table():
     assert not t["select_within_3x_sig_read_524288"]["met"]
     assert set(acc["cases"]) == {"group_131072", "group_524288", "head_131072", "head_524288"}
     assert abs(acc["cases"]["group_524288"]["chain_speedup_vs_sdpa"] - 479.4 / 61.3) < 1e-9
-    md = markdown({"device": "GPU", "torch": "t", "triton": "tr", "copy_bandwidth_Bps": 4e12,
-                   "shapes": {"q_heads": 32, "kv_heads": 8, "head_dim": 128, "dtype": "bf16", "sink": 128,
-                              "window": 128}, "timing": "median", "flashinfer_not_measured_because": None,
-                   "acceptance": acc, "rows": rows, "tune": None, "checks": []})
+    md = markdown(_result(rows))
     assert "speedup_131072: 6.93 (want >= 6.0, met)" in md
     assert "speedup_524288: 7.18 (want >= 12.0, MISSED)" in md
     chain = md[md.index("Per call in a chain"):].splitlines()

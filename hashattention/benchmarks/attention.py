@@ -64,6 +64,7 @@ def add_arguments(p):
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="bench/results", help="folder for attention_<device>.{json,md}")
     p.add_argument("--tag", default="", help="suffix of the result files")
+    p.add_argument("--replot", default="", help="only redraw the table and plot from this JSON file")
 
 
 def _device_name(dev) -> str:
@@ -217,6 +218,11 @@ def check_against_reference(dev, dtype, hq, hkv, d, log) -> list:
 
 
 def run(args) -> int:
+    if args.replot:
+        with open(args.replot) as f:
+            res = json.load(f)
+        _write(res, os.path.dirname(args.replot) or ".", os.path.basename(args.replot)[:-5])
+        return 0
     dev = torch.device(args.device)
     if dev.type != "cuda" or not torch.cuda.is_available():
         print("bench attention needs a CUDA GPU")
@@ -366,16 +372,78 @@ def run(args) -> int:
               "flashinfer": None if fi is None else "measured (batch 1, single_decode_with_kv_cache)",
               "flashinfer_not_measured_because": fi_why, "checks": checks, "tune": tune, "rows": rows,
               "acceptance": acceptance(rows), "log": log_lines}
-    os.makedirs(args.out, exist_ok=True)
     stem = "attention_" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     stem += f"_{args.tag}" if args.tag else ""
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump(result, f, indent=1)
-    md = markdown(result)
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write(md)
-    print(md)
+    print(_write(result, args.out, stem))
     return 0
+
+
+def _write(res: dict, out_dir: str, stem: str) -> str:
+    """<stem>.json, .md (returned) and .png (when matplotlib is there) in out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
+        json.dump(res, f, indent=1)
+    md = markdown(res)
+    with open(os.path.join(out_dir, stem + ".md"), "w") as f:
+        f.write(md)
+    try:
+        plot(res, os.path.join(out_dir, stem + ".png"))
+    except ImportError:
+        pass
+    return md
+
+
+def plot(res: dict, path: str):
+    """Speedup over SDPA against the context, one line per batch and budget (shared selection), the per-query-
+    head selection and the per-call chain dashed; the issue's targets as crosses. Left: the whole call; right:
+    the selection's time over one read of the signatures."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in res["rows"] if "group" in r]
+    if not rows:
+        return
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    heavy = {r["budget"].split()[0]: r["heavy"] for r in rows}
+    for key in sorted({(r["batch"], r["budget"].split()[0]) for r in rows}, key=lambda k: (k[0], -heavy[k[1]])):
+        b, bud = key
+        sel = sorted((r for r in rows if (r["batch"], r["budget"].split()[0]) == key), key=lambda r: r["context"])
+        x = [r["context"] // 1024 for r in sel]
+        lab = f"B={b}, {bud.replace('heavy=', '')}"
+        line, = ax.plot(x, [r["group"]["speedup_vs_sdpa"] for r in sel], "o-" if b == 1 else "^-", label=lab)
+        if all("head" in r for r in sel):
+            ax.plot(x, [r["head"]["speedup_vs_sdpa"] for r in sel], ":", color=line.get_color(), alpha=0.6)
+        chain = [r for r in sel if r["group"].get("chain_speedup_vs_sdpa")]
+        if chain:
+            ax.plot([r["context"] // 1024 for r in chain], [r["group"]["chain_speedup_vs_sdpa"] for r in chain],
+                    "s--", color=line.get_color(), label=f"{lab}, per call in a chain")
+        ax2.plot(x, [r["group"]["select_over_sig_read"] for r in sel], "o-" if b == 1 else "^-",
+                 color=line.get_color(), label=lab)
+    for n, want in ((128, 6.0), (512, 12.0)):
+        ax.plot([n], [want], "kx", markersize=9)
+    ax.plot([], [], "kx", label="targets (B=1, 1/32, on an H100)")
+    ax.plot([], [], "k:", label="per-query-head selection")
+    ax2.plot([512], [3.0], "kx", markersize=9, label="target (512K, on an H100)")
+    from matplotlib.ticker import FuncFormatter
+    ctx = sorted({r["context"] // 1024 for r in rows})
+    for a, title, ylab in ((ax, "decode attention, speedup over SDPA", "SDPA time / HashAttention time"),
+                           (ax2, "selection time / one read of the signatures", "ratio")):
+        a.set_xscale("log", base=2)
+        a.set_yscale("log", base=2)
+        a.set_xticks(ctx)
+        a.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}K"))
+        a.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        a.set_xlabel("context (K tokens)")
+        a.set_ylabel(ylab)
+        a.set_title(title, fontsize=10)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    sh = res["shapes"]
+    fig.suptitle(f"{res['device']}: {sh['q_heads']} q / {sh['kv_heads']} KV heads x {sh['head_dim']}, "
+                 f"{sh['dtype']}, sink {sh['sink']} + window {sh['window']}, shared selection", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _chain_copies(n: int, kc, vc, k_sig, log) -> list:
