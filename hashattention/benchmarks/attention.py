@@ -62,7 +62,7 @@ def add_arguments(p):
                         "copy of the caches, as the layers of a decode step run them (0: off)")
     p.add_argument("--time-limit", type=float, default=0, help="stop starting new cases after this many seconds")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--out", default="bench/results", help="folder for attention_<device>.{json,md}")
+    p.add_argument("--out", default="bench/results", help="folder for attention_<device>.{json,md,png}")
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--replot", default="", help="only redraw the table and plot from this JSON file")
 
