@@ -308,6 +308,29 @@ def test_bad_inputs_raise_clear_errors():
         K.score_select(q_sig, k_sig, st, ln, bud, 3)
     with pytest.raises(ValueError, match="starts"):
         K.score_select(q_sig, k_sig, st.repeat(2), ln, bud, hkv)
+    idx = torch.tensor([[[0, 5, n, -1], [1, 2, 3, 77777]]], dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match=f"idx reads positions -1..{n}: each must be in 0..{n - 1}"):
+        K.sparse_decode(q, kc, kc, idx, torch.tensor([3], device=DEV))
+    with pytest.raises(ValueError, match="idx reads positions -2"):
+        K.sparse_decode(q, kc, kc, idx.clamp(max=n - 1) - 2, torch.tensor([3], device=DEV))
+    # entries after counts[b] are never read: whatever they hold is fine
+    assert torch.isfinite(K.sparse_decode(q, kc, kc, idx, torch.tensor([2], device=DEV))).all()
+
+
+@inproc
+def test_sparse_decode_never_reads_outside_the_cache():
+    """check=False (the library's own calls, no device sync): a position past the cache is skipped, not read."""
+    b, hq, hkv, n, d = 1, 4, 2, 64, 32
+    q = torch.randn(b, hq, d, dtype=torch.float16, device=DEV)
+    kc = torch.randn(b, hkv, n, d, dtype=torch.float16, device=DEV)
+    vc = torch.randn(b, hkv, n, d, dtype=torch.float16, device=DEV)
+    if not K.use_triton(q):
+        pytest.skip("the PyTorch reference path has no unchecked mode")
+    idx = torch.tensor([[[0, 5, n + 1000, 9], [1, 2, 3, n]]], dtype=torch.int32, device=DEV)
+    counts = torch.tensor([4], device=DEV)
+    out = K.sparse_decode(q, kc, vc, idx, counts, check=False)
+    ref = K.sparse_decode_reference(q.double(), kc.double(), vc.double(), torch.where(idx >= n, -1, idx), counts)
+    assert ((out.double() - ref).norm() / ref.norm()) < 2e-3
 
 
 def _policy_case(per_group, dtype=torch.float16, n=90, seed=0):

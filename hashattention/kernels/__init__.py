@@ -28,7 +28,7 @@ from ..core.budget import Budget
 from ._common import INTERPRET, triton, use_triton
 from .reference import (hash_decode_attention_reference, score_select_reference, sparse_decode_reference)
 from .score_select import score_select
-from .sparse_decode import dense_decode, sparse_decode
+from .sparse_decode import check_decode_args, dense_decode, sparse_decode
 
 
 def hash_decode_attention(q, k_cache, v_cache, q_sig, k_sig, starts, lengths, budget: Budget,
@@ -45,7 +45,8 @@ def hash_decode_attention(q, k_cache, v_cache, q_sig, k_sig, starts, lengths, bu
     if k_sig.dim() == 4 and k_sig.shape[2] != k_cache.shape[2]:
         raise ValueError(f"k_sig covers {k_sig.shape[2]} tokens, the cache {k_cache.shape[2]}")
     idx, counts = score_select(q_sig, k_sig, starts, lengths, budget, hkv, per_group, strict=strict)
-    return sparse_decode(q, k_cache, v_cache, idx, counts, scale)
+    check_decode_args(q, k_cache, v_cache, idx, counts, use_triton(q))  # no position check: score_select's own
+    return sparse_decode(q, k_cache, v_cache, idx, counts, scale, check=False)
 
 
 __all__ = ["hash_decode_attention", "score_select", "sparse_decode", "dense_decode", "hash_decode_attention_reference",

@@ -68,11 +68,24 @@ def check_decode_args(q, k_cache, v_cache, idx, counts, kernel: bool = True):
         raise ValueError(f"counts {tuple(counts.shape)} must be [{b}]")
 
 
+def check_positions(idx, counts, n: int):
+    """The positions sequence b reads, idx[b, :, :counts[b]], are rows of a cache of n, or -1 (unused). One
+    device sync: the library's own calls, whose lists come from score_select, skip it."""
+    if idx.numel():
+        live = torch.arange(idx.shape[2], device=idx.device) < counts.to(idx.device).long()[:, None, None]
+        lo, hi = (int(v) for v in torch.aminmax(torch.where(live, idx, -1)))
+        if lo < -1 or hi >= n:
+            raise ValueError(f"idx reads positions {lo}..{hi}: each must be in 0..{n - 1} (the cache holds {n} "
+                             "rows), or -1 for an unused slot")
+
+
 def sparse_decode(q, k_cache, v_cache, idx, counts, scale: float | None = None, check: bool = True):
-    """See the module docstring."""
+    """See the module docstring. ``check``: validate shapes, dtypes and the positions idx reads (one device
+    sync); False skips all of it (a position outside the cache is then skipped, never read)."""
     kernel = use_triton(q)
     if check:
         check_decode_args(q, k_cache, v_cache, idx, counts, kernel)
+        check_positions(idx, counts, k_cache.shape[2])
     if not kernel:
         return sparse_decode_reference(q, k_cache, v_cache, idx, counts, scale)
     return _decode(q, k_cache, v_cache, idx, counts, idx.shape[2], scale)
@@ -128,7 +141,7 @@ def _decode(q, k_cache, v_cache, idx, counts, kmax: int, scale):
     dense = idx is None
     _split_kernel[(r, splits)](
         q, k_cache, v_cache, counts if dense else idx, counts, o_part, ml_part, scale * 1.4426950408889634, split,
-        kmax, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        kmax, k_cache.shape[2], q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), 0 if dense else idx.stride(0),
         0 if dense else idx.stride(1), counts.stride(0) if counts.shape[0] == b and b > 1 else 0,
         splits, HSEL=hsel, G=g, GQ=gq, GP=gp, D=d, BLOCK_N=bn, DENSE=dense,
@@ -154,7 +167,7 @@ def _split_shape(kmax: int, rows: int, bn: int, pps: int, device) -> tuple[int, 
 
 if triton is not None:
     @triton.jit
-    def _split_kernel(Q, K, V, IDX, CNT, OP, MLP, qk_scale, SPLIT, KMAX,
+    def _split_kernel(Q, K, V, IDX, CNT, OP, MLP, qk_scale, SPLIT, KMAX, NK,
                       sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, sc_b, SPLITS,
                       HSEL: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr,
                       D: tl.constexpr, BLOCK_N: tl.constexpr, DENSE: tl.constexpr, DOT_F32: tl.constexpr):
@@ -184,7 +197,7 @@ if triton is not None:
                 rows = tl.where(live, offs, 0).to(tl.int64)
             else:
                 rows = tl.load(ib + offs, mask=live, other=0)
-                live = live & (rows >= 0)
+                live = live & (rows >= 0) & (rows < NK)  # never a read outside the cache (check=False callers)
                 rows = tl.where(live, rows, 0).to(tl.int64)
             k = tl.load(kb + rows[:, None] * sk_n + cols[None, :], mask=live[:, None], other=0.0)
             v = tl.load(vb + rows[:, None] * sv_n + cols[None, :], mask=live[:, None], other=0.0)
