@@ -282,8 +282,8 @@ if triton is not None:
             else:
                 hc += tl.histogram(tl.where(cand, score >> SHIFT, NB - 1), NB)
         bins = tl.arange(0, NB)
-        top = tl.sum(top_v, 0)
         if EXACT:
+            top = tl.sum(top_v, 0)
             hc = tl.where(bins == 0, hc - outside, hc)
         else:
             hc = tl.where(bins <= (MAXS >> SHIFT), hc, 0)
