@@ -19,7 +19,8 @@ blocks that keep all or none of their ties (none of s7a-c, g, h kept: s7a-c live
 described in attention_notes_h100.md, session 7); s7i (with --base, the previous commit) one top-count reduction
 per count block (kept), 16 count programs per SM and kernel 2's short shape up to 6 steps (within noise);
 s7j (the list above, --base main=c61fc00's file) scores stored as score + 1 / 0 (kept), s7k the same with the
-select only in the tiles that hold non-candidates (--base where=...: equal, not kept).
+select only in the tiles that hold non-candidates (--base where=...: equal, not kept). Session 8:
+s8_t36{,b} / s8_t39{,b} the defaults under Triton 3.6 and 3.9 (`bash bench/h200_kernels.sh t39`).
 """
 import argparse
 import importlib

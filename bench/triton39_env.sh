@@ -21,6 +21,10 @@ if [ ! -d /tmp/t39/triton ] && [ "$(ls /root/t39/part_0* 2>/dev/null | wc -l)" =
 fi
 if [ -d /tmp/t39/triton ]; then  # not put on PYTHONPATH here: prefix a command with PYTHONPATH=$TRITON39:$PYTHONPATH
   export TRITON39=/tmp/t39
+  # Triton 3.9 compiles sm_90 with its "ptxas-blackwell" (CUDA 13.4), left out of the parts for size; its CUDA
+  # 12.9 ptxas makes the same count loop (bench/sass_local.py: 340 instructions, 8 ATOMS). Triton 3.6 reads this
+  # variable only for sm_100 and up.
+  export TRITON_PTXAS_BLACKWELL_PATH=$TRITON39/triton/backends/nvidia/bin/ptxas TRITON_DEFAULT_FP_FUSION=1
   PYTHONPATH=$TRITON39:$PYTHONPATH python3 -c "import triton; print('triton', triton.__version__, triton.__file__)"
 else
   echo "triton 3.9: $(ls /root/t39/part_* 2>/dev/null | wc -l) of 4 parts here"
