@@ -9,8 +9,8 @@
 #          bench/kernel_ab.py
 #   t39    (after bench/triton39_env.sh unpacked Triton 3.9 into $TRITON39) the kernel tests under Triton 3.9, then
 #          bench/kernel_ab.py under 3.6, 3.9, 3.6, 3.9 (one Triton per process), kernel times included
-#   gather kernel 2's reads against the simplest gather and a device copy (bench/gather_ceiling.py), then Nsight
-#          Compute of the 512K case (session 8: gather_ceiling_h200_s8.md, ncu_gather_h200_s8.txt)
+#   gather kernel 2's reads against the simplest gather and one contiguous read (bench/gather_ceiling.py), then
+#          Nsight Compute of the 512K case (session 8: gather_ceiling_h200_s8.md, ncu_gather_h200_s8.txt)
 # On the device machine:  . bench/gpu_env.sh && bash bench/h200_kernels.sh STAGE $OUT TAG
 set -e
 STAGE=$1; OUT=${2:-/tmp/out}; TAG=${3:-h200}; mkdir -p $OUT; L=$OUT/kernels_log_$TAG.txt
@@ -44,18 +44,13 @@ t39)
   PYTHONPATH=$TRITON39:$PYTHONPATH timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
     2>&1 | tail -3 | tee -a $L
   for v in t36 t39 t36b t39b; do
-    case $v in t39*) PP=$TRITON39:$PYTHONPATH ;; *) PP=$PYTHONPATH ;; gather)
-  timeout 500 python3 bench/gather_ceiling.py --out $OUT --tag $TAG 2>&1 | grep -v "Warn\|warn" | tee -a $L
-  ncu -k regex:"_gather_kernel|_split_kernel|vectorized_elementwise" --section SpeedOfLight --section Occupancy \
-    --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats \
-    python3 bench/gather_ceiling.py --ncu-case --contexts 512K > $OUT/ncu_gather_$TAG.txt 2>&1 ;;
-esac
+    case $v in t39*) PP=$TRITON39:$PYTHONPATH ;; *) PP=$PYTHONPATH ;; esac
     PYTHONPATH=$PP timeout 150 python3 bench/kernel_ab.py --cases 1x16K,1x128K,1x512K,8x128K --kernels --out $OUT \
       --tag ${TAG}_$v 2>&1 | grep -v "Warn\|warn" | tee -a $L
   done ;;
 gather)
   timeout 500 python3 bench/gather_ceiling.py --out $OUT --tag $TAG 2>&1 | grep -v "Warn\|warn" | tee -a $L
-  ncu -k regex:"_gather_kernel|_split_kernel|vectorized_elementwise" --section SpeedOfLight --section Occupancy \
+  ncu -k regex:"_gather_kernel|_split_kernel|reduce_kernel" --section SpeedOfLight --section Occupancy \
     --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats \
     python3 bench/gather_ceiling.py --ncu-case --contexts 512K > $OUT/ncu_gather_$TAG.txt 2>&1 ;;
 esac
