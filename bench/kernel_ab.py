@@ -20,7 +20,8 @@ described in attention_notes_h100.md, session 7); s7i (with --base, the previous
 per count block (kept), 16 count programs per SM and kernel 2's short shape up to 6 steps (within noise);
 s7j (the list above, --base main=c61fc00's file) scores stored as score + 1 / 0 (kept), s7k the same with the
 select only in the tiles that hold non-candidates (--base where=...: equal, not kept). Session 8:
-s8_t36{,b} / s8_t39{,b} the defaults under Triton 3.6 and 3.9 (`bash bench/h200_kernels.sh t39`).
+s8_t36{,b} / s8_t39{,b} the defaults under Triton 3.6 and 3.9 (`bash bench/h200_kernels.sh t39`); s8a (the list
+above, Triton 3.9) emit tiles and warps, and the count shape the bench's sweep preferred: none faster.
 """
 import argparse
 import importlib
@@ -40,10 +41,13 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 # name, score_select overrides, sparse_decode overrides
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
-    ("default (score + 1 / 0: no candidate mask)", {}, {}),
-    ("main (c61fc00)", {}, {}, "main"),
+    ("default", {}, {}),
+    ("emit_tile 2048", {"emit_tile": 2048}, {}),
+    ("emit_tile 1024", {"emit_tile": 1024}, {}),
+    ("emit_warps 8", {"emit_warps": 8}, {}),
+    ("emit_tile 2048 warps 2", {"emit_tile": 2048, "emit_warps": 2}, {}),
+    ("count tile 2048 warps 8 max_block 16384", {"tile": 2048, "num_warps": 8, "max_block": 16384}, {}),
     ("default_again", {}, {}),
-    ("main_again", {}, {}, "main"),
 ]
 
 
