@@ -67,18 +67,23 @@ def runs_of(n, k, run, h, dev, g):
     return pos.sort(-1).values.to(torch.int32)[None].contiguous()
 
 
-def ncu_case(n, dev, sms, hq=32, hkv=8, d=128):
-    """The 512K shapes once each: one contiguous read of the selection's bytes, gather (best shape above),
-    kernel 2."""
-    budget = Budget(heavy=1 / 32, sink=128, window=128)
-    kc = torch.randn(1, hkv, n, d, device=dev, dtype=torch.bfloat16)
-    vc = torch.randn_like(kc)
-    q = torch.randn(1, hq, d, device=dev, dtype=torch.bfloat16)
-    q_sig = torch.randint(-2 ** 31, 2 ** 31 - 1, (1, hq, 1), device=dev, dtype=torch.int32)
-    k_sig = torch.randint(-2 ** 31, 2 ** 31 - 1, (1, hkv, n, 1), device=dev, dtype=torch.int32)
+def _case(n, dev, g, hq=32, hkv=8, d=128):
+    """Llama-3.1-8B shapes at batch 1: caches [1, hkv, n, d] bf16, a query, random signatures, row bounds."""
+    kc = torch.empty(1, hkv, n, d, device=dev, dtype=torch.bfloat16).normal_(generator=g)
+    vc = torch.empty_like(kc).normal_(generator=g)
+    q = torch.randn(1, hq, d, device=dev, dtype=torch.bfloat16, generator=g)
+    q_sig = torch.randint(-2 ** 31, 2 ** 31 - 1, (1, hq, 1), device=dev, dtype=torch.int32, generator=g)
+    k_sig = torch.randint(-2 ** 31, 2 ** 31 - 1, (1, hkv, n, 1), device=dev, dtype=torch.int32, generator=g)
     st, ln = torch.zeros(1, dtype=torch.int32, device=dev), torch.full((1,), n, dtype=torch.int32, device=dev)
+    return kc, vc, q, q_sig, k_sig, st, ln
+
+
+def ncu_case(n, dev, sms, budget, hkv=8):
+    """One call each for Nsight Compute: a contiguous read of the selection's bytes, the gather (the best
+    shape at 512K above), kernel 2."""
+    kc, vc, q, q_sig, k_sig, st, ln = _case(n, dev, torch.Generator(device=dev).manual_seed(n))
     idx, cnt = ss.score_select(q_sig, k_sig, st, ln, budget, hkv, True)
-    torch.randn(2 * hkv * idx.shape[2] * d, device=dev, dtype=torch.bfloat16).sum(dtype=torch.float32)
+    torch.randn(2 * idx.numel() * kc.shape[3], device=dev, dtype=torch.bfloat16).sum(dtype=torch.float32)
     gather(kc, vc, idx, 4, 64, 4, 1, sms)
     sd.sparse_decode(q, kc, vc, idx, cnt, check=False)
     torch.cuda.synchronize()
@@ -103,23 +108,17 @@ def main():
         return
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    if args.ncu_case:
-        return ncu_case(int(args.contexts.split(",")[0].rstrip("K")) * 1024, dev, sms)
-    measure = _timer(args.rep, True)
-    hq, hkv, d = 32, 8, 128
+    hkv, d = 8, 128
     budget = Budget(heavy=1 / 32, sink=128, window=128)
+    if args.ncu_case:
+        return ncu_case(int(args.contexts.split(",")[0].rstrip("K")) * 1024, dev, sms, budget, hkv)
+    measure = _timer(args.rep, True)
     shapes = [(pps, bl, w, st) for pps in (4, 8, 16) for bl in (32, 64) for w in (4, 8) for st in (1, 3)]
     rows = []
     for ctx in args.contexts.split(","):
         n = int(ctx.rstrip("K")) * 1024
         g = torch.Generator(device=dev).manual_seed(n)
-        kc = torch.empty(1, hkv, n, d, device=dev, dtype=torch.bfloat16).normal_(generator=g)
-        vc = torch.empty_like(kc).normal_(generator=g)
-        q = torch.randn(1, hq, d, device=dev, dtype=torch.bfloat16, generator=g)
-        q_sig = torch.randint(-2 ** 31, 2 ** 31 - 1, (1, hq, 1), device=dev, dtype=torch.int32, generator=g)
-        k_sig = torch.randint(-2 ** 31, 2 ** 31 - 1, (1, hkv, n, 1), device=dev, dtype=torch.int32, generator=g)
-        st = torch.zeros(1, dtype=torch.int32, device=dev)
-        ln = torch.full((1,), n, dtype=torch.int32, device=dev)
+        kc, vc, q, q_sig, k_sig, st, ln = _case(n, dev, g, hkv=hkv, d=d)
         sel, cnt = ss.score_select(q_sig, k_sig, st, ln, budget, hkv, True)
         ktot = sel.shape[2]
         sdpa, _ = measure(lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kc, vc,
@@ -137,7 +136,6 @@ def main():
               f"({mb / (red_us * 1e-6) / 1e12:.2f} TB/s)", flush=True)
         rows.append({"context": n, "list": "one contiguous read (torch.sum)", "bytes": mb, "read_kernel_us": red_us,
                      "read_TBps": mb / (red_us * 1e-6) / 1e12})
-        del src
         for name, idx in lists.items():
             nbytes = 2 * hkv * idx.shape[2] * d * kc.element_size()
             cnt_l = torch.full_like(cnt, idx.shape[2])
@@ -166,7 +164,6 @@ def main():
             print(f"{ctx:5s} {name:26s} gather kernel {gk:6.1f} us ({r['gather_TBps']:.2f} TB/s, {best[1]}) | "
                   f"kernel 2 split {split:6.1f} us ({r['split_TBps']:.2f} TB/s) + merge {merge:.1f}, call "
                   f"{t_att * 1e3:.1f} | SDPA {sdpa * 1e3:.1f}", flush=True)
-        del kc, vc
         torch.cuda.empty_cache()
     res = {"device": _device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
            "budget": budget.describe(), "rows": rows,
