@@ -38,7 +38,6 @@ from hashattention.benchmarks.attention import _device_name, _timer, kernel_brea
 ss = importlib.import_module("hashattention.kernels.score_select")
 sd = importlib.import_module("hashattention.kernels.sparse_decode")
 
-# name, score_select overrides, sparse_decode overrides
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
     ("default", {}, {}),

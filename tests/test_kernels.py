@@ -433,7 +433,9 @@ def test_gpu_hf_generate_uses_fast_path():
 def test_bench_gather_kernel_reads_each_listed_row_once(n, k, block, pps, stages):
     """bench/gather_ceiling.py's floor kernel (what kernel 2's reads are compared with): per head, the sum of
     exactly the listed K and V rows, across splits with a ragged last one."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
     import gather_ceiling as gc
     gen = torch.Generator().manual_seed(n + k)
     kc = torch.randn(1, 3, n, 32, generator=gen).to(DEV, torch.bfloat16)
