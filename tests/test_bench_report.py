@@ -52,3 +52,21 @@ def test_targets_and_chain_table():
     chain = md[md.index("Per call in a chain"):].splitlines()
     body = [ln for ln in chain if ln.startswith("| 1/32")]
     assert body == ["| 1/32 | 128K | 128.0 | 18.0 | 7.1 | 6.9 |", "| 1/32 | 512K | 479.4 | 61.3 | 7.8 | 7.2 |"]
+
+
+def test_flashinfer_columns_only_when_measured():
+    rows = [_row(1, 131072, 138.6, 27.4, 14.3), _row(8, 131072, 959.9, 88.8, 43.5)]
+    md = markdown(_result(rows))
+    assert "FI att" not in md and "| B | budget | N | SDPA | SDPA bw | group sel |" in md
+    rows[0].update(flashinfer_ms=0.1397, flashinfer_path="tensor cores")
+    rows[0]["group"].update(flashinfer_attention_ms=0.0210, flashinfer_attention_path="cuda cores")
+    res = dict(_result(rows), flashinfer="0.5.3")
+    md = markdown(res)
+    assert "FlashInfer 0.5.3" in md
+    table = [ln for ln in md.splitlines() if ln.startswith("| 1 |") or ln.startswith("| 8 |")]
+    head = next(ln for ln in md.splitlines() if ln.startswith("| B |")).split(" | ")
+    cells = [ln.split(" | ") for ln in table]
+    assert all(len(c) == len(head) for c in cells)
+    assert cells[0][head.index("FI")] == "139.7" and cells[0][head.index("FI att")] == "21.0"
+    assert cells[1][head.index("FI")] == "-" and cells[1][head.index("FI att")] == "-"
+    assert cells[0][head.index("att")] == f"{27.4 - 14.3:.1f}"

@@ -7,7 +7,9 @@ One decode step (one query per sequence) at Llama-3.1-8B attention shapes by def
     group       HashAttention, one selection per KV group: kernel 1 (score + select) and kernel 2 (sparse
                 attention) timed alone and together (total = hash_decode_attention)
     head        the same with one selection per query head
-    flashinfer  FlashInfer's dense decode kernel, when the package imports on the machine
+    flashinfer  FlashInfer's decode over the whole cache (dense) and, beside kernel 2, over the same selected
+                rows (pages of one row), when the package imports on the machine (the faster of its CUDA-core
+                and tensor-core paths; benchmarks/flashinfer.py)
 
 Every time is the median of triton.testing.do_bench (L2 flushed before each run) over CUDA-graph replays
 of the call (eager totals are reported beside them), all measured in the same run on the same tensors.
@@ -26,6 +28,7 @@ import time
 import torch
 
 from ..core.budget import Budget, parse_heavy
+from . import flashinfer
 
 
 def parse_tokens(text: str) -> int:
@@ -105,14 +108,6 @@ def copy_bandwidth(dev, measure) -> float:
     del x, y
     torch.cuda.empty_cache()
     return bw
-
-
-def _flashinfer():
-    try:
-        import flashinfer  # noqa: F401
-        return flashinfer, None
-    except Exception as e:  # not on the machine: say why in the results
-        return None, f"{type(e).__name__}: {e}"
 
 
 def tune_decode(q, kc, vc, idx, counts, measure, log) -> dict:
@@ -253,7 +248,7 @@ def run(args) -> int:
     log(f"device {name} | torch {torch.__version__} | triton {triton.__version__}")
     bw = copy_bandwidth(dev, measure)
     log(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
-    fi, fi_why = _flashinfer()
+    fi, fi_why = flashinfer.load()
     if fi is None:
         log(f"flashinfer: not measured ({fi_why})")
     tune = None
@@ -311,18 +306,16 @@ def run(args) -> int:
                 t_sdpa_chain = measure(lambda: [F.scaled_dot_product_attention(q4, kc_, vc_, enable_gqa=True)
                                                 for kc_, vc_, _ in layers])[0] / len(layers)
             dense_bytes = 2 * b * hkv * n * d * es + 2 * b * hq * d * es
-            t_fi = None
+            t_fi, fi_path = None, None
             if fi is not None:
-                try:
-                    t_fi, _ = measure(lambda: fi.single_decode_with_kv_cache(q[0], kc[0].transpose(0, 1),
-                                                                             vc[0].transpose(0, 1)))
-                except Exception as e:
-                    log(f"flashinfer failed: {type(e).__name__}: {e}")
+                t_fi, fi_path = flashinfer.fastest(measure, lambda tc: flashinfer.dense_call(fi, q, kc, vc, tc), log,
+                                                   "dense")
             base = {"batch": b, "context": n, "sdpa_ms": t_sdpa, "sdpa_eager_ms": e_sdpa,
                     "dense_bytes": dense_bytes, "sdpa_bw_frac": dense_bytes / (t_sdpa * 1e-3) / bw,
-                    "flashinfer_ms": t_fi if b == 1 else None, "sdpa_chain_ms": t_sdpa_chain,
+                    "flashinfer_ms": t_fi, "flashinfer_path": fi_path, "sdpa_chain_ms": t_sdpa_chain,
                     "chain": len(layers)}
-            log(f"B={b} N={n}: sdpa {t_sdpa * 1e3:.1f} us ({base['sdpa_bw_frac']:.0%} of copy bw)")
+            log(f"B={b} N={n}: sdpa {t_sdpa * 1e3:.1f} us ({base['sdpa_bw_frac']:.0%} of copy bw)" +
+                (f", flashinfer {t_fi * 1e3:.1f} us ({fi_path})" if t_fi else ""))
             for heavy in heavies:
                 budget = Budget(heavy=heavy, sink=args.sink, window=args.window)
                 k_sel = budget.total(n)
@@ -346,6 +339,10 @@ def run(args) -> int:
                                  "attention_bw_frac": (kv_bytes + idx_bytes / 2) / (t_att * 1e-3) / bw,
                                  "select_over_sig_read": t_sel / sig_read_ms,
                                  "speedup_vs_sdpa": t_sdpa / t_tot, "bytes_ratio": dense_bytes / floor}
+                    if fi is not None and per_group:  # FlashInfer's decode over the same rows, beside kernel 2
+                        t, path = flashinfer.fastest(
+                            measure, lambda tc: flashinfer.sparse_call(fi, q, kc, vc, idx, tc)[0], log, "sparse")
+                        row[mode]["flashinfer_attention_ms"], row[mode]["flashinfer_attention_path"] = t, path
                     if layers and per_group:
                         t_ch = measure(lambda: [K.hash_decode_attention(q, kc_, vc_, q_sig, ks_, starts, lengths,
                                                                         budget, True)
@@ -369,7 +366,7 @@ def run(args) -> int:
                                                    "window": args.window},
               "timing": "median of triton do_bench, L2 flushed, CUDA-graph replay" +
                         ("" if not args.no_graphs else " (disabled: eager)"),
-              "flashinfer": None if fi is None else "measured (batch 1, single_decode_with_kv_cache)",
+              "flashinfer": None if fi is None else fi.__version__,
               "flashinfer_not_measured_because": fi_why, "checks": checks, "tune": tune, "rows": rows,
               "acceptance": acceptance(rows), "log": log_lines}
     stem = "attention_" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
@@ -495,17 +492,22 @@ def markdown(res) -> str:
              "x = speedup over SDPA; bytes = dense bytes / HashAttention floor bytes; bw = floor bytes / time as a "
              "fraction of copy bandwidth; sel/sig = kernel 1 time over one read of the signatures at copy "
              "bandwidth.", ""]
-    if res.get("flashinfer_not_measured_because"):
-        lines += [f"FlashInfer: not measured ({res['flashinfer_not_measured_because']}). Its wheel "
-                  "(flashinfer-python 0.7.2, 62 MB) compiles its CUDA kernels at first use (JIT with nvcc) and "
-                  "needs apache-tvm-ffi, nvidia-cutlass-dsl and more: over the 64 MiB a call may carry, and "
-                  "the compile would cost most of this task's device time.", ""]
+    fi = any(r.get("flashinfer_ms") for r in res["rows"])
+    if fi:
+        lines += [f"FlashInfer {res.get('flashinfer')} (bench/flashinfer_env.sh): FI = its decode over the whole cache "
+                  "(batch 1 single_decode_with_kv_cache, else its paged decode on pages of 16 rows), FI att = its paged "
+                  "decode over kernel 1's rows (pages of one row), beside att; each the faster of its CUDA-core and "
+                  "tensor-core paths.", ""]
+    elif res.get("flashinfer_not_measured_because"):
+        lines += [f"FlashInfer: not measured ({res['flashinfer_not_measured_because']}); "
+                  "bench/flashinfer_env.sh installs it on the device machine.", ""]
     acc = res["acceptance"]["targets"]
     if acc:
         lines += ["Targets (batch 1, 1/32, shared by KV group): " + "; ".join(
             f"{k}: {v['got']:.2f} (want {'>=' if 'speedup' in k else '<='} {v['want']}, "
             f"{'met' if v['met'] else 'MISSED'})" for k, v in acc.items()), ""]
-    head = "| B | budget | N | SDPA | SDPA bw | group sel | att | tot | x | sel/sig | bw | bytes | head sel | att | tot | x |"
+    head = ("| B | budget | N | SDPA | SDPA bw |" + (" FI |" if fi else "") + " group sel | att |" +
+            (" FI att |" if fi else "") + " tot | x | sel/sig | bw | bytes | head sel | att | tot | x |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in res["rows"]:
         gp, hd = r.get("group"), r.get("head")
@@ -514,9 +516,12 @@ def markdown(res) -> str:
             return f"{x * 1e3:.1f}" if x is not None else "-"
         cells = [str(r["batch"]), r["budget"].split()[0].replace("heavy=", ""), f"{r['context'] // 1024}K",
                  us(r["sdpa_ms"]), f"{r['sdpa_bw_frac']:.0%}"]
-        cells += ([us(gp["select_ms"]), us(gp["attention_ms"]), us(gp["total_ms"]),
-                   f"{gp['speedup_vs_sdpa']:.1f}", f"{gp['select_over_sig_read']:.1f}", f"{gp['bw_frac']:.0%}",
-                   f"{gp['bytes_ratio']:.1f}"] if gp else ["-"] * 7)
+        if fi:
+            cells.append(us(r.get("flashinfer_ms")))
+        cells += ([us(gp["select_ms"]), us(gp["attention_ms"])] +
+                  ([us(gp.get("flashinfer_attention_ms"))] if fi else []) +
+                  [us(gp["total_ms"]), f"{gp['speedup_vs_sdpa']:.1f}", f"{gp['select_over_sig_read']:.1f}",
+                   f"{gp['bw_frac']:.0%}", f"{gp['bytes_ratio']:.1f}"] if gp else ["-"] * (8 if fi else 7))
         cells += ([us(hd["select_ms"]), us(hd["attention_ms"]), us(hd["total_ms"]),
                    f"{hd['speedup_vs_sdpa']:.1f}"] if hd else ["-"] * 4)
         lines.append("| " + " | ".join(cells) + " |")
