@@ -28,15 +28,18 @@ q, kc, vc = torch.randn(2, 6, 16).bfloat16(), torch.randn(2, 2, 80, 16).bfloat16
 L = torch.tensor([61])
 assert (K.decode_attention(q, kc, vc, length=L).float()
         - K.decode_attention_reference(q, kc, vc, length=L).float()).abs().max() < 2e-2
-# fused maps vs HashMaps (depth 3 with bias, depth 1 SimHash-like)
-for depth, bias, hqq, hkv, d in [(3, True, 8, 2, 32), (1, False, 6, 3, 16)]:
+# fused maps vs HashMaps (depth 3 with bias, depth 2, depth 1 SimHash-like); batch 3: one program per (head,
+# sequence) (matrix-vector path), batch 19: 16-sequence tiles with a ragged last one (tl.dot path)
+for depth, bias, hqq, hkv, d, b in [(3, True, 8, 2, 32, 3), (3, True, 8, 2, 32, 19), (2, False, 4, 2, 16, 3),
+                                    (2, True, 4, 2, 16, 19), (1, False, 6, 3, 16, 3), (1, False, 6, 3, 16, 19)]:
+    assert (b <= K.MAPS_CONFIG["mv_max_batch"]) == (b == 3)
     maps = HashMaps(MapsConfig(num_layers=2, num_q_heads=hqq, num_kv_heads=hkv, head_dim=d, depth=depth,
                                bias=bias, hidden=32))
     ws = [torch.cat([maps.q.weights[i], maps.k.weights[i]], 1).detach() for i in range(depth)]
     bs = [torch.cat([maps.q.biases[i], maps.k.biases[i]], 1).detach()[:, :, None] for i in range(depth)] \
         if bias else None
-    q, k = torch.randn(3, hqq, 1, d), torch.randn(3, hkv, 1, d)
-    sig = torch.zeros(3, hkv, 10, 1, dtype=torch.int32)
+    q, k = torch.randn(b, hqq, 1, d), torch.randn(b, hkv, 1, d)
+    sig = torch.zeros(b, hkv, 10, 1, dtype=torch.int32)
     qs = K.fused_signatures(torch.cat([q[:, :, 0], k[:, :, 0]], 1), ws, bs, 1, hqq, sig, torch.tensor([4]))
     assert torch.equal(qs, maps.query_signature(1, q)[:, :, 0])
     assert torch.equal(sig[:, :, 4], maps.key_signature(1, k)[:, :, 0]) and sig[:, :, 5].abs().sum() == 0

@@ -90,6 +90,10 @@ def decode_attention(q, k_cache, v_cache, length, scale=None):
 #: fp32 matmul precision of the fused maps on the GPU: "tf32x3" (three tensor-core passes, ~fp32 accuracy)
 #: or "ieee" (exact fp32 FMA; slow for 128-wide tiles)
 MAPS_PRECISION = os.environ.get("HASHATTENTION_MAPS_PRECISION", "tf32x3")
+#: launch shape of the fused maps kernel: warps per program, sequences per program (>= 16: tl.dot's rows);
+#: up to mv_max_batch sequences, one program per (head, sequence) runs the MLP as fp32 matrix-vector products
+#: (no 16-row tile to fill, exact fp32 FMAs) with mv_warps warps
+MAPS_CONFIG = {"num_warps": 4, "bp": 16, "mv_max_batch": 8, "mv_warps": 8}
 
 
 # fused maps: phi_q of the new query heads and phi_kv of the new key heads of one layer, signed and packed
@@ -98,7 +102,8 @@ def fused_signatures(x: torch.Tensor, ws: list, bs: list | None, layer: int, num
     """x [B, Hq + Hs, D] (the step's rotated queries, then its keys); ws[i] [L, Hq+Hs, a_i, b_i] fp32 stacked
     map weights, bs[i] [L, Hq+Hs, 1, b_i] biases (or None). Writes the key signatures into
     sig_cache_layer [B, Hs, S, W] at position ``pos`` and returns the query signatures int32 [B, Hq, W].
-    One program per (head, 16 sequences) runs the whole MLP and packs the sign bits."""
+    One program per (head, 16 sequences) runs the whole MLP and packs the sign bits; at small batches one per
+    (head, sequence), as matrix-vector products (MAPS_CONFIG)."""
     b, h, d = x.shape
     depth = len(ws)
     bits = ws[-1].shape[-1]
@@ -106,15 +111,23 @@ def fused_signatures(x: torch.Tensor, ws: list, bs: list | None, layer: int, num
     words = bits // 32
     q_out = torch.empty(b, num_q_heads, words, device=x.device, dtype=torch.int32)
     x = x.contiguous()
-    bp = 16  # rows (sequences) per program: larger tiles spill registers at 128-wide maps
+    bp = MAPS_CONFIG["bp"]  # rows (sequences) per program: larger tiles spill registers at 128-wide maps
     w = [t[layer] for t in ws] + [ws[0][layer]] * (3 - depth)  # unused slots point anywhere valid
     bb = [t[layer] for t in bs] + [bs[0][layer]] * (3 - depth) if bs is not None else [w[0]] * 3
     sc = sig_cache_layer
+    if b <= MAPS_CONFIG["mv_max_batch"]:
+        _maps_mv_kernel[(h, b)](x, w[0], bb[0], w[1], bb[1], w[2], bb[2], q_out, sc, pos,
+                                x.stride(0), x.stride(1), q_out.stride(0), q_out.stride(1),
+                                sc.stride(0), sc.stride(1), sc.stride(2),
+                                HQ=num_q_heads, D=d, HID=hid, BITS=bits, WORDS=words, DEPTH=depth,
+                                HAS_BIAS=bs is not None, num_warps=MAPS_CONFIG["mv_warps"])
+        return q_out
     _maps_kernel[(h, triton.cdiv(b, bp))](x, w[0], bb[0], w[1], bb[1], w[2], bb[2], q_out, sc, pos, b,
                        x.stride(0), x.stride(1), q_out.stride(0), q_out.stride(1),
                        sc.stride(0), sc.stride(1), sc.stride(2),
                        HQ=num_q_heads, D=d, HID=hid, BITS=bits, WORDS=words, DEPTH=depth, BP=bp,
-                       HAS_BIAS=bs is not None, PREC=MAPS_PRECISION if x.is_cuda else "ieee", num_warps=4)
+                       HAS_BIAS=bs is not None, PREC=MAPS_PRECISION if x.is_cuda else "ieee",
+                       num_warps=MAPS_CONFIG["num_warps"])
     return q_out
 
 
@@ -165,6 +178,51 @@ if triton is not None:
         kh = tl.maximum(hh - HQ, 0)
         tl.store(SC + rows[:, None] * ss_b + kh * ss_h + pos * ss_n + wcol[None, :], packed,
                  mask=live & (hh >= HQ))
+
+
+    @triton.jit
+    def _mv_layer(x, W, Bv, h, K: tl.constexpr, N: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                  T: tl.constexpr):
+        """y [N] = x [K] @ W[h] [K, N] (+ bias, SiLU) in fp32. T: the tile is held as [N, K] and reduced over
+        axis 1, so the layers alternate the axis they reduce and each output already has the layout the next
+        layer broadcasts (no layout conversion between layers)."""
+        kk = tl.arange(0, K)
+        nn_ = tl.arange(0, N)
+        if T:
+            y = tl.sum(tl.load(W + h * K * N + kk[None, :] * N + nn_[:, None]) * x[None, :], axis=1)
+        else:
+            y = tl.sum(tl.load(W + h * K * N + kk[:, None] * N + nn_[None, :]) * x[:, None], axis=0)
+        if HAS_BIAS:
+            y = y + tl.load(Bv + h * N + nn_)
+        if ACT:
+            y = y * tl.sigmoid(y)
+        return y
+
+    @triton.jit
+    def _maps_mv_kernel(X, W1, B1, W2, B2, W3, B3, QO, SC, POS, sx_b, sx_h, sq_b, sq_h, ss_b, ss_h, ss_n,
+                        HQ: tl.constexpr, D: tl.constexpr, HID: tl.constexpr, BITS: tl.constexpr,
+                        WORDS: tl.constexpr, DEPTH: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """One (head, sequence) per program: the head's MLP on one vector, signed and packed."""
+        h = tl.program_id(0)
+        r = tl.program_id(1)
+        x = tl.load(X + r * sx_b + h * sx_h + tl.arange(0, D)).to(tl.float32)
+        if DEPTH == 1:
+            y = _mv_layer(x, W1, B1, h, D, BITS, HAS_BIAS, False, False)
+        elif DEPTH == 2:
+            y = _mv_layer(x, W1, B1, h, D, HID, HAS_BIAS, True, False)
+            y = _mv_layer(y, W2, B2, h, HID, BITS, HAS_BIAS, False, True)
+        else:
+            y = _mv_layer(x, W1, B1, h, D, HID, HAS_BIAS, True, False)
+            y = _mv_layer(y, W2, B2, h, HID, HID, HAS_BIAS, True, True)
+            y = _mv_layer(y, W3, B3, h, HID, BITS, HAS_BIAS, False, False)
+        j = tl.arange(0, BITS)
+        bit = tl.where(y > 0, tl.full([BITS], 1, tl.int32) << (j % 32), 0)  # disjoint bits: sum == OR
+        packed = tl.sum(tl.reshape(bit, [WORDS, 32]), axis=1)  # [WORDS]
+        wcol = tl.arange(0, WORDS)
+        if h < HQ:
+            tl.store(QO + r * sq_b + h * sq_h + wcol, packed)
+        else:
+            tl.store(SC + r * ss_b + (h - HQ) * ss_h + tl.load(POS) * ss_n + wcol, packed)
 
 
 # ---------------------------------------------------------------------------------------------------------
