@@ -21,7 +21,7 @@ from hashattention.benchmarks.attention import _device_name, _timer
 
 K = importlib.import_module("hashattention.engine.kernels")
 
-VARIANTS = [("default", {}, None), ("mv warps 4", {"mv_warps": 4}, None), ("mv warps 16", {"mv_warps": 16}, None),
+VARIANTS = [("default", {}, None), ("mv warps 8", {"mv_warps": 8}, None), ("mv warps 16", {"mv_warps": 16}, None),
             ("tile (s8 default)", {"mv_max_batch": 0}, None), ("tile warps 8", {"mv_max_batch": 0, "num_warps": 8}, None),
             ("tile tf32 (1 pass)", {"mv_max_batch": 0}, "tf32"), ("default_again", {}, None)]
 

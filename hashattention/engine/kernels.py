@@ -93,7 +93,7 @@ MAPS_PRECISION = os.environ.get("HASHATTENTION_MAPS_PRECISION", "tf32x3")
 #: launch shape of the fused maps kernel: warps per program, sequences per program (>= 16: tl.dot's rows);
 #: up to mv_max_batch sequences, one program per (head, sequence) runs the MLP as fp32 matrix-vector products
 #: (no 16-row tile to fill, exact fp32 FMAs) with mv_warps warps
-MAPS_CONFIG = {"num_warps": 4, "bp": 16, "mv_max_batch": 8, "mv_warps": 8}
+MAPS_CONFIG = {"num_warps": 4, "bp": 16, "mv_max_batch": 8, "mv_warps": 4}
 
 
 # fused maps: phi_q of the new query heads and phi_kv of the new key heads of one layer, signed and packed
