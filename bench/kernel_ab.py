@@ -21,7 +21,9 @@ per count block (kept), 16 count programs per SM and kernel 2's short shape up t
 s7j (the list above, --base main=c61fc00's file) scores stored as score + 1 / 0 (kept), s7k the same with the
 select only in the tiles that hold non-candidates (--base where=...: equal, not kept). Session 8:
 s8_t36{,b} / s8_t39{,b} the defaults under Triton 3.6 and 3.9 (`bash bench/h200_kernels.sh t39`); s8a (the list
-above, Triton 3.9) emit tiles and warps, and the count shape the bench's sweep preferred: none faster.
+above, Triton 3.9) emit tiles and warps, and the count shape the bench's sweep preferred: none faster. Session 9
+(the list above, --heavy 1/8 at 8x256K, 8x512K where FlashInfer's gather beat kernel 2, then the default cases
+at 1/32): kernel 2 shapes, s9_long and s9_short.
 """
 import argparse
 import importlib
@@ -32,6 +34,7 @@ import os
 import torch
 
 from hashattention import Budget
+from hashattention.core.budget import parse_heavy
 from hashattention.benchmarks.attention import _device_name, _timer, kernel_breakdown
 
 # the modules (the package binds these names to functions)
@@ -41,11 +44,11 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
     ("default", {}, {}),
-    ("emit_tile 2048", {"emit_tile": 2048}, {}),
-    ("emit_tile 1024", {"emit_tile": 1024}, {}),
-    ("emit_warps 8", {"emit_warps": 8}, {}),
-    ("emit_tile 2048 warps 2", {"emit_tile": 2048, "emit_warps": 2}, {}),
-    ("count tile 2048 warps 8 max_block 16384", {"tile": 2048, "num_warps": 8, "max_block": 16384}, {}),
+    ("att block_n 128", {}, {"block_n": 128}),
+    ("att stages 4", {}, {"num_stages": 4}),
+    ("att warps 8", {}, {"num_warps": 8}),
+    ("att 16 programs/SM", {}, {"programs_per_sm": 16}),
+    ("att 4 programs/SM", {}, {"programs_per_sm": 4}),
     ("default_again", {}, {}),
 ]
 
@@ -53,6 +56,7 @@ VARIANTS = [
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="1x16K,1x128K,1x512K,8x128K")
+    ap.add_argument("--heavy", default="1/32", help="heavy budget of every case (fraction or count)")
     ap.add_argument("--rep", type=int, default=50)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="")
@@ -72,7 +76,7 @@ def main():
     dev = torch.device("cuda")
     measure = _timer(args.rep, True)
     hq, hkv, d = 32, 8, 128
-    budget = Budget(heavy=1 / 32, sink=128, window=128)
+    budget = Budget(heavy=parse_heavy(args.heavy), sink=128, window=128)
     rows = []
     base_cfg = {k: dict(m.CONFIG) for k, m in mods.items()}
     att_cfg0 = dict(sd.CONFIG)

@@ -1,7 +1,8 @@
 """The engine's fused maps kernel (sign the step's query and key heads: MLP D->128->128->32, SiLU, per head)
 under launch options, side by side on the same tensors (issue 5 follow-up, session 9). Runs: h200_s9_t36 the
 16-row tile path only (warps, tf32); h200_s9b the matrix-vector path (one program per head and sequence, the
-default up to 8 sequences) beside it.
+default up to 8 sequences) beside it; h200_s9c the same with 4 warps as the default; h200_s9d{,_t36} batches
+up to 64 (where the matrix-vector path stops paying, and tile warps).
 
     python3 bench/maps_kernel_ab.py --out bench/results --tag h200_s9
 
@@ -23,7 +24,8 @@ K = importlib.import_module("hashattention.engine.kernels")
 
 VARIANTS = [("default", {}, None), ("mv warps 8", {"mv_warps": 8}, None), ("mv warps 16", {"mv_warps": 16}, None),
             ("tile (s8 default)", {"mv_max_batch": 0}, None), ("tile warps 8", {"mv_max_batch": 0, "num_warps": 8}, None),
-            ("tile tf32 (1 pass)", {"mv_max_batch": 0}, "tf32"), ("default_again", {}, None)]
+            ("tile tf32 (1 pass)", {"mv_max_batch": 0}, "tf32"), ("mv at any batch", {"mv_max_batch": 1 << 30}, None),
+            ("default_again", {}, None)]
 
 
 def reference_bits(x, ws, li):
