@@ -2,7 +2,8 @@
 under launch options, side by side on the same tensors (issue 5 follow-up, session 9). Runs: h200_s9_t36 the
 16-row tile path only (warps, tf32); h200_s9b the matrix-vector path (one program per head and sequence, the
 default up to 8 sequences) beside it; h200_s9c the same with 4 warps as the default; h200_s9d{,_t36} batches
-up to 64 (where the matrix-vector path stops paying, and tile warps).
+up to 64 (where the matrix-vector path stops paying, and tile warps: in those runs "tile (s8 default)" is
+4 warps); h200_s9e{,_t36} the defaults chosen from them.
 
     python3 bench/maps_kernel_ab.py --out bench/results --tag h200_s9
 
@@ -23,9 +24,10 @@ from hashattention.benchmarks.attention import _device_name, _timer
 K = importlib.import_module("hashattention.engine.kernels")
 
 VARIANTS = [("default", {}, None), ("mv warps 8", {"mv_warps": 8}, None), ("mv warps 16", {"mv_warps": 16}, None),
-            ("tile (s8 default)", {"mv_max_batch": 0}, None), ("tile warps 8", {"mv_max_batch": 0, "num_warps": 8}, None),
-            ("tile tf32 (1 pass)", {"mv_max_batch": 0}, "tf32"), ("mv at any batch", {"mv_max_batch": 1 << 30}, None),
-            ("default_again", {}, None)]
+            ("tile warps 4 (s8)", {"mv_max_batch": 0, "num_warps": 4}, None),
+            ("tile warps 8", {"mv_max_batch": 0, "num_warps": 8, "few_warps_from": 1 << 30}, None),
+            ("tile tf32 (1 pass)", {"mv_max_batch": 0, "num_warps": 4}, "tf32"),
+            ("mv at any batch", {"mv_max_batch": 1 << 30}, None), ("default_again", {}, None)]
 
 
 def reference_bits(x, ws, li):

@@ -90,10 +90,13 @@ def decode_attention(q, k_cache, v_cache, length, scale=None):
 #: fp32 matmul precision of the fused maps on the GPU: "tf32x3" (three tensor-core passes, ~fp32 accuracy)
 #: or "ieee" (exact fp32 FMA; slow for 128-wide tiles)
 MAPS_PRECISION = os.environ.get("HASHATTENTION_MAPS_PRECISION", "tf32x3")
-#: launch shape of the fused maps kernel: warps per program, sequences per program (>= 16: tl.dot's rows);
-#: up to mv_max_batch sequences, one program per (head, sequence) runs the MLP as fp32 matrix-vector products
-#: (no 16-row tile to fill, exact fp32 FMAs) with mv_warps warps
-MAPS_CONFIG = {"num_warps": 4, "bp": 16, "mv_max_batch": 8, "mv_warps": 4}
+#: launch shape of the fused maps kernel: up to mv_max_batch sequences, one program per (head, sequence) runs
+#: the MLP as fp32 matrix-vector products (no 16-row tile to fill, exact fp32 FMAs) with mv_warps warps; above,
+#: one program per (head, bp sequences: >= 16, tl.dot's rows) with num_warps warps, 4 from few_warps_from
+#: sequences on (bench/results/maps_kernel_ab_h200_s9d_t36.md: per layer at the 8B shape, matrix-vector 9.0 us
+#: against 10.7 for 8-warp tiles at 9 sequences, 15.2 against 10.7 at 16; 8-warp tiles 10.8 against 13.6 at 32,
+#: 17.9 against 16.4 at 64)
+MAPS_CONFIG = {"mv_max_batch": 10, "mv_warps": 4, "bp": 16, "num_warps": 8, "few_warps_from": 48}
 
 
 # fused maps: phi_q of the new query heads and phi_kv of the new key heads of one layer, signed and packed
@@ -127,7 +130,7 @@ def fused_signatures(x: torch.Tensor, ws: list, bs: list | None, layer: int, num
                        sc.stride(0), sc.stride(1), sc.stride(2),
                        HQ=num_q_heads, D=d, HID=hid, BITS=bits, WORDS=words, DEPTH=depth, BP=bp,
                        HAS_BIAS=bs is not None, PREC=MAPS_PRECISION if x.is_cuda else "ieee",
-                       num_warps=MAPS_CONFIG["num_warps"])
+                       num_warps=4 if b >= MAPS_CONFIG["few_warps_from"] else MAPS_CONFIG["num_warps"])
     return q_out
 
 
