@@ -93,10 +93,10 @@ MAPS_PRECISION = os.environ.get("HASHATTENTION_MAPS_PRECISION", "tf32x3")
 #: launch shape of the fused maps kernel: up to mv_max_batch sequences, one program per (head, sequence) runs
 #: the MLP as fp32 matrix-vector products (no 16-row tile to fill, exact fp32 FMAs) with mv_warps warps; above,
 #: one program per (head, bp sequences: >= 16, tl.dot's rows) with num_warps warps, 4 from few_warps_from
-#: sequences on (bench/results/maps_kernel_ab_h200_s9d_t36.md: per layer at the 8B shape, matrix-vector 9.0 us
-#: against 10.7 for 8-warp tiles at 9 sequences, 15.2 against 10.7 at 16; 8-warp tiles 10.8 against 13.6 at 32,
-#: 17.9 against 16.4 at 64)
-MAPS_CONFIG = {"mv_max_batch": 10, "mv_warps": 4, "bp": 16, "num_warps": 8, "few_warps_from": 48}
+#: sequences on (bench/results/maps_kernel_ab_h200_s9e_t36.md, per layer at the 8B shape: matrix-vector 9.0 us
+#: against 10.7 for 8-warp tiles at 9 sequences, 13.9 against 10.7 at 12; 8-warp tiles 10.9 against 13.4 for
+#: 4-warp ones at 48, 18.0 against 16.5 at 64)
+MAPS_CONFIG = {"mv_max_batch": 10, "mv_warps": 4, "bp": 16, "num_warps": 8, "few_warps_from": 64}
 
 
 # fused maps: phi_q of the new query heads and phi_kv of the new key heads of one layer, signed and packed
