@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from hashattention import Budget
-from hashattention.benchmarks.attention import _device_name, _timer
+from hashattention.benchmarks.attention import _device_name, _timer, random_case
 from hashattention.benchmarks.flashinfer import dense_call, sparse_call
 from hashattention.kernels import dense_decode, hash_decode_attention, score_select, sparse_decode
 
@@ -66,16 +66,7 @@ def main():
         if time.time() - t0 > args.time_limit:
             say(f"time limit: {case} and later skipped")
             break
-        b, n = case.split("x")
-        b, n = int(b), int(n.rstrip("K")) * 1024
-        g = torch.Generator(device=dev).manual_seed(n + b)
-        kc = torch.empty(b, hkv, n, d, device=dev, dtype=torch.bfloat16).normal_(generator=g)
-        vc = torch.empty_like(kc).normal_(generator=g)
-        q = torch.randn(b, hq, d, device=dev, dtype=torch.bfloat16, generator=g)
-        qs = torch.randint(-2 ** 31, 2 ** 31 - 1, (b, hq, 1), device=dev, dtype=torch.int32, generator=g)
-        ks = torch.randint(-2 ** 31, 2 ** 31 - 1, (b, hkv, n, 1), device=dev, dtype=torch.int32, generator=g)
-        st = torch.zeros(b, dtype=torch.int32, device=dev)
-        ln = torch.full((b,), n, dtype=torch.int32, device=dev)
+        b, n, q, kc, vc, qs, ks, st, ln = random_case(case, dev, hq, hkv, d)
         r = {"case": case}
 
         def timed(name, fn, ref=None):

@@ -35,7 +35,7 @@ import torch
 
 from hashattention import Budget
 from hashattention.core.budget import parse_heavy
-from hashattention.benchmarks.attention import _device_name, _timer, kernel_breakdown
+from hashattention.benchmarks.attention import _device_name, _timer, random_case, kernel_breakdown
 
 # the modules (the package binds these names to functions)
 ss = importlib.import_module("hashattention.kernels.score_select")
@@ -81,16 +81,7 @@ def main():
     base_cfg = {k: dict(m.CONFIG) for k, m in mods.items()}
     att_cfg0 = dict(sd.CONFIG)
     for case in args.cases.split(","):
-        b, n = case.split("x")
-        b, n = int(b), int(n.rstrip("K")) * 1024
-        g = torch.Generator(device=dev).manual_seed(n + b)
-        kc = torch.empty(b, hkv, n, d, device=dev, dtype=torch.bfloat16).normal_(generator=g)
-        vc = torch.empty_like(kc).normal_(generator=g)
-        q = torch.randn(b, hq, d, device=dev, dtype=torch.bfloat16, generator=g)
-        q_sig = torch.randint(-2 ** 31, 2 ** 31 - 1, (b, hq, 1), device=dev, dtype=torch.int32, generator=g)
-        k_sig = torch.randint(-2 ** 31, 2 ** 31 - 1, (b, hkv, n, 1), device=dev, dtype=torch.int32, generator=g)
-        st = torch.zeros(b, dtype=torch.int32, device=dev)
-        ln = torch.full((b,), n, dtype=torch.int32, device=dev)
+        b, n, q, kc, vc, q_sig, k_sig, st, ln = random_case(case, dev, hq, hkv, d)
         sdpa, _ = measure(lambda: torch.nn.functional.scaled_dot_product_attention(
             q[:, :, None], kc, vc, enable_gqa=True))
         chain, sdpa_chain = [], None

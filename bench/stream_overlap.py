@@ -18,7 +18,7 @@ import os
 import torch
 
 from hashattention import Budget
-from hashattention.benchmarks.attention import _device_name, _timer
+from hashattention.benchmarks.attention import _device_name, _timer, random_case
 
 ss = importlib.import_module("hashattention.kernels.score_select")
 sd = importlib.import_module("hashattention.kernels.sparse_decode")
@@ -85,16 +85,7 @@ def main():
     streams = [torch.cuda.Stream() for _ in range(7)]
     rows = []
     for case in args.cases.split(","):
-        b, n = case.split("x")
-        b, n = int(b), int(n.rstrip("K")) * 1024
-        g = torch.Generator(device=dev).manual_seed(n + b)
-        kc = torch.empty(b, hkv, n, d, device=dev, dtype=torch.bfloat16).normal_(generator=g)
-        vc = torch.empty_like(kc).normal_(generator=g)
-        q = torch.randn(b, hq, d, device=dev, dtype=torch.bfloat16, generator=g)
-        qs = torch.randint(-2 ** 31, 2 ** 31 - 1, (b, hq, 1), device=dev, dtype=torch.int32, generator=g)
-        ks = torch.randint(-2 ** 31, 2 ** 31 - 1, (b, hkv, n, 1), device=dev, dtype=torch.int32, generator=g)
-        st = torch.zeros(b, dtype=torch.int32, device=dev)
-        ln = torch.full((b,), n, dtype=torch.int32, device=dev)
+        b, n, q, kc, vc, qs, ks, st, ln = random_case(case, dev, hq, hkv, d)
         sdpa, _ = measure(lambda: torch.nn.functional.scaled_dot_product_attention(
             q[:, :, None], kc, vc, enable_gqa=True))
         copies = [(kc.clone(), vc.clone(), ks.clone()) for _ in range(args.chain)]

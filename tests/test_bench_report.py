@@ -70,3 +70,16 @@ def test_flashinfer_columns_only_when_measured():
     assert cells[0][head.index("FI")] == "139.7" and cells[0][head.index("FI att")] == "21.0"
     assert cells[1][head.index("FI")] == "-" and cells[1][head.index("FI att")] == "-"
     assert cells[0][head.index("att")] == f"{27.4 - 14.3:.1f}"
+
+
+def test_random_case_is_seeded_by_the_case():
+    import torch
+
+    from hashattention.benchmarks.attention import random_case
+    a = random_case("2x1K", torch.device("cpu"), hq=4, hkv=2, d=16)
+    b = random_case("2X1k", torch.device("cpu"), hq=4, hkv=2, d=16)
+    c = random_case("1x1K", torch.device("cpu"), hq=4, hkv=2, d=16)
+    assert a[:2] == (2, 1024) and a[3].shape == (2, 2, 1024, 16) and a[6].shape == (2, 2, 1024, 1)
+    assert all(torch.equal(x, y) for x, y in zip(a[2:], b[2:]))
+    assert not torch.equal(a[2][:1], c[2])  # another case, other numbers
+    assert a[7].tolist() == [0, 0] and a[8].tolist() == [1024, 1024]

@@ -44,6 +44,23 @@ def parse_tokens(text: str) -> int:
     return v
 
 
+def random_case(case: str, dev, hq: int = 32, hkv: int = 8, d: int = 128, dtype=torch.bfloat16):
+    """A decode step on random tensors for the side-by-side bench scripts, seeded by the case ('8x128K': batch 8,
+    128K keys): (b, n, q [b, hq, d], k_cache, v_cache [b, hkv, n, d], q_sig int32 [b, hq, 1],
+    k_sig int32 [b, hkv, n, 1], starts, lengths int32 [b]: every sequence full)."""
+    b, n = case.lower().split("x")
+    b, n = int(b), parse_tokens(n)
+    g = torch.Generator(device=dev).manual_seed(n + b)
+    kc = torch.empty(b, hkv, n, d, device=dev, dtype=dtype).normal_(generator=g)
+    vc = torch.empty_like(kc).normal_(generator=g)
+    q = torch.randn(b, hq, d, device=dev, dtype=dtype, generator=g)
+    q_sig = torch.randint(-2 ** 31, 2 ** 31 - 1, (b, hq, 1), device=dev, dtype=torch.int32, generator=g)
+    k_sig = torch.randint(-2 ** 31, 2 ** 31 - 1, (b, hkv, n, 1), device=dev, dtype=torch.int32, generator=g)
+    starts = torch.zeros(b, dtype=torch.int32, device=dev)
+    lengths = torch.full((b,), n, dtype=torch.int32, device=dev)
+    return b, n, q, kc, vc, q_sig, k_sig, starts, lengths
+
+
 def add_arguments(p):
     p.add_argument("--contexts", default="16K,32K,64K,128K,256K,512K", help="comma list of context lengths")
     p.add_argument("--batches", default="1,8", help="comma list of batch sizes")
