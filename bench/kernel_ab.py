@@ -23,7 +23,8 @@ select only in the tiles that hold non-candidates (--base where=...: equal, not 
 s8_t36{,b} / s8_t39{,b} the defaults under Triton 3.6 and 3.9 (`bash bench/h200_kernels.sh t39`); s8a (the list
 above, Triton 3.9) emit tiles and warps, and the count shape the bench's sweep preferred: none faster. Session 9
 (the list above, --heavy 1/8 at 8x256K, 8x512K where FlashInfer's gather beat kernel 2, then the default cases
-at 1/32): kernel 2 shapes, s9_long and s9_short.
+at 1/32): kernel 2 shapes, s9_long and s9_short; s9_t36{a,b} / s9_t39{a,b} the default at 1/8 of 256K and
+512K x 8 under Triton 3.6 and 3.9 in turn.
 """
 import argparse
 import importlib
@@ -57,6 +58,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="1x16K,1x128K,1x512K,8x128K")
     ap.add_argument("--heavy", default="1/32", help="heavy budget of every case (fraction or count)")
+    ap.add_argument("--variants", default="", help="comma list of VARIANTS names to run (default: all)")
     ap.add_argument("--rep", type=int, default=50)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="")
@@ -92,6 +94,8 @@ def main():
         ref = sd.sparse_decode(q, kc, vc, *ss.score_select(q_sig, k_sig, st, ln, budget, hkv, True))
         ref_idx = ss.score_select_reference(q_sig, k_sig, st, ln, budget, hkv, True)[0]
         for name, sel_cfg, att_cfg, *which in VARIANTS:
+            if args.variants and name not in args.variants.split(","):
+                continue
             m = mods.get(which[0] if which else "")
             if m is None:
                 continue
