@@ -60,7 +60,7 @@ class PagedRows:
 
 def dense_call(fi, q, kc, vc, tensor_cores: bool):
     """A no-argument call of FlashInfer's decode over the whole cache: batch 1 single_decode_with_kv_cache on the
-    [Hkv, N, D] cache (HND), batch > 1 the paged decode with pages of 16 rows (of N rounded down to 16)."""
+    [Hkv, N, D] cache (HND), batch > 1 the paged decode with pages of 16 rows (N a multiple of 16)."""
     b, hkv, n, d = kc.shape
     if b == 1:
         return lambda: fi.single_decode_with_kv_cache(q[0], kc[0], vc[0], kv_layout="HND",
