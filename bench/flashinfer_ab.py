@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from hashattention import Budget
+from hashattention.core.budget import parse_heavy
 from hashattention.benchmarks.attention import _device_name, _timer, random_case
 from hashattention.benchmarks.flashinfer import dense_call, sparse_call
 from hashattention.kernels import dense_decode, hash_decode_attention, score_select, sparse_decode
@@ -46,6 +47,7 @@ def main():
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="")
     ap.add_argument("--time-limit", type=float, default=420)
+    ap.add_argument("--heavy", default="1/32", help="heavy budget (fraction or count)")
     args = ap.parse_args()
     import flashinfer as fi
     import triton
@@ -53,7 +55,7 @@ def main():
     dev = torch.device("cuda")
     measure = _timer(args.rep, True)
     hq, hkv, d = 32, 8, 128
-    budget = Budget(heavy=1 / 32, sink=128, window=128)
+    budget = Budget(heavy=parse_heavy(args.heavy), sink=128, window=128)
     rows, log = [], []
 
     def say(s):
