@@ -1,7 +1,7 @@
 """`hashattention bench decode` with the engine's two fused-maps paths in turn, one process, same machine
 (session 9): the 16-row tl.dot tile path (the default until then) and the matrix-vector path (one program per
-head and sequence, the default up to MAPS_CONFIG['mv_max_batch'] sequences). Arguments after the script go to `bench decode`; each
-run writes decode_<device>_<tag>_<path>.{json,md}.
+head and sequence, the default up to MAPS_CONFIG['mv_max_batch'] sequences). Arguments after the script
+go to `bench decode`; each run writes decode_<device>_<tag>_<path>.{json,md}.
 
     python3 bench/decode_maps_ab.py --models llama-3.1-8b --contexts 128K --batches 1,7 --out $OUT --tag h200_s9
 """
