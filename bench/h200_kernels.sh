@@ -9,6 +9,8 @@
 #          bench/kernel_ab.py
 #   t39    (after bench/triton39_env.sh unpacked Triton 3.9 into $TRITON39) the kernel tests under Triton 3.9, then
 #          bench/kernel_ab.py under 3.6, 3.9, 3.6, 3.9 (one Triton per process), kernel times included
+#   pf     (Triton 3.9 unpacked, as for t39) the selection tests under 3.9, then bench/kernel_ab.py under 3.9
+#          and 3.6 (session 10: the count loop prefetching the next tile's signature words, CONFIG count_prefetch)
 #   gather kernel 2's reads against the simplest gather and one contiguous read (bench/gather_ceiling.py), then
 #          Nsight Compute of the 512K case (session 8: gather_ceiling_h200_s8.md, ncu_gather_h200_s8.txt)
 # On the device machine:  . bench/gpu_env.sh && bash bench/h200_kernels.sh STAGE $OUT TAG
@@ -47,6 +49,15 @@ t39)
     case $v in t39*) PP=$TRITON39:$PYTHONPATH ;; *) PP=$PYTHONPATH ;; esac
     PYTHONPATH=$PP timeout 150 python3 bench/kernel_ab.py --cases 1x16K,1x128K,1x512K,8x128K --kernels --out $OUT \
       --tag ${TAG}_$v 2>&1 | grep -v "Warn\|warn" | tee -a $L
+  done ;;
+pf)
+  [ -d "$TRITON39/triton" ] || { echo "no Triton 3.9 unpacked (source bench/triton39_env.sh)"; exit 1; }
+  PYTHONPATH=$TRITON39:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+    -k "blocks_and_tiles or equals_shared_rule" 2>&1 | tail -2 | tee -a $L
+  for v in t39 t36; do
+    case $v in t39*) PP=$TRITON39:$PYTHONPATH ;; *) PP=$PYTHONPATH ;; esac
+    PYTHONPATH=$PP timeout 200 python3 bench/kernel_ab.py --cases 1x16K,1x128K,1x512K,8x128K --kernels --out $OUT \
+      --tag ${TAG}_$v 2>&1 | grep -v "Warn\|warn" | grep -v kernels | tee -a $L
   done ;;
 gather)
   timeout 500 python3 bench/gather_ceiling.py --out $OUT --tag $TAG 2>&1 | grep -v "Warn\|warn" | tee -a $L

@@ -45,11 +45,11 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
     ("default", {}, {}),
-    ("att block_n 128", {}, {"block_n": 128}),
-    ("att stages 4", {}, {"num_stages": 4}),
-    ("att warps 8", {}, {"num_warps": 8}),
-    ("att 16 programs/SM", {}, {"programs_per_sm": 16}),
-    ("att 4 programs/SM", {}, {"programs_per_sm": 4}),
+    ("count prefetch", {"count_prefetch": 1}, {}),
+    ("count prefetch, 4/SM", {"count_prefetch": 1, "programs_per_sm": 4}, {}),
+    ("4/SM", {"programs_per_sm": 4}, {}),
+    ("count prefetch, tile 512", {"count_prefetch": 1, "tile": 512}, {}),
+    ("count prefetch, tile 2048", {"count_prefetch": 1, "tile": 2048}, {}),
     ("default_again", {}, {}),
 ]
 

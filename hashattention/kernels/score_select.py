@@ -48,7 +48,7 @@ _WORKSPACE: dict = {}
 #: exact_max: the largest max_score that takes the two-launch path (one histogram of next_pow2(max_score) bins)
 #: emit_tile, emit_warps: tokens per step of the emit step (at most the block), its warps per program;
 CONFIG = {"tile": 1024, "programs_per_sm": 8, "max_block": 4096, "num_warps": 4, "exact_max": 256,
-          "emit_tile": 4096, "emit_warps": 4}
+          "emit_tile": 4096, "emit_warps": 4, "count_prefetch": 0}
 NCB = 32  # coarse bins: coarse scores 0..30, bin 31 for the tokens that are not heavy candidates
 
 
@@ -156,7 +156,9 @@ def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
     try:
         _count_kernel[(nblk, r)](q_sig, k_sig, scores, csuf, chist, epoch, *rows, q_sig.stride(0),
                                  q_sig.stride(1), k_sig.stride(0), k_sig.stride(1), k_sig.stride(2), G=g, GS=gs,
-                                 KEY_PER_Q=hs != num_kv_heads, W=w, HW=not INTERPRET, **common)
+                                 KEY_PER_Q=hs != num_kv_heads, W=w, HW=not INTERPRET,
+                                 PREFETCH=cfg["count_prefetch"] if w == 1 and hs == num_kv_heads else 0,
+                                 GSP=next_pow2(gs), **common)
         if not exact:
             _refine_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, epoch, *rows, **common)
         _emit_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, epoch, idx, counts, *rows, k_total,
@@ -249,11 +251,19 @@ if triton is not None:
                       sq_b, sq_h, sk_b, sk_h, sk_n, HSEL: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
                       NB: tl.constexpr, NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr,
                       MAXS: tl.constexpr, FRAC: tl.constexpr, EXACT: tl.constexpr, G: tl.constexpr,
-                      GS: tl.constexpr, KEY_PER_Q: tl.constexpr, W: tl.constexpr, HW: tl.constexpr):
+                      GS: tl.constexpr, KEY_PER_Q: tl.constexpr, W: tl.constexpr, HW: tl.constexpr,
+                      PREFETCH: tl.constexpr, GSP: tl.constexpr):
         blk = tl.program_id(0)
         row = tl.program_id(1)
         b = row // HSEL
         hs = row % HSEL
+        if PREFETCH > 0:  # one word per token, one key head per group: the group's query words, loaded once
+            krow = KS + b.to(tl.int64) * sk_b + ((hs * GS) // G) * sk_h
+            qv = ()
+            for gi in tl.static_range(GS):
+                qv = qv + (tl.load(QS + b * sq_b + (hs * GS + gi) * sq_h),)
+            offs0 = blk * BLOCK + tl.arange(0, TILE)
+            kw = tl.load(krow + offs0 * sk_n, mask=offs0 < N, other=0)
         start, end, lo, hi, sink_c, k = _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC)
         e = tl.load(EPOCH)
         if (blk == 0) & (row == 0):  # the emit step reads the epoch from here (EPOCH[0] stays put meanwhile)
@@ -269,8 +279,20 @@ if triton is not None:
         for t in range(0, BLOCK, TILE):
             offs = blk * BLOCK + t + tl.arange(0, TILE)
             cand = (offs >= lo) & (offs < hi)
-            score = _block_scores(QS, KS, b, hs, offs, offs < N, sq_b, sq_h, sk_b, sk_h, sk_n, G, GS, KEY_PER_Q,
-                                  W, HW)
+            if PREFETCH > 0:  # the next tile's words load while this one is scored (Triton's pipeliner stages
+                # loads that feed dots, not integer work)
+                nxt = offs + TILE
+                kw_next = tl.load(krow + nxt * sk_n, mask=(nxt < N) & (t + TILE < BLOCK), other=0)
+                score = offs * 0
+                for gi in tl.static_range(GS):
+                    if HW:
+                        score += 32 - _popc_hw(qv[gi] ^ kw)
+                    else:
+                        score += 32 - _popc(qv[gi] ^ kw)
+                kw = kw_next
+            else:
+                score = _block_scores(QS, KS, b, hs, offs, offs < N, sq_b, sq_h, sk_b, sk_h, sk_n, G, GS,
+                                      KEY_PER_Q, W, HW)
             # score + 1 for a heavy candidate, 0 for any other token: the emit step then needs no candidate mask,
             # and the store is a full vector store
             tl.store(sbase + offs, tl.where(cand, score + 1, 0).to(SC.dtype.element_ty), mask=offs < N)
