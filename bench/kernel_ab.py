@@ -45,11 +45,10 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
     ("default", {}, {}),
-    ("count prefetch", {"count_prefetch": 1}, {}),
-    ("count prefetch, 4/SM", {"count_prefetch": 1, "programs_per_sm": 4}, {}),
-    ("4/SM", {"programs_per_sm": 4}, {}),
-    ("count prefetch, tile 512", {"count_prefetch": 1, "tile": 512}, {}),
-    ("count prefetch, tile 2048", {"count_prefetch": 1, "tile": 2048}, {}),
+    ("emit maxnreg 96", {"emit_maxnreg": 96}, {}),
+    ("emit maxnreg 80", {"emit_maxnreg": 80}, {}),
+    ("emit maxnreg 64", {"emit_maxnreg": 64}, {}),
+    ("count prefetch off", {"count_prefetch": 0}, {}),
     ("default_again", {}, {}),
 ]
 
