@@ -42,21 +42,22 @@ KERNELS = {
 DIV16 = ("N", "NBLK", "HEAVY", "SINK", "WINDOW", "KTOT", "sk_b", "sk_h", "sq_b", "sq_h")
 
 
-def compile_one(fn, consts, types):
+def compile_one(fn, consts, types, maxnreg=None):
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
              if t.startswith("*") or n in DIV16}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                     attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+    opts = {"num_warps": 4, "num_stages": 3, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
 def main():
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     print(f"triton {triton.__version__}")
     for name, (fn, consts, types) in KERNELS.items():
-        k = compile_one(fn, consts, types)
+        k = compile_one(fn, consts, types, ss.CONFIG["emit_maxnreg"] if name == "emit" else None)
         path = f"/tmp/sass_local_{name}.cubin"
         with open(path, "wb") as f:
             f.write(k.asm["cubin"])

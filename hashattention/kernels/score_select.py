@@ -47,12 +47,14 @@ _WORKSPACE: dict = {}
 #: up to 512K keys and is 4.5% faster at 128K x batch 7 (the engine's largest batch) than 16384
 #: exact_max: the largest max_score that takes the two-launch path (one histogram of next_pow2(max_score) bins)
 #: emit_tile, emit_warps: tokens per step of the emit step (at most the block), its warps per program;
-#: emit_maxnreg: a register cap for the emit step (None: the compiler's choice);
+#: emit_maxnreg: a register cap for the emit step (None: the compiler's choice; 96 leaves 5 programs per SM
+#: resident instead of 4 at 127 registers, for 5 spilled values: emit 11.0 -> 10.7 us at 512K, 19.2 -> 18.2 at
+#: 128K x 8 on the H200, Triton 3.9 and 3.6 alike; 80 and 64 spill more and are slower);
 #: count_prefetch: the count loop loads the next tile's signature words while it scores this one (one word per
 #: token, one key head per group), the group's query words once (bench/kernel_ab.py, H200, Triton 3.9: count
 #: 12.3 -> 11.6 us at 512K, 21.0 -> 19.5 at 128K x 8, 5.8 -> 5.6 at 128K; Triton 3.6 alike)
 CONFIG = {"tile": 1024, "programs_per_sm": 8, "max_block": 4096, "num_warps": 4, "exact_max": 256,
-          "emit_tile": 4096, "emit_warps": 4, "emit_maxnreg": None, "count_prefetch": 1}
+          "emit_tile": 4096, "emit_warps": 4, "emit_maxnreg": 96, "count_prefetch": 1}
 NCB = 32  # coarse bins: coarse scores 0..30, bin 31 for the tokens that are not heavy candidates
 
 
