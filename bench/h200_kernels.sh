@@ -57,7 +57,7 @@ pf)
   for v in t39 t36; do
     case $v in t39*) PP=$TRITON39:$PYTHONPATH ;; *) PP=$PYTHONPATH ;; esac
     PYTHONPATH=$PP timeout 200 python3 bench/kernel_ab.py --cases 1x16K,1x128K,1x512K,8x128K --kernels --out $OUT \
-      --tag ${TAG}_$v 2>&1 | grep -v "Warn\|warn" | grep -v kernels | tee -a $L
+      --tag ${TAG}_$v $AB_ARGS 2>&1 | grep -v "Warn\|warn" | grep -v kernels | tee -a $L
   done ;;
 gather)
   timeout 500 python3 bench/gather_ceiling.py --out $OUT --tag $TAG 2>&1 | grep -v "Warn\|warn" | tee -a $L

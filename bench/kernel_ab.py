@@ -45,11 +45,9 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
     ("default", {}, {}),
-    ("emit maxnreg 96", {"emit_maxnreg": 96}, {}),
-    ("emit maxnreg 80", {"emit_maxnreg": 80}, {}),
-    ("emit maxnreg 64", {"emit_maxnreg": 64}, {}),
-    ("count prefetch off", {"count_prefetch": 0}, {}),
+    ("s10b", {}, {}, "s10b"),
     ("default_again", {}, {}),
+    ("s10b_again", {}, {}, "s10b"),
 ]
 
 

@@ -26,14 +26,16 @@ from hashattention.kernels import score_select  # noqa: E402,F401
 ss = sys.modules["hashattention.kernels.score_select"]
 
 # the 512K, batch 1, shared-selection launch (Llama-3.1-8B shapes): 8 rows, blocks of 4096, exact 128-bin path
-COMMON = dict(HSEL=8, BLOCK=4096, TILE=1024, NB=128, NCB=256, NFB=1, SHIFT=0, MAXS=128, FRAC=True, EXACT=True)
+# (with shared-memory histograms, Triton >= 3.9, a bin for every score: 256 bins)
+_NB = 256 if ss.SMEM_HISTOGRAM else 128
+COMMON = dict(HSEL=8, BLOCK=4096, TILE=1024, NB=_NB, NCB=2 * _NB, NFB=1, SHIFT=0, MAXS=128, FRAC=True, EXACT=True)
 COUNT_TYPES = dict(QS="*i32", KS="*i32", SC="*u8", CSUF="*i32", CHIST="*i32", EPOCH="*i32", START="*i32",
                    END="*i32", FR="*fp64")
 KERNELS = {
     "count": (ss._count_kernel, dict(COMMON, G=4, GS=4, KEY_PER_Q=False, W=1, HW=True, sk_n=1, PREFETCH=0,
-                                     GSP=4), COUNT_TYPES),
+                                     LOG2NB=_NB.bit_length() - 1), COUNT_TYPES),
     "count_prefetch": (ss._count_kernel, dict(COMMON, G=4, GS=4, KEY_PER_Q=False, W=1, HW=True, sk_n=1,
-                                              PREFETCH=1, GSP=4), COUNT_TYPES),
+                                              PREFETCH=1, LOG2NB=_NB.bit_length() - 1), COUNT_TYPES),
     "emit": (ss._emit_kernel, dict(COMMON, NBLKP=128, ETILE=4096),
              dict(SC="*u8", CSUF="*i32", CHIST="*i32", FSUF="*i32", FHIST="*i32", EPOCH="*i32", IDX="*i32",
                   COUNTS="*i32", START="*i32", END="*i32", FR="*fp64")),

@@ -55,6 +55,9 @@ _WORKSPACE: dict = {}
 #: 12.3 -> 11.6 us at 512K, 21.0 -> 19.5 at 128K x 8, 5.8 -> 5.6 at 128K; Triton 3.6 alike)
 CONFIG = {"tile": 1024, "programs_per_sm": 8, "max_block": 4096, "num_warps": 4, "exact_max": 256,
           "emit_tile": 4096, "emit_warps": 4, "emit_maxnreg": 96, "count_prefetch": 1}
+#: Triton lowers tl.histogram to shared-memory atomics (3.9; 3.6 to warp ballots, whose cost per token grows with
+#: the bins): the exact histogram may then have a bin for every score, with no separate count of the top one
+SMEM_HISTOGRAM = triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
 NCB = 32  # coarse bins: coarse scores 0..30, bin 31 for the tokens that are not heavy candidates
 
 
@@ -132,6 +135,8 @@ def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
     exact = max_score <= cfg["exact_max"]
     if exact:  # one histogram: bins 0..NB-1 (the top one holds NB - 1 and NB), #(score == NB) at index NB
         nb, shift = max(32, next_pow2(max_score)), 0
+        if SMEM_HISTOGRAM and nb == max_score and 2 * nb <= cfg["exact_max"]:
+            nb *= 2  # a bin for every score (no top count): bins cost no instructions per token here
         ncb, nfb = 2 * nb, 1
     else:
         nb, shift = NCB, _shift(max_score)
@@ -164,7 +169,7 @@ def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
                                  q_sig.stride(1), k_sig.stride(0), k_sig.stride(1), k_sig.stride(2), G=g, GS=gs,
                                  KEY_PER_Q=hs != num_kv_heads, W=w, HW=not INTERPRET,
                                  PREFETCH=cfg["count_prefetch"] if w == 1 and hs == num_kv_heads else 0,
-                                 GSP=next_pow2(gs), **common)
+                                 LOG2NB=nb.bit_length() - 1, **common)
         if not exact:
             _refine_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, epoch, *rows, **common)
         _emit_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, epoch, idx, counts, *rows, k_total,
@@ -254,12 +259,41 @@ if triton is not None:
         return c, tl.sum(tl.where(bins > c, h, 0), 0)
 
     @triton.jit
+    def _tile_count(SPTR, score, cand, inb, hc, top_v, NB: tl.constexpr, MAXS: tl.constexpr,
+                    LOG2NB: tl.constexpr, HW: tl.constexpr, MASKED: tl.constexpr):
+        """One tile of the exact count step: its score bytes stored at SPTR (score + 1 for a heavy candidate, 0
+        for any other token: the emit step then needs no candidate mask, and the store is a full vector store),
+        its candidates' scores added to the histogram hc (and, when MAXS = NB, the count of NB to top_v).
+        MASKED False: every token of the tile is a candidate inside the cache."""
+        if MASKED:
+            sc = tl.where(cand, score, 0)
+            st = sc + cand.to(tl.int32)
+        else:
+            sc = score
+            st = score + 1
+        if HW:  # an opaque copy: LLVM would otherwise narrow the arithmetic above to 16 bits, which sm_90 runs
+            # as sign extensions and masks (about 4 instructions per token more)
+            st = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [st], dtype=tl.int32, is_pure=True, pack=1)
+        if MASKED:
+            tl.store(SPTR, st.to(SPTR.dtype.element_ty), mask=inb)
+        else:
+            tl.store(SPTR, st.to(SPTR.dtype.element_ty))
+        # 0 <= sc <= MAXS <= NB; the masks tell the compiler the bin is in range (no range check and branch per
+        # token in tl.histogram)
+        if MAXS < NB:  # a bin for every score
+            hc += tl.histogram(sc & (NB - 1), NB)
+        else:  # the top bin takes NB - 1 and NB; sc >> LOG2NB counts NB
+            top_v += sc >> LOG2NB
+            hc += tl.histogram((sc - (sc >> LOG2NB)) & (NB - 1), NB)
+        return hc, top_v
+
+    @triton.jit
     def _count_kernel(QS, KS, SC, CSUF, CHIST, EPOCH, START, END, FR, N, NBLK, HEAVY, SINK, WINDOW,
                       sq_b, sq_h, sk_b, sk_h, sk_n, HSEL: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
                       NB: tl.constexpr, NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr,
                       MAXS: tl.constexpr, FRAC: tl.constexpr, EXACT: tl.constexpr, G: tl.constexpr,
                       GS: tl.constexpr, KEY_PER_Q: tl.constexpr, W: tl.constexpr, HW: tl.constexpr,
-                      PREFETCH: tl.constexpr, GSP: tl.constexpr):
+                      PREFETCH: tl.constexpr, LOG2NB: tl.constexpr):
         blk = tl.program_id(0)
         row = tl.program_id(1)
         b = row // HSEL
@@ -283,13 +317,18 @@ if triton is not None:
         sbase = SC + row.to(tl.int64) * N
         # no branch around the loads, and their mask is the cache's bounds, not the row's: the signature loads
         # need not wait for the row bounds, and the loop stays pipelined (non-candidates are masked below)
+        r = tl.arange(0, TILE)
         for t in range(0, BLOCK, TILE):
-            offs = blk * BLOCK + t + tl.arange(0, TILE)
-            cand = (offs >= lo) & (offs < hi)
+            t0 = blk * BLOCK + t
+            offs = t0 + r
+            # masks as the loop-invariant r against this tile's scalar bounds: 32-bit compares (on offs the
+            # compiler widens them to 64 bits, as offs also indexes memory)
+            cand = (r >= lo - t0) & (r < hi - t0)
+            inb = r < N - t0
             if PREFETCH > 0:  # the next tile's words load while this one is scored (Triton's pipeliner stages
                 # loads that feed dots, not integer work)
-                nxt = offs + TILE
-                kw_next = tl.load(krow + nxt * sk_n, mask=(nxt < N) & (t + TILE < BLOCK), other=0)
+                kw_next = tl.load(krow + (offs + TILE) * sk_n, mask=r < tl.where(t + TILE < BLOCK, N - t0 - TILE, 0),
+                                  other=0)
                 score = offs * 0
                 for gi in tl.static_range(GS):
                     if HW:
@@ -298,17 +337,18 @@ if triton is not None:
                         score += 32 - _popc(qv[gi] ^ kw)
                 kw = kw_next
             else:
-                score = _block_scores(QS, KS, b, hs, offs, offs < N, sq_b, sq_h, sk_b, sk_h, sk_n, G, GS,
+                score = _block_scores(QS, KS, b, hs, offs, inb, sq_b, sq_h, sk_b, sk_h, sk_n, G, GS,
                                       KEY_PER_Q, W, HW)
-            # score + 1 for a heavy candidate, 0 for any other token: the emit step then needs no candidate mask,
-            # and the store is a full vector store
-            tl.store(sbase + offs, tl.where(cand, score + 1, 0).to(SC.dtype.element_ty), mask=offs < N)
             if EXACT:
-                hc += tl.histogram(tl.where(cand, tl.minimum(score, NB - 1), 0), NB)
-                top_v += (cand & (score == NB)).to(tl.int32)
-                t0 = blk * BLOCK + t  # the candidates of a tile are one range: no reduction needed
+                # the tiles inside the row's candidates (all but the edge ones) need no per-token masks
+                if (t0 >= lo) & (t0 + TILE <= hi):
+                    hc, top_v = _tile_count(sbase + offs, score, cand, inb, hc, top_v, NB, MAXS, LOG2NB, HW, False)
+                else:
+                    hc, top_v = _tile_count(sbase + offs, score, cand, inb, hc, top_v, NB, MAXS, LOG2NB, HW, True)
+                # the candidates of a tile are one range: no reduction needed
                 outside += TILE - tl.maximum(tl.minimum(hi, t0 + TILE) - tl.maximum(lo, t0), 0)
             else:
+                tl.store(sbase + offs, tl.where(cand, score + 1, 0).to(SC.dtype.element_ty), mask=inb)
                 hc += tl.histogram(tl.where(cand, score >> SHIFT, NB - 1), NB)
         bins = tl.arange(0, NB)
         if EXACT:
