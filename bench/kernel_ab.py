@@ -45,9 +45,9 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
     ("default", {}, {}),
-    ("s10b", {}, {}, "s10b"),
+    ("s10c", {}, {}, "s10c"),
     ("default_again", {}, {}),
-    ("s10b_again", {}, {}, "s10b"),
+    ("s10c_again", {}, {}, "s10c"),
 ]
 
 

@@ -26,8 +26,7 @@ from hashattention.kernels import score_select  # noqa: E402,F401
 ss = sys.modules["hashattention.kernels.score_select"]
 
 # the 512K, batch 1, shared-selection launch (Llama-3.1-8B shapes): 8 rows, blocks of 4096, exact 128-bin path
-# (with shared-memory histograms, Triton >= 3.9, a bin for every score: 256 bins)
-_NB = 256 if ss.SMEM_HISTOGRAM else 128
+_NB = 128
 COMMON = dict(HSEL=8, BLOCK=4096, TILE=1024, NB=_NB, NCB=2 * _NB, NFB=1, SHIFT=0, MAXS=128, FRAC=True, EXACT=True)
 COUNT_TYPES = dict(QS="*i32", KS="*i32", SC="*u8", CSUF="*i32", CHIST="*i32", EPOCH="*i32", START="*i32",
                    END="*i32", FR="*fp64")

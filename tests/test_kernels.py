@@ -87,19 +87,15 @@ def test_score_select_equals_shared_rule(case, per_group):
 
 
 @inproc
-@pytest.mark.parametrize("tile,max_block,num_warps,exact_max,prefetch,smem", [
-    (64, 256, 4, 256, 0, True), (128, 128, 2, 256, 0, True), (64, 256, 4, 0, 0, True), (64, 256, 4, 256, 1, True),
-    (64, 256, 4, 256, 1, False)])
-def test_score_select_blocks_and_tiles(tile, max_block, num_warps, exact_max, prefetch, smem, monkeypatch):
+@pytest.mark.parametrize("tile,max_block,num_warps,exact_max,prefetch", [
+    (64, 256, 4, 256, 0), (128, 128, 2, 256, 0), (64, 256, 4, 0, 0), (64, 256, 4, 256, 1)])
+def test_score_select_blocks_and_tiles(tile, max_block, num_warps, exact_max, prefetch, monkeypatch):
     """Many blocks per row (the threshold and offsets come from the row histograms and the per-block suffix
     tables), several tiles per block (the budget's last ties then fall inside a block, between tiles); then
     the same call again: the workspace must be left zeroed. exact_max 0: the coarse + fine (three-launch)
     path for every score range. prefetch 1: the count loop loads the next tile's words during this one (one
-    word per token, one key head per group; other cases take the plain loop). smem False: the exact histogram
-    of the 4-head, 1-word scores (0..128) in 128 bins with the top bin shared (as under Triton < 3.9), else in
-    a bin per score where Triton's histogram uses shared-memory atomics."""
+    word per token, one key head per group; other cases take the plain loop)."""
     ss = sys.modules["hashattention.kernels.score_select"]
-    monkeypatch.setattr(ss, "SMEM_HISTOGRAM", ss.SMEM_HISTOGRAM and smem)
     monkeypatch.setattr(ss, "CONFIG", dict(ss.CONFIG, tile=tile, max_block=max_block, programs_per_sm=64,
                                            num_warps=num_warps, exact_max=exact_max, emit_tile=tile,
                                            emit_warps=num_warps, count_prefetch=prefetch))

@@ -55,9 +55,6 @@ _WORKSPACE: dict = {}
 #: 12.3 -> 11.6 us at 512K, 21.0 -> 19.5 at 128K x 8, 5.8 -> 5.6 at 128K; Triton 3.6 alike)
 CONFIG = {"tile": 1024, "programs_per_sm": 8, "max_block": 4096, "num_warps": 4, "exact_max": 256,
           "emit_tile": 4096, "emit_warps": 4, "emit_maxnreg": 96, "count_prefetch": 1}
-#: Triton lowers tl.histogram to shared-memory atomics (3.9; 3.6 to warp ballots, whose cost per token grows with
-#: the bins): the exact histogram may then have a bin for every score, with no separate count of the top one
-SMEM_HISTOGRAM = triton is not None and tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
 NCB = 32  # coarse bins: coarse scores 0..30, bin 31 for the tokens that are not heavy candidates
 
 
@@ -135,8 +132,6 @@ def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
     exact = max_score <= cfg["exact_max"]
     if exact:  # one histogram: bins 0..NB-1 (the top one holds NB - 1 and NB), #(score == NB) at index NB
         nb, shift = max(32, next_pow2(max_score)), 0
-        if SMEM_HISTOGRAM and nb == max_score and 2 * nb <= cfg["exact_max"]:
-            nb *= 2  # a bin for every score (no top count): bins cost no instructions per token here
         ncb, nfb = 2 * nb, 1
     else:
         nb, shift = NCB, _shift(max_score)
@@ -280,7 +275,7 @@ if triton is not None:
             tl.store(SPTR, st.to(SPTR.dtype.element_ty))
         # 0 <= sc <= MAXS <= NB; the masks tell the compiler the bin is in range (no range check and branch per
         # token in tl.histogram)
-        if MAXS < NB:  # a bin for every score
+        if MAXS < NB:  # a bin for every score (max_score not a power of 2)
             hc += tl.histogram(sc & (NB - 1), NB)
         else:  # the top bin takes NB - 1 and NB; sc >> LOG2NB counts NB
             top_v += sc >> LOG2NB
