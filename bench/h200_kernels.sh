@@ -10,7 +10,8 @@
 #   t39    (after bench/triton39_env.sh unpacked Triton 3.9 into $TRITON39) the kernel tests under Triton 3.9, then
 #          bench/kernel_ab.py under 3.6, 3.9, 3.6, 3.9 (one Triton per process), kernel times included
 #   pf     (Triton 3.9 unpacked, as for t39) the selection tests under 3.9, then bench/kernel_ab.py under 3.9
-#          and 3.6 (session 10: s10pf the count loop prefetching the next tile's words, s10reg emit register caps)
+#          and 3.6 (session 10: s10pf the count loop prefetching the next tile's words, s10reg emit register caps,
+#          s10c-e with AB_ARGS="--base NAME=.ab/NAME.py": the code before each change, carried in .ab/)
 #   gather kernel 2's reads against the simplest gather and one contiguous read (bench/gather_ceiling.py), then
 #          Nsight Compute of the 512K case (session 8: gather_ceiling_h200_s8.md, ncu_gather_h200_s8.txt)
 # On the device machine:  . bench/gpu_env.sh && bash bench/h200_kernels.sh STAGE $OUT TAG

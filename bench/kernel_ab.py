@@ -24,7 +24,11 @@ s8_t36{,b} / s8_t39{,b} the defaults under Triton 3.6 and 3.9 (`bash bench/h200_
 above, Triton 3.9) emit tiles and warps, and the count shape the bench's sweep preferred: none faster. Session 9
 (the list above, --heavy 1/8 at 8x256K, 8x512K where FlashInfer's gather beat kernel 2, then the default cases
 at 1/32): kernel 2 shapes, s9_long and s9_short; s9_t36{a,b} / s9_t39{a,b} the default at 1/8 of 256K and
-512K x 8 under Triton 3.6 and 3.9 in turn.
+512K x 8 under Triton 3.6 and 3.9 in turn. Session 10 (`bash bench/h200_kernels.sh pf`, Triton 3.9 then 3.6):
+s10pf the count step prefetching the next tile's words (count_prefetch; with tiles of 512 and 2048 and 4
+programs per SM: not kept), s10reg emit register caps 96 (kept), 80 and 64, and count_prefetch off; s10c, s10d
+and s10e (the list above, with --base NAME=.ab/NAME.py, the file of the code before) the count step's
+instruction cuts, the 256-bin histogram (s10d, dropped) and the unmasked interior tiles (s10e, kept).
 """
 import argparse
 import importlib
