@@ -217,12 +217,16 @@ if triton is not None:
                 qh = hs * GS + gi
                 if KEY_PER_Q:
                     kw = tl.load(kbase + qh * sk_h + offs * sk_n + wi, mask=cand, other=0)
-                qw = tl.load(qbase + qh * sq_h + wi)
-                if HW:  # the GPU's POPC instruction
-                    score += 32 - _popc_hw(qw ^ kw)
-                else:  # the interpreter has no inline assembly
-                    score += 32 - _popc(qw ^ kw)
+                score += _matches(tl.load(qbase + qh * sq_h + wi), kw, HW)
         return score
+
+    @triton.jit
+    def _matches(qw, kw, HW: tl.constexpr):
+        """Bit matches of 32-bit words."""
+        if HW:  # the GPU's POPC instruction
+            return 32 - _popc_hw(qw ^ kw)
+        else:  # the interpreter has no inline assembly
+            return 32 - _popc(qw ^ kw)
 
     @triton.jit
     def _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC: tl.constexpr):
@@ -326,10 +330,7 @@ if triton is not None:
                                   other=0)
                 score = offs * 0
                 for gi in tl.static_range(GS):
-                    if HW:
-                        score += 32 - _popc_hw(qv[gi] ^ kw)
-                    else:
-                        score += 32 - _popc(qv[gi] ^ kw)
+                    score += _matches(qv[gi], kw, HW)
                 kw = kw_next
             else:
                 score = _block_scores(QS, KS, b, hs, offs, inb, sq_b, sq_h, sk_b, sk_h, sk_n, G, GS,
