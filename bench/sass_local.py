@@ -10,6 +10,11 @@ Session 7 (Triton 3.6 is the GPU machine's, 3.9 this machine's): count tile loop
 VOTE: the ballot histogram), 340 under 3.9 (8 ATOMS: shared-memory atomics). The score + 1 / 0 encoding (commit
 ef2292b) took emit from 2128 to 1744 instructions under 3.6 (measured: 14.3 -> 11.8 us at 512K) and the count
 loop from 593 to 623 (measured: 20.5 -> 21.6 us).
+Session 10 (Triton 3.9): the count loop went from 345 to 240 instructions (prefetch, 32-bit masks, bins known
+in range, no 16-bit narrowing; measured 11.5 -> 10.2 us at 512K); since then the loop holds two paths (interior
+tiles without masks, edge tiles with them): "tile loop" counts both, 270, of which ~190 run on an interior tile
+(read from the SASS). A static count can mislead: a 256-bin histogram cut 21 loop instructions but added per-block
+work outside the loop and was slower (kernel_ab_h200_s10d_t39.md).
 """
 import os
 import re
@@ -26,15 +31,14 @@ from hashattention.kernels import score_select  # noqa: E402,F401
 ss = sys.modules["hashattention.kernels.score_select"]
 
 # the 512K, batch 1, shared-selection launch (Llama-3.1-8B shapes): 8 rows, blocks of 4096, exact 128-bin path
-_NB = 128
-COMMON = dict(HSEL=8, BLOCK=4096, TILE=1024, NB=_NB, NCB=2 * _NB, NFB=1, SHIFT=0, MAXS=128, FRAC=True, EXACT=True)
+COMMON = dict(HSEL=8, BLOCK=4096, TILE=1024, NB=128, NCB=256, NFB=1, SHIFT=0, MAXS=128, FRAC=True, EXACT=True)
 COUNT_TYPES = dict(QS="*i32", KS="*i32", SC="*u8", CSUF="*i32", CHIST="*i32", EPOCH="*i32", START="*i32",
                    END="*i32", FR="*fp64")
 KERNELS = {
     "count": (ss._count_kernel, dict(COMMON, G=4, GS=4, KEY_PER_Q=False, W=1, HW=True, sk_n=1, PREFETCH=0,
-                                     LOG2NB=_NB.bit_length() - 1), COUNT_TYPES),
+                                     LOG2NB=7), COUNT_TYPES),
     "count_prefetch": (ss._count_kernel, dict(COMMON, G=4, GS=4, KEY_PER_Q=False, W=1, HW=True, sk_n=1,
-                                              PREFETCH=1, LOG2NB=_NB.bit_length() - 1), COUNT_TYPES),
+                                              PREFETCH=1, LOG2NB=7), COUNT_TYPES),
     "emit": (ss._emit_kernel, dict(COMMON, NBLKP=128, ETILE=4096),
              dict(SC="*u8", CSUF="*i32", CHIST="*i32", FSUF="*i32", FHIST="*i32", EPOCH="*i32", IDX="*i32",
                   COUNTS="*i32", START="*i32", END="*i32", FR="*fp64")),
