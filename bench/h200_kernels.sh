@@ -53,13 +53,15 @@ t39)
   done ;;
 pf)
   [ -d "$TRITON39/triton" ] || { echo "no Triton 3.9 unpacked (source bench/triton39_env.sh)"; exit 1; }
-  PYTHONPATH=$TRITON39:$PYTHONPATH timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+  PYTHONPATH=$TRITON39:$PYTHONPATH timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
     -k "blocks_and_tiles or equals_shared_rule" 2>&1 | tail -2 | tee -a $L
   for v in t39 t36; do
     case $v in t39*) PP=$TRITON39:$PYTHONPATH ;; *) PP=$PYTHONPATH ;; esac
-    PYTHONPATH=$PP timeout 200 python3 bench/kernel_ab.py --cases 1x16K,1x128K,1x512K,8x128K --kernels --out $OUT \
+    PYTHONPATH=$PP timeout 230 python3 bench/kernel_ab.py --cases 1x16K,1x128K,1x512K,8x128K --kernels --out $OUT \
       --tag ${TAG}_$v $AB_ARGS 2>&1 | grep -v "Warn\|warn" | grep -v kernels | tee -a $L
-  done ;;
+  done
+  timeout 60 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py \
+    -k "blocks_and_tiles or equals_shared_rule" 2>&1 | tail -2 | tee -a $L ;;
 gather)
   timeout 500 python3 bench/gather_ceiling.py --out $OUT --tag $TAG 2>&1 | grep -v "Warn\|warn" | tee -a $L
   ncu -k regex:"_gather_kernel|_split_kernel|reduce_kernel" --section SpeedOfLight --section Occupancy \

@@ -29,6 +29,9 @@ s10pf the count step prefetching the next tile's words (count_prefetch; with til
 programs per SM: not kept), s10reg emit register caps 96 (kept), 80 and 64, and count_prefetch off; s10c, s10d
 and s10e (the list above, with --base NAME=.ab/NAME.py, the file of the code before) the count step's
 instruction cuts, the 256-bin histogram (s10d, dropped) and the unmasked interior tiles (s10e, kept).
+Session 11 (`AB_ARGS="--base s10e=.ab/s10e.py" bash bench/h200_kernels.sh pf`): s11a the emit step's one-count
+path with inline scatter stores beside s10e's emit (its tie split then a second pass over the block: slower at
+128K), s11b (the list above) the split block's ties in the same pass, emit tiles and warps (2048 x 4 kept).
 """
 import argparse
 import importlib
@@ -48,10 +51,13 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
+    ("s10e", {}, {}, "s10e"),
     ("default", {}, {}),
-    ("s10c", {}, {}, "s10c"),
+    ("e8t4k", {"emit_tile": 4096, "emit_warps": 8}, {}),
+    ("e4t1k", {"emit_tile": 1024}, {}),
+    ("s10e_again", {}, {}, "s10e"),
     ("default_again", {}, {}),
-    ("s10c_again", {}, {}, "s10c"),
+    ("e8t4k_again", {"emit_tile": 4096, "emit_warps": 8}, {}),
 ]
 
 

@@ -46,15 +46,15 @@ _WORKSPACE: dict = {}
 #: per the side-by-side sweep of bench/select_batch_sweep.py (H200): max_block 4096 leaves batch 1 unchanged
 #: up to 512K keys and is 4.5% faster at 128K x batch 7 (the engine's largest batch) than 16384
 #: exact_max: the largest max_score that takes the two-launch path (one histogram of next_pow2(max_score) bins)
-#: emit_tile, emit_warps: tokens per step of the emit step (at most the block), its warps per program;
-#: emit_maxnreg: a register cap for the emit step (None: the compiler's choice; 96 leaves 5 programs per SM
-#: resident instead of 4 at 127 registers, for 5 spilled values: emit 11.0 -> 10.7 us at 512K, 19.2 -> 18.2 at
-#: 128K x 8 on the H200, Triton 3.9 and 3.6 alike; 80 and 64 spill more and are slower);
+#: emit_tile, emit_warps: tokens per step of the emit step (at most the block), its warps per program (2048
+#: and 4: 72 registers, 16 tokens a thread; 4096 with 8 warps or 1024 with 4 were slower, kernel_ab_h200_s11b);
+#: emit_maxnreg: a register cap for the emit step (None: the compiler's choice; it mattered for the earlier
+#: emit step, 127 registers, which the cap of 96 made faster);
 #: count_prefetch: the count loop loads the next tile's signature words while it scores this one (one word per
 #: token, one key head per group), the group's query words once (bench/kernel_ab.py, H200, Triton 3.9: count
 #: 12.3 -> 11.6 us at 512K, 21.0 -> 19.5 at 128K x 8, 5.8 -> 5.6 at 128K; Triton 3.6 alike)
 CONFIG = {"tile": 1024, "programs_per_sm": 8, "max_block": 4096, "num_warps": 4, "exact_max": 256,
-          "emit_tile": 4096, "emit_warps": 4, "emit_maxnreg": 96, "count_prefetch": 1}
+          "emit_tile": 2048, "emit_warps": 4, "emit_maxnreg": None, "count_prefetch": 1}
 NCB = 32  # coarse bins: coarse scores 0..30, bin 31 for the tokens that are not heavy candidates
 
 
@@ -168,7 +168,7 @@ def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
         if not exact:
             _refine_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, epoch, *rows, **common)
         _emit_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, epoch, idx, counts, *rows, k_total,
-                                NBLKP=next_pow2(nblk), ETILE=min(block, next_pow2(cfg["emit_tile"])),
+                                NBLKP=next_pow2(nblk), ETILE=min(block, next_pow2(cfg["emit_tile"])), HW=not INTERPRET,
                                 **{**common, "num_warps": cfg["emit_warps"]},
                                 **({"maxnreg": cfg["emit_maxnreg"]} if cfg["emit_maxnreg"] and not INTERPRET else {}))
     except BaseException:  # e.g. a later kernel failing to compile: the counted copy must not stay dirty
@@ -401,8 +401,9 @@ if triton is not None:
     def _row_blocks(CSUF, CHIST, FSUF, FHIST, p, row, ROWS, NBLK, k, NBLKP: tl.constexpr, NB: tl.constexpr,
                     NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr, MAXS: tl.constexpr,
                     EXACT: tl.constexpr):
-        """The row's threshold t, and per block [NBLKP]: the heavy tokens it keeps and how many of its first
-        ties at t it drops (the row keeps the most recent ties), from the row histograms and suffix tables."""
+        """The row's threshold t, and per block [NBLKP]: the heavy tokens it keeps, its ties at t and how many
+        of its first ties it drops (the row keeps the most recent ties), from the row histograms and suffix
+        tables."""
         blks = tl.arange(0, NBLKP)
         bm = blks < NBLK
         cs = CSUF + row.to(tl.int64) * NCB * NBLK + blks  # bin v of every block: cs + v * NBLK
@@ -423,43 +424,72 @@ if triton is not None:
         ties = at_t - above
         ties_after = tl.cumsum(ties, 0, reverse=True) - ties
         take = tl.minimum(tl.maximum(need - ties_after, 0), ties)  # the most recent ties are kept
-        return thr, tl.where(k > 0, above + take, 0), ties - take
+        return thr, tl.where(k > 0, above + take, 0), ties, ties - take
 
     @triton.jit
-    def _emit_block(sbase, base, blk, N, start, end, lo, hi, sink_c, k, thr, off, skip, first, BLOCK: tl.constexpr,
-                    TILE: tl.constexpr):
+    def _scatter(ptrs, vals, mask, HW: tl.constexpr):
+        """ptrs[i] = vals[i] (int32) where mask[i] (bool or int32, nonzero). On the GPU one predicated st.global per element, in the
+        layout the values already have: tl.store of a scatter first moves pointers, values and mask through
+        shared memory into a layout of one element per thread (the pointers' contiguity is 1)."""
+        if HW:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.s32 p, $3, 0; @p st.global.b32 [$1], $2; mov.u32 $0, 0; }",
+                "=r,l,r,r", [ptrs.to(tl.int64), vals, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+        else:  # the interpreter has no inline assembly
+            tl.store(ptrs, vals, mask=mask != 0)
+
+    @triton.jit
+    def _emit_tile(score, thr, base, offs, slot0, HW: tl.constexpr):
+        """Write the positions offs [TILE] whose stored score is >= thr to the slots slot0 + 1, slot0 + 2, ...
+        in order; returns how many."""
+        # keep as 0/1 from the sign of thr - 1 - score (no predicate held across the prefix sum)
+        keep = ((thr - 1 - score).to(tl.uint32, bitcast=True) >> 31).to(tl.int32, bitcast=True)
+        _scatter(base + (slot0 + tl.cumsum(keep, 0)), offs, keep, HW)
+        return tl.sum(keep, 0)
+
+    @triton.jit
+    def _emit_tile_ties(score, thr1, skip, a_run, t_run, base, offs, off, HW: tl.constexpr):
+        """_emit_tile for the block whose ties at thr1 are split: its first ``skip`` ties are dropped (a_run,
+        t_run: tokens above thr1 and ties in its earlier tiles). Returns the new a_run, t_run."""
+        a_i = (score > thr1).to(tl.int32)
+        t_i = (score == thr1).to(tl.int32)
+        pre = tl.cumsum(a_i + (t_i << 15), 0)  # both counts in one prefix sum (a tile holds < 2^15 tokens)
+        a_inc = a_run + (pre & 0x7FFF)
+        t_inc = t_run + (pre >> 15)
+        keep = score >= thr1 + (t_inc <= skip).to(tl.int32)
+        _scatter(base + (off - 1 + a_inc + tl.maximum(t_inc - skip, 0)), offs, keep, HW)
+        tot = tl.sum(a_i + (t_i << 15), 0)
+        return a_run + (tot & 0x7FFF), t_run + (tot >> 15)
+
+    @triton.jit
+    def _emit_block(sbase, base, blk, N, start, end, lo, hi, sink_c, k, thr, off, ties, skip, first,
+                    BLOCK: tl.constexpr, TILE: tl.constexpr, HW: tl.constexpr):
         """Write block blk's selected positions into the row's list at base: heavy tokens from slot off on
-        (its first ``skip`` ties at thr dropped), sink and window tokens at their fixed slots. sbase: the row's
-        byte scores; first: the block's first tile of them, already loaded."""
+        (its first ``skip`` of ``ties`` ties at thr dropped), sink and window tokens at their fixed slots.
+        sbase: the row's byte scores; first: the block's first tile of them, already loaded."""
         # the stored scores are score + 1 for the heavy candidates, 0 for all others; no heavy tokens: a stored
         # threshold above every stored score
         thr1 = tl.where(k > 0, thr + 1, 1 << 20)
-        a_run = skip * 0  # kept tokens above the threshold in earlier tiles of the block
-        t_run = skip * 0  # ties in earlier tiles of the block
+        split = (skip > 0) & (skip < ties)  # one block of a row at most; the others keep all or none of their ties
+        thr_b = thr1 + (skip > 0).to(tl.int32)  # and so keep the stored scores >= thr_b
+        a_run = skip * 0  # tokens kept (split: above thr1) in earlier tiles of the block
+        t_run = skip * 0  # split: ties in earlier tiles
+        r = tl.arange(0, TILE)
         for t in tl.static_range(0, BLOCK, TILE):
-            offs = blk * BLOCK + t + tl.arange(0, TILE)
+            t0 = blk * BLOCK + t
+            offs = t0 + r
             if t == 0:
                 score = first.to(tl.int32)
             else:
                 score = tl.load(sbase + offs, mask=offs < N, other=0).to(tl.int32)
-            a_i = (score > thr1).to(tl.int32)
-            t_i = (score == thr1).to(tl.int32)
-            # one prefix sum for both counts (a tile holds < 2^15 tokens)
-            pre = tl.cumsum(a_i + (t_i << 15), 0)
-            a_inc = a_run + (pre & 0x7FFF)
-            t_inc = t_run + (pre >> 15)
-            keep = (a_i > 0) | ((t_i > 0) & (t_inc > skip))
-            slot = off + a_inc + tl.maximum(t_inc - skip, 0) - 1
-            tl.store(base + slot, offs, mask=keep)
-            tot = tl.sum(a_i + (t_i << 15), 0)
-            a_run += tot & 0x7FFF
-            t_run += tot >> 15
-            t0 = blk * BLOCK + t
+            if split:
+                a_run, t_run = _emit_tile_ties(score, thr1, skip, a_run, t_run, base, offs, off, HW)
+            else:
+                a_run += _emit_tile(score, thr_b, base, offs, off + a_run - 1, HW)
             if (t0 < lo) | (t0 + TILE > hi):  # sink and window: fixed slots before and after the heavy ones
                 is_sink = (offs >= start) & (offs < lo)
                 is_win = (offs >= hi) & (offs < end)
-                tl.store(base + tl.where(is_sink, offs - start, sink_c + k + offs - hi), offs,
-                         mask=is_sink | is_win)
+                _scatter(base + tl.where(is_sink, offs - start, sink_c + k + offs - hi), offs, is_sink | is_win, HW)
 
     @triton.jit
     def _clear_other_copy(CHIST, FHIST, EPOCH, e1, p, row, ROWS, blk, NCB: tl.constexpr, NFB: tl.constexpr,
@@ -479,7 +509,7 @@ if triton is not None:
                      WINDOW, KTOT, HSEL: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
                      NB: tl.constexpr, NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr,
                      MAXS: tl.constexpr, FRAC: tl.constexpr, EXACT: tl.constexpr, NBLKP: tl.constexpr,
-                     ETILE: tl.constexpr):
+                     ETILE: tl.constexpr, HW: tl.constexpr):
         blk = tl.program_id(0)
         row = tl.program_id(1)
         rows_ = tl.num_programs(1)
@@ -492,13 +522,15 @@ if triton is not None:
         e1 = tl.load(EPOCH + 1)
         p = (e1 - 1) & 1  # this call's histogram copy
         start, end, lo, hi, sink_c, k = _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC)
-        thr, sel, drop = _row_blocks(CSUF, CHIST, FSUF, FHIST, p, row, rows_, NBLK, k, NBLKP, NB, NCB, NFB, SHIFT,
-                                     MAXS, EXACT)
+        thr, sel, ties, drop = _row_blocks(CSUF, CHIST, FSUF, FHIST, p, row, rows_, NBLK, k, NBLKP, NB, NCB, NFB,
+                                           SHIFT, MAXS, EXACT)
         blks = tl.arange(0, NBLKP)
         off = sink_c + tl.sum(tl.where(blks < blk, sel, 0), 0)  # first heavy slot of the block
         skip = tl.sum(tl.where(blks == blk, drop, 0), 0)  # the block's first ``skip`` ties are not kept
+        ties = tl.sum(tl.where(blks == blk, ties, 0), 0)
         base = IDX + row.to(tl.int64) * KTOT
-        _emit_block(sbase, base, blk, N, start, end, lo, hi, sink_c, k, thr, off, skip, first, BLOCK, ETILE)
+        _emit_block(sbase, base, blk, N, start, end, lo, hi, sink_c, k, thr, off, ties, skip, first, BLOCK, ETILE,
+                    HW)
         if blk == 0:
             total = sink_c + k + (end - hi)
             tl.store(COUNTS + b, total, mask=(row % HSEL) == 0)
