@@ -51,13 +51,11 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
-    ("s10e", {}, {}, "s10e"),
+    ("s11b", {}, {}, "s11b"),
     ("default", {}, {}),
-    ("e8t4k", {"emit_tile": 4096, "emit_warps": 8}, {}),
-    ("e4t1k", {"emit_tile": 1024}, {}),
-    ("s10e_again", {}, {}, "s10e"),
+    ("tile2k", {"tile": 2048}, {}),
+    ("s11b_again", {}, {}, "s11b"),
     ("default_again", {}, {}),
-    ("e8t4k_again", {"emit_tile": 4096, "emit_warps": 8}, {}),
 ]
 
 

@@ -229,6 +229,42 @@ if triton is not None:
             return 32 - _popc(qw ^ kw)
 
     @triton.jit
+    def _group_bit_weights(qv, GS: tl.constexpr):
+        """The group's summed bit matches as a weighted popcount of the key word. With c_j the number of the GS
+        query words with bit j set and w_j = 2 c_j - GS, sum_i matches(q_i, k) = 32 GS - sum_j c_j + sum_j k_j w_j;
+        with z = k ^ sgn (sgn: the bits where w_j < 0) that is const + sum_j |w_j| z_j, and |w_j| (of GS's
+        parity, at most GS) = GS % 2 + 2 sum_t [|w_j| >= 2t + GS % 2], t = 1..GS // 2: masks[t - 1].
+        Returns sgn, masks (a tuple of GS // 2 words), const. For GS = 4: 2 AND-XOR + 2 POPC a token, not 4 + 4."""
+        j = tl.arange(0, 32)
+        c = j * 0
+        for gi in tl.static_range(GS):
+            c += (qv[gi] >> j) & 1
+        w = 2 * c - GS
+        bit = 1 << j  # bit 31: the int32 minimum, and a sum of distinct bits is their OR
+        sgn = tl.sum(tl.where(w < 0, bit, 0), 0)
+        masks = ()
+        for t in tl.static_range(1, GS // 2 + 1):
+            masks = masks + (tl.sum(tl.where(tl.abs(w) >= 2 * t + GS % 2, bit, 0), 0),)
+        const = 32 * GS - tl.sum(c, 0) - tl.sum(tl.where(w < 0, -w, 0), 0)
+        return sgn, masks, const
+
+    @triton.jit
+    def _group_matches(kw, sgn, masks, const, GS: tl.constexpr, HW: tl.constexpr):
+        """Bit matches of key words kw summed over the group's GS query words (see _group_bit_weights)."""
+        acc = kw * 0
+        for t in tl.static_range(GS // 2):
+            if HW:  # (k ^ sgn) & mask as one LOP3 (ptxas otherwise computes k ^ sgn once and ANDs it per mask)
+                acc += tl.inline_asm_elementwise(
+                    "{ .reg .b32 t; lop3.b32 t, $1, $2, $3, 0x28; popc.b32 $0, t; }", "=r,r,r,r",
+                    [kw, kw * 0 + sgn, kw * 0 + masks[t]], dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                acc += _popc((kw ^ sgn) & masks[t])
+        if GS % 2 == 1:
+            return const + 2 * acc + _matches(~sgn, kw, HW)
+        else:
+            return const + 2 * acc
+
+    @triton.jit
     def _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC: tl.constexpr):
         """Row bounds and k, the heavy tokens to pick: the budget at this sequence's length, at most the
         candidates between sink and window."""
@@ -302,6 +338,7 @@ if triton is not None:
             qv = ()
             for gi in tl.static_range(GS):
                 qv = qv + (tl.load(QS + b * sq_b + (hs * GS + gi) * sq_h),)
+            sgn, masks, const = _group_bit_weights(qv, GS)
             offs0 = blk * BLOCK + tl.arange(0, TILE)
             kw = tl.load(krow + offs0 * sk_n, mask=offs0 < N, other=0)
         start, end, lo, hi, sink_c, k = _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC)
@@ -328,9 +365,7 @@ if triton is not None:
                 # loads that feed dots, not integer work)
                 kw_next = tl.load(krow + (offs + TILE) * sk_n, mask=r < tl.where(t + TILE < BLOCK, N - t0 - TILE, 0),
                                   other=0)
-                score = offs * 0
-                for gi in tl.static_range(GS):
-                    score += _matches(qv[gi], kw, HW)
+                score = _group_matches(kw, sgn, masks, const, GS, HW)
                 kw = kw_next
             else:
                 score = _block_scores(QS, KS, b, hs, offs, inb, sq_b, sq_h, sk_b, sk_h, sk_n, G, GS,
