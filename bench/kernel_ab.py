@@ -3,7 +3,8 @@ process, each variant's index lists checked against the PyTorch reference.
 
     python3 bench/kernel_ab.py --out bench/results --tag h200_s6c
 
-Times: median of triton do_bench over CUDA-graph replays, L2 flushed (hashattention.benchmarks.attention).
+Times: medians over CUDA-graph replays, L2 flushed before each (hashattention.benchmarks.attention._timer; since
+session 11 by a read of 256 MB, before by do_bench's write of 256 MB, see bench/l2_flush.py).
 Writes kernel_ab_<tag>.{json,md}. Runs, each with the list of its time: s6h emit tiles and warps (none faster
 than the defaults). Earlier runs, each with the list of its time: s5c/d (script at commit 45f19be)
 programmatic dependent launch, carry-save popcounts, the emit step fused into kernel 2; s5e-h the exact

@@ -73,7 +73,10 @@ def add_arguments(p):
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--modes", default="group,head", help="comma list of: group (selection shared by a KV "
                    "group), head (one selection per query head)")
-    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time per measurement (ms)")
+    p.add_argument("--rep", type=int, default=100, help="repetition time per measurement (ms)")
+    p.add_argument("--flush", default="read", choices=["read", "write"],
+                   help="how L2 is emptied before each timed call: read 256 MB (clean lines, as in a decode step) "
+                        "or write 256 MB (triton's do_bench: the call then also pays the write-back)")
     p.add_argument("--no-graphs", action="store_true", help="time eager calls only")
     p.add_argument("--no-tune", action="store_true", help="skip the sparse-attention launch-shape sweep")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check against the reference")
@@ -93,13 +96,63 @@ def _device_name(dev) -> str:
     return platform.processor() or "cpu"
 
 
-def _timer(rep: int, graphs: bool):
+_FLUSH: dict = {}
+
+
+def _flush_read(dev):
+    """Fill L2 with clean lines: read a 256 MB buffer written long before (no write-back left pending)."""
+    buf = _FLUSH.get(str(dev))
+    if buf is None:
+        buf = _FLUSH[str(dev)] = torch.ones(1 << 26, dtype=torch.int32, device=dev)
+    return lambda: torch.sum(buf, dtype=torch.int64)
+
+
+def _median_read_flushed(fn, rep_ms: float) -> float:
+    """Median time (ms) of fn, each call after a read of 256 MB: do_bench's way, but with a clean L2."""
+    flush = _flush_read(torch.device("cuda", torch.cuda.current_device()))
+    fn()
+    torch.cuda.synchronize()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    ev[0].record()
+    for _ in range(5):
+        fn()
+    ev[1].record()
+    torch.cuda.synchronize()
+    n = int(min(1000, max(20, rep_ms / max(ev[0].elapsed_time(ev[1]) / 5 + 0.06, 1e-3))))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(10):  # warm-up
+        flush()
+        fn()
+    for i in range(n):
+        flush()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return float(torch.tensor([s.elapsed_time(e) for s, e in zip(starts, ends)]).median())
+
+
+def _timer(rep: int, graphs: bool, flush: str = "read"):
+    """measure(fn) -> (CUDA-graph replay time, eager time) in ms, medians, L2 flushed before each call.
+    flush "write": triton's do_bench, which zeroes 256 MB before each call, so L2 starts full of dirty lines
+    whose write-back the timed call pays (up to ~50 MB: ~10 us on an H100 or H200, a large share of a call that
+    reads 20-90 MB); "read": a read of 256 MB instead, so L2 holds clean lines, as after a layer's weight reads in
+    a decode step."""
     from triton.testing import do_bench
+
+    if flush not in ("read", "write"):
+        raise ValueError(f"flush must be 'read' or 'write', got {flush!r}")
+
+    def bench(fn):
+        if flush == "write":
+            return do_bench(fn, warmup=10, rep=rep, return_mode="median")
+        return _median_read_flushed(fn, rep)
 
     def measure(fn):
         fn()
         torch.cuda.synchronize()
-        eager = do_bench(fn, warmup=10, rep=rep, return_mode="median")
+        eager = bench(fn)
         if not graphs:
             return eager, eager
         s = torch.cuda.Stream()
@@ -110,7 +163,7 @@ def _timer(rep: int, graphs: bool):
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             fn()
-        t = do_bench(g.replay, warmup=10, rep=rep, return_mode="median")
+        t = bench(g.replay)
         del g
         return t, eager
     return measure
@@ -253,7 +306,7 @@ def run(args) -> int:
     for m in modes:
         if m not in ("group", "head"):
             raise SystemExit(f"unknown mode {m!r}: use group, head")
-    measure = _timer(args.rep, not args.no_graphs)
+    measure = _timer(args.rep, not args.no_graphs, args.flush)
     name = _device_name(dev)
     log_lines = []
 
@@ -381,8 +434,10 @@ def run(args) -> int:
               "copy_bandwidth_Bps": bw, "shapes": {"q_heads": hq, "kv_heads": hkv, "head_dim": d,
                                                    "dtype": args.dtype, "sink": args.sink,
                                                    "window": args.window},
-              "timing": "median of triton do_bench, L2 flushed, CUDA-graph replay" +
-                        ("" if not args.no_graphs else " (disabled: eager)"),
+              "timing": ("median of triton do_bench, L2 flushed by writing 256 MB" if args.flush == "write" else
+                         "median over calls each after a read of 256 MB (L2 flushed, clean)") +
+                        ", CUDA-graph replay" + ("" if not args.no_graphs else " (disabled: eager)"),
+              "flush": args.flush,
               "flashinfer": None if fi is None else fi.__version__,
               "flashinfer_not_measured_because": fi_why, "checks": checks, "tune": tune, "rows": rows,
               "acceptance": acceptance(rows), "log": log_lines}
