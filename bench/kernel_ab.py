@@ -32,7 +32,9 @@ and s10e (the list above, with --base NAME=.ab/NAME.py, the file of the code bef
 instruction cuts, the 256-bin histogram (s10d, dropped) and the unmasked interior tiles (s10e, kept).
 Session 11 (`AB_ARGS="--base s10e=.ab/s10e.py" bash bench/h200_kernels.sh pf`): s11a the emit step's one-count
 path with inline scatter stores beside s10e's emit (its tie split then a second pass over the block: slower at
-128K), s11b (the list above) the split block's ties in the same pass, emit tiles and warps (2048 x 4 kept).
+128K), s11b the split block's ties in the same pass, emit tiles and warps (2048 x 4 kept); s11c (--base
+s11b=...) the group's bit matches as a weighted popcount (kept) and count tiles of 2048; s11d (the list above,
+--base s11c=...) histogram bins by an unsigned min and the count loop two tiles a trip (within 1%, not kept).
 """
 import argparse
 import importlib
@@ -52,10 +54,9 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
-    ("s11b", {}, {}, "s11b"),
+    ("s11c", {}, {}, "s11c"),
     ("default", {}, {}),
-    ("tile2k", {"tile": 2048}, {}),
-    ("s11b_again", {}, {}, "s11b"),
+    ("s11c_again", {}, {}, "s11c"),
     ("default_again", {}, {}),
 ]
 
