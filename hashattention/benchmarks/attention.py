@@ -233,23 +233,35 @@ def tune_select(cases, measure, log) -> dict:
 
 
 def kernel_breakdown(fn, log, iters: int = 20) -> dict:
-    """Device time of each kernel of ``fn`` (torch profiler, mean over ``iters`` eager calls), microseconds."""
+    """Device time of each kernel of ``fn`` (torch profiler, mean over ``iters`` eager calls, L2 flushed between
+    calls by a read of 256 MB, as in _timer; until session 11 by zeroing it), microseconds."""
     from torch.profiler import ProfilerActivity, profile
-    cache = torch.empty(64 << 20, dtype=torch.int32, device="cuda")  # flushes L2 between calls
+    flush = _flush_read(torch.device("cuda", torch.cuda.current_device()))
+
+    def totals(call):  # device time per kernel name over iters calls, us
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                call()
+            torch.cuda.synchronize()
+        res = {}
+        for e in prof.key_averages():
+            t = getattr(e, "device_time_total", None)
+            if t is None:
+                t = getattr(e, "cuda_time_total", 0)
+            if e.count and t:
+                res[e.key] = (t, e.count)
+        return res
+
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            cache.zero_()
-            fn()
-        torch.cuda.synchronize()
-    out = {}
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None)
-        if t is None:
-            t = getattr(e, "cuda_time_total", 0)
-        if e.count and t and "zero" not in e.key.lower() and "fill" not in e.key.lower():
-            out[e.key] = t / iters
+    base = totals(flush)  # the flush's own kernels, taken out below (fn may run a kernel of the same name)
+
+    def both():
+        flush()
+        fn()
+    # the kernels fn launched: more launches than the flush alone made (a name both run: the flush's time out)
+    out = {k: (t - base.get(k, (0.0, 0))[0]) / iters for k, (t, c) in totals(both).items()
+           if c > base.get(k, (0.0, 0))[1]}
     for k, v in sorted(out.items(), key=lambda kv: -kv[1]):
         log(f"  kernel {k[:60]}: {v:.1f} us per call")
     return out
