@@ -14,12 +14,14 @@ tokens per row). Scores are kept as score + 1 for a row's heavy candidates and 0
 the emit step needs no candidate mask), one byte per token (two when score + 1 can exceed 255).
   Exact (two launches): NB = next_pow2(max_score) bins, the top bin holding the values NB - 1 and NB (so a
   score of 32 or 128 needs no doubled histogram) and #(score == NB) counted beside it.
-  1. count: per block, bit matches (XOR + popcount, summed over the KV group when shared), the histogram of
-     the heavy candidates' scores -> the row histogram (atomics) and the block's suffix counts #(score >= v).
+  1. count: per block, bit matches (XOR + popcount, summed over the KV group when shared: for one 32-bit word
+     and one key head per group, as a weighted popcount of the key word, see _group_bit_weights), the histogram
+     of the heavy candidates' scores -> the row histogram (atomics) and the block's suffix counts #(score >= v).
   2. emit: every block finds the row's threshold t (the largest score with #(score >= t) >= k) and, from the
      suffix tables, its output offset and how many of its ties at t it keeps (ties go to the most recent
-     blocks); then writes its kept heavy positions with one prefix sum per tile, and its sink and window
-     positions.
+     blocks); then writes its kept heavy positions with one prefix sum per tile (a block keeping all or none of
+     its ties: of one flag, stored scores >= a per-block threshold; the one block of a row that splits its ties:
+     of two counts), and its sink and window positions.
   Coarse + fine (three launches, larger scores): a score is split into a coarse part (score >> SHIFT, at most
   31 values) and a fine part (its low SHIFT bits), so that every histogram stays small (Triton's histogram
   costs per element about as many instructions as bins per lane): count histograms the coarse part; refine
