@@ -465,9 +465,9 @@ if triton is not None:
 
     @triton.jit
     def _scatter(ptrs, vals, mask, HW: tl.constexpr):
-        """ptrs[i] = vals[i] (int32) where mask[i] (bool or int32, nonzero). On the GPU one predicated st.global per element, in the
-        layout the values already have: tl.store of a scatter first moves pointers, values and mask through
-        shared memory into a layout of one element per thread (the pointers' contiguity is 1)."""
+        """ptrs[i] = vals[i] (int32) where mask[i] (bool, or int32 nonzero). On the GPU one predicated st.global
+        per element, in the layout the values already have: tl.store of a scatter first moves pointers, values
+        and mask through shared memory into a layout of one element per thread (the pointers' contiguity is 1)."""
         if HW:
             tl.inline_asm_elementwise(
                 "{ .reg .pred p; setp.ne.s32 p, $3, 0; @p st.global.b32 [$1], $2; mov.u32 $0, 0; }",
