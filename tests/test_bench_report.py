@@ -83,3 +83,13 @@ def test_random_case_is_seeded_by_the_case():
     assert all(torch.equal(x, y) for x, y in zip(a[2:], b[2:]))
     assert not torch.equal(a[2][:1], c[2])  # another case, other numbers
     assert a[7].tolist() == [0, 0] and a[8].tolist() == [1024, 1024]
+
+
+def test_timer_flush_is_checked():
+    """The timer's L2 flush is 'read' (a read of 256 MB: clean lines) or 'write' (triton's do_bench, which zeroes
+    256 MB); anything else is refused before any GPU work, with the value named."""
+    from hashattention.benchmarks.attention import _timer
+    for flush in ("read", "write"):
+        assert callable(_timer(10, True, flush))
+    with pytest.raises(ValueError, match="'sometimes'"):
+        _timer(10, True, "sometimes")
