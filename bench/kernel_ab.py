@@ -35,6 +35,10 @@ path with inline scatter stores beside s10e's emit (its tie split then a second 
 128K), s11b the split block's ties in the same pass, emit tiles and warps (2048 x 4 kept); s11c (--base
 s11b=...) the group's bit matches as a weighted popcount (kept) and count tiles of 2048; s11d (the list above,
 --base s11c=...) histogram bins by an unsigned min and the count loop two tiles a trip (within 1%, not kept).
+Session 12 (Triton 3.9, --kernels; s12b/c with --chain 8): s12a the count loop two tiles ahead, capped or not,
+and an emit cap of 64 registers (none kept; that code was not kept either), s12b programmatic dependent launch on
+all boundaries or the selection's only, and kernel-1 blocks for 4 programs per SM, s12c (the list above, Triton
+3.9 and 3.6) PDL per boundary: count -> emit and split -> merge kept.
 """
 import argparse
 import importlib
@@ -54,10 +58,14 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
-    ("s11c", {}, {}, "s11c"),
     ("default", {}, {}),
-    ("s11c_again", {}, {}, "s11c"),
+    ("pdl_sel", {"pdl": True}, {}),
+    ("pdl_sel_comb", {"pdl": True}, {"pdl_combine": True}),
+    ("pdl_all", {"pdl": True}, {"pdl_split": True, "pdl_combine": True}),
+    ("pdl_all_emit64", {"pdl": True, "emit_maxnreg": 64}, {"pdl_split": True, "pdl_combine": True}),
     ("default_again", {}, {}),
+    ("pdl_sel_comb_again", {"pdl": True}, {"pdl_combine": True}),
+    ("pdl_all_again", {"pdl": True}, {"pdl_split": True, "pdl_combine": True}),
 ]
 
 

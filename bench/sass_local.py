@@ -35,17 +35,18 @@ from hashattention.kernels import score_select  # noqa: E402,F401
 ss = sys.modules["hashattention.kernels.score_select"]
 
 # the 512K, batch 1, shared-selection launch (Llama-3.1-8B shapes): 8 rows, blocks of 4096, exact 128-bin path
-COMMON = dict(HSEL=8, BLOCK=4096, TILE=1024, NB=128, NCB=256, NFB=1, SHIFT=0, MAXS=128, FRAC=True, EXACT=True)
+COMMON = dict(HSEL=8, BLOCK=4096, TILE=1024, NB=128, NCB=256, NFB=1, SHIFT=0, MAXS=128, FRAC=True, EXACT=True,
+              PDL=False)
 COUNT_TYPES = dict(QS="*i32", KS="*i32", SC="*u8", CSUF="*i32", CHIST="*i32", EPOCH="*i32", START="*i32",
                    END="*i32", FR="*fp64")
+EMIT_TYPES = dict(SC="*u8", CSUF="*i32", CHIST="*i32", FSUF="*i32", FHIST="*i32", EPOCH="*i32", IDX="*i32",
+                  COUNTS="*i32", START="*i32", END="*i32", FR="*fp64")
 KERNELS = {
     "count": (ss._count_kernel, dict(COMMON, G=4, GS=4, KEY_PER_Q=False, W=1, HW=True, sk_n=1, PREFETCH=0,
                                      LOG2NB=7), COUNT_TYPES),
     "count_prefetch": (ss._count_kernel, dict(COMMON, G=4, GS=4, KEY_PER_Q=False, W=1, HW=True, sk_n=1,
                                               PREFETCH=1, LOG2NB=7), COUNT_TYPES),
-    "emit": (ss._emit_kernel, dict(COMMON, NBLKP=128, ETILE=ss.CONFIG["emit_tile"], HW=True),
-             dict(SC="*u8", CSUF="*i32", CHIST="*i32", FSUF="*i32", FHIST="*i32", EPOCH="*i32", IDX="*i32",
-                  COUNTS="*i32", START="*i32", END="*i32", FR="*fp64")),
+    "emit": (ss._emit_kernel, dict(COMMON, NBLKP=128, ETILE=ss.CONFIG["emit_tile"], HW=True), EMIT_TYPES),
 }
 # integer arguments the GPU launch sees as multiples of 16 (Triton specializes them: vector loads and stores)
 DIV16 = ("N", "NBLK", "HEAVY", "SINK", "WINDOW", "KTOT", "sk_b", "sk_h", "sq_b", "sq_h")

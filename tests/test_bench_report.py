@@ -93,3 +93,20 @@ def test_timer_flush_is_checked():
         assert callable(_timer(10, True, flush))
     with pytest.raises(ValueError, match="'sometimes'"):
         _timer(10, True, "sometimes")
+
+
+def test_kernel_breakdown_turns_pdl_off_and_back_on():
+    """Profiled with programmatic dependent launch, a kernel's time would include its wait for the one before:
+    kernel_breakdown turns it off while it profiles and restores the configs, also when the call fails."""
+    import importlib
+
+    from hashattention.benchmarks.attention import _pdl_off
+    ss = importlib.import_module("hashattention.kernels.score_select")
+    sd = importlib.import_module("hashattention.kernels.sparse_decode")
+    before = ss.CONFIG["pdl"], sd.CONFIG["pdl_split"], sd.CONFIG["pdl_combine"]
+    assert ss.CONFIG["pdl"] and sd.CONFIG["pdl_combine"]  # the defaults (measured faster, kernel_ab_h200_s12c)
+    with pytest.raises(RuntimeError, match="inside"):
+        with _pdl_off():
+            assert not (ss.CONFIG["pdl"] or sd.CONFIG["pdl_split"] or sd.CONFIG["pdl_combine"])
+            raise RuntimeError("inside")
+    assert (ss.CONFIG["pdl"], sd.CONFIG["pdl_split"], sd.CONFIG["pdl_combine"]) == before

@@ -405,6 +405,57 @@ def test_gpu_long_context_selection_and_attention(per_group):
 @inproc
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_pdl_chain_in_a_graph_equals_plain_launches(monkeypatch):
+    """Programmatic dependent launch (count -> emit, split -> merge) in a CUDA graph of several decode calls
+    on different caches, replayed with new inputs each time: the same lists and outputs as plain launches (a
+    kernel reading its predecessor's results before they are complete would differ), and as the reference."""
+    ss, sd = sys.modules["hashattention.kernels.score_select"], sys.modules["hashattention.kernels.sparse_decode"]
+    torch.manual_seed(3)
+    b, hkv, g, n, d, calls = 1, 8, 4, 40_000, 128, 4
+    hq = hkv * g
+    budget = ha.Budget(heavy=1 / 32, sink=128, window=128)
+    st, ln = torch.zeros(b, dtype=torch.int32, device=DEV), torch.full((b,), n, dtype=torch.int32, device=DEV)
+    q_sig, _ = _sigs(b, hq, hkv, 1)
+    ks = [_sigs(b, hq, hkv, n)[1] for _ in range(calls)]
+    q = torch.randn(b, hq, d, dtype=torch.bfloat16, device=DEV)
+    caches = [(torch.randn(b, hkv, n, d, dtype=torch.bfloat16, device=DEV),
+               torch.randn(b, hkv, n, d, dtype=torch.bfloat16, device=DEV)) for _ in range(calls)]
+
+    def step():
+        res = []
+        for k_sig, (kc, vc) in zip(ks, caches):
+            idx, cnt = K.score_select(q_sig, k_sig, st, ln, budget, hkv, True)
+            res.append((idx, K.sparse_decode(q, kc, vc, idx, cnt, check=False)))
+        return res
+
+    outs = {}
+    for pdl in (False, True):
+        monkeypatch.setitem(ss.CONFIG, "pdl", pdl)
+        monkeypatch.setitem(sd.CONFIG, "pdl_split", pdl)
+        monkeypatch.setitem(sd.CONFIG, "pdl_combine", pdl)
+        step()  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            res = step()
+        got = []
+        for rep in range(3):  # new signatures each replay: stale results would show
+            for i, k_sig in enumerate(ks):
+                k_sig.copy_(_sigs(b, hq, hkv, n, gen=torch.Generator().manual_seed(100 * rep + i))[1])
+            graph.replay()
+            torch.cuda.synchronize()
+            got.append([(idx.clone(), out.clone()) for idx, out in res])
+        outs[pdl] = got
+    for rep, (plain, pdl) in enumerate(zip(outs[False], outs[True])):
+        for (i0, o0), (i1, o1) in zip(plain, pdl):
+            assert torch.equal(i0, i1) and torch.equal(o0, o1), rep
+    for k_sig, (idx, _) in zip(ks, outs[True][-1]):  # ks hold the last replay's signatures
+        assert torch.equal(idx, K.score_select_reference(q_sig, k_sig, st, ln, budget, hkv, True)[0])
+
+
+@inproc
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @inproc
 def test_gpu_hf_generate_uses_fast_path():
     from conftest import tiny_model

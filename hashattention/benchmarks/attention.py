@@ -19,6 +19,7 @@ Results: <out>/attention_<device>[_tag].{json,md}.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -232,9 +233,30 @@ def tune_select(cases, measure, log) -> dict:
     return {"sweep": results, "chosen": dict(ss.CONFIG)}
 
 
+@contextlib.contextmanager
+def _pdl_off():
+    """Kernels launched with programmatic dependent launch start before the one they follow ends and wait for
+    it: their profiler time would include that wait. Off while kernel_breakdown profiles."""
+    import importlib  # the modules: the package binds these names to the functions
+    ss = importlib.import_module("hashattention.kernels.score_select")
+    sd = importlib.import_module("hashattention.kernels.sparse_decode")
+    saved = ss.CONFIG["pdl"], sd.CONFIG["pdl_split"], sd.CONFIG["pdl_combine"]
+    ss.CONFIG["pdl"] = sd.CONFIG["pdl_split"] = sd.CONFIG["pdl_combine"] = False
+    try:
+        yield
+    finally:
+        ss.CONFIG["pdl"], sd.CONFIG["pdl_split"], sd.CONFIG["pdl_combine"] = saved
+
+
 def kernel_breakdown(fn, log, iters: int = 20) -> dict:
     """Device time of each kernel of ``fn`` (torch profiler, mean over ``iters`` eager calls, L2 flushed between
-    calls by a read of 256 MB, as in _timer; until session 11 by zeroing it), microseconds."""
+    calls by a read of 256 MB, as in _timer; until session 11 by zeroing it), microseconds. Programmatic
+    dependent launch is off meanwhile (each kernel's own time, not its wait for the one before)."""
+    with _pdl_off():
+        return _kernel_breakdown(fn, log, iters)
+
+
+def _kernel_breakdown(fn, log, iters: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
     flush = _flush_read(torch.device("cuda", torch.cuda.current_device()))
 

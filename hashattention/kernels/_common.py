@@ -1,4 +1,4 @@
-"""What the kernels share: Triton availability, argument checks."""
+"""What the kernels share: Triton availability, argument checks, programmatic dependent launch."""
 from __future__ import annotations
 
 import os
@@ -54,3 +54,34 @@ def num_sms(device: torch.device) -> int:
 
 def next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
+
+
+_CC: dict = {}
+
+
+def pdl_launch(device: torch.device, on: bool) -> bool:
+    """Launch a kernel of the decode chain with programmatic dependent launch (PDL)? ``on`` (the caller's
+    config) and a CUDA device of compute capability >= 9; never under the interpreter. With PDL a kernel may be
+    scheduled while the one before it still runs (once all of that one's programs asked for it): it does its
+    independent set-up, then waits (griddepcontrol.wait) for the previous kernel to complete before it reads
+    or writes anything the chain shares."""
+    if not on or INTERPRET or device.type != "cuda":
+        return False
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _CC:
+        _CC[i] = torch.cuda.get_device_capability(i)[0] >= 9
+    return _CC[i]
+
+
+if triton is not None:
+    @triton.jit
+    def gdc_wait(PDL: tl.constexpr):
+        """Wait until the previous kernel completed and its writes are visible (PDL launches only)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def gdc_trigger(PDL: tl.constexpr):
+        """Let the next kernel be scheduled once every program of this one got here (or exited)."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()

@@ -37,7 +37,8 @@ from __future__ import annotations
 import torch
 
 from ..core.budget import Budget
-from ._common import INTERPRET, check_tensor, next_pow2, num_sms, tl, triton, use_triton
+from ._common import (INTERPRET, check_tensor, gdc_trigger, gdc_wait, next_pow2, num_sms, pdl_launch, tl, triton,
+                      use_triton)
 from .reference import score_select_reference
 
 _FRAC_CACHE: dict = {}
@@ -54,9 +55,13 @@ _WORKSPACE: dict = {}
 #: emit step, 127 registers, which the cap of 96 made faster);
 #: count_prefetch: the count loop loads the next tile's signature words while it scores this one (one word per
 #: token, one key head per group), the group's query words once (bench/kernel_ab.py, H200, Triton 3.9: count
-#: 12.3 -> 11.6 us at 512K, 21.0 -> 19.5 at 128K x 8, 5.8 -> 5.6 at 128K; Triton 3.6 alike)
+#: 12.3 -> 11.6 us at 512K, 21.0 -> 19.5 at 128K x 8, 5.8 -> 5.6 at 128K; Triton 3.6 alike; two tiles ahead,
+#: 71 registers, or 64 with spills: count 8.2 -> 10.1 / 8.8 us at 512K, kernel_ab_h200_s12a_t39, not kept);
+#: pdl: programmatic dependent launch from the count step to the emit step (and refine): the emit step is
+#: scheduled while the count step drains and reads the row bounds before it waits (H200, kernel_ab_h200_s12c:
+#: select 19.5 -> 18.7 us at 512K, 12.7 -> 12.3 at 128K)
 CONFIG = {"tile": 1024, "programs_per_sm": 8, "max_block": 4096, "num_warps": 4, "exact_max": 256,
-          "emit_tile": 2048, "emit_warps": 4, "emit_maxnreg": None, "count_prefetch": 1}
+          "emit_tile": 2048, "emit_warps": 4, "emit_maxnreg": None, "count_prefetch": 1, "pdl": True}
 NCB = 32  # coarse bins: coarse scores 0..30, bin 31 for the tokens that are not heavy candidates
 
 
@@ -155,8 +160,9 @@ def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
     frac = isinstance(budget.heavy, float)
     fr = _frac_tensor(budget.heavy, dev) if frac else epoch  # unused pointer when a count
     heavy = 0 if frac else int(budget.heavy)
+    pdl = pdl_launch(dev, cfg["pdl"])  # count, refine, emit, then sparse_decode's kernels may overlap their set-up
     common = dict(HSEL=hsel, BLOCK=block, TILE=tile, NB=nb, NCB=ncb, NFB=nfb, SHIFT=shift, MAXS=max_score,
-                  FRAC=frac, EXACT=exact, num_warps=cfg["num_warps"], num_stages=3)
+                  FRAC=frac, EXACT=exact, PDL=pdl, num_warps=cfg["num_warps"], num_stages=3)
     rows = (starts, lengths, fr, n, nblk, heavy, budget.sink, budget.window)
     k_total = budget.total(n)
     idx = torch.empty(b, hsel, max(k_total, 1), dtype=torch.int32, device=dev)
@@ -168,11 +174,12 @@ def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
                                  PREFETCH=cfg["count_prefetch"] if w == 1 and hs == num_kv_heads else 0,
                                  LOG2NB=nb.bit_length() - 1, **common)
         if not exact:
-            _refine_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, epoch, *rows, **common)
+            _refine_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, epoch, *rows, **common, launch_pdl=pdl)
         _emit_kernel[(nblk, r)](scores, csuf, chist, fsuf, fhist, epoch, idx, counts, *rows, k_total,
                                 NBLKP=next_pow2(nblk), ETILE=min(block, next_pow2(cfg["emit_tile"])), HW=not INTERPRET,
                                 **{**common, "num_warps": cfg["emit_warps"]},
-                                **({"maxnreg": cfg["emit_maxnreg"]} if cfg["emit_maxnreg"] and not INTERPRET else {}))
+                                **({"maxnreg": cfg["emit_maxnreg"]} if cfg["emit_maxnreg"] and not INTERPRET else {}),
+                                launch_pdl=pdl)
     except BaseException:  # e.g. a later kernel failing to compile: the counted copy must not stay dirty
         _WORKSPACE[(str(dev), r, ncb, nfb)].zero_()  # in place: captured CUDA graphs keep their pointers
         raise
@@ -330,11 +337,13 @@ if triton is not None:
                       NB: tl.constexpr, NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr,
                       MAXS: tl.constexpr, FRAC: tl.constexpr, EXACT: tl.constexpr, G: tl.constexpr,
                       GS: tl.constexpr, KEY_PER_Q: tl.constexpr, W: tl.constexpr, HW: tl.constexpr,
-                      PREFETCH: tl.constexpr, LOG2NB: tl.constexpr):
+                      PREFETCH: tl.constexpr, LOG2NB: tl.constexpr, PDL: tl.constexpr):
         blk = tl.program_id(0)
         row = tl.program_id(1)
         b = row // HSEL
         hs = row % HSEL
+        gdc_wait(PDL)  # launched plainly (the chain's first kernel): returns at once
+        gdc_trigger(PDL)  # the emit step may be scheduled now (it waits for this step's end)
         if PREFETCH > 0:  # one word per token, one key head per group: the group's query words, loaded once
             krow = KS + b.to(tl.int64) * sk_b + ((hs * GS) // G) * sk_h
             qv = ()
@@ -400,11 +409,13 @@ if triton is not None:
     def _refine_kernel(SC, CSUF, CHIST, FSUF, FHIST, EPOCH, START, END, FR, N, NBLK, HEAVY, SINK, WINDOW,
                        HSEL: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr,
                        NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr, MAXS: tl.constexpr,
-                       FRAC: tl.constexpr, EXACT: tl.constexpr):
+                       FRAC: tl.constexpr, EXACT: tl.constexpr, PDL: tl.constexpr):
         blk = tl.program_id(0)
         row = tl.program_id(1)
         b = row // HSEL
         start, end, lo, hi, sink_c, k = _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC)
+        gdc_wait(PDL)
+        gdc_trigger(PDL)
         rows_ = tl.num_programs(1)
         p = (tl.load(EPOCH + 1) - 1) & 1  # this call's copy
         c, _ = _top_bin(CHIST + row * NCB, rows_ * NCB, p, NCB, MAXS >> SHIFT, k)
@@ -546,19 +557,22 @@ if triton is not None:
                      WINDOW, KTOT, HSEL: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
                      NB: tl.constexpr, NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr,
                      MAXS: tl.constexpr, FRAC: tl.constexpr, EXACT: tl.constexpr, NBLKP: tl.constexpr,
-                     ETILE: tl.constexpr, HW: tl.constexpr):
+                     ETILE: tl.constexpr, HW: tl.constexpr, PDL: tl.constexpr):
         blk = tl.program_id(0)
         row = tl.program_id(1)
         rows_ = tl.num_programs(1)
         b = row // HSEL
         sbase = SC + row.to(tl.int64) * N
-        # the first tile's scores, loaded first: no load here waits on another (the bytes outside the row's
-        # candidates are never used)
+        # set-up that reads only the caller's inputs (written before the count step waited), then the wait
+        start, end, lo, hi, sink_c, k = _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC)
+        gdc_wait(PDL)
+        gdc_trigger(PDL)
+        # the first tile's scores, loaded first: no load after the wait waits on another (the bytes outside the
+        # row's candidates are never used)
         offs = blk * BLOCK + tl.arange(0, ETILE)
         first = tl.load(sbase + offs, mask=offs < N, other=0)
         e1 = tl.load(EPOCH + 1)
         p = (e1 - 1) & 1  # this call's histogram copy
-        start, end, lo, hi, sink_c, k = _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC)
         thr, sel, ties, drop = _row_blocks(CSUF, CHIST, FSUF, FHIST, p, row, rows_, NBLK, k, NBLKP, NB, NCB, NFB,
                                            SHIFT, MAXS, EXACT)
         blks = tl.arange(0, NBLKP)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import INTERPRET, check_tensor, next_pow2, num_sms, tl, triton, use_triton
+from ._common import (INTERPRET, check_tensor, gdc_trigger, gdc_wait, next_pow2, num_sms, pdl_launch, tl, triton,
+                      use_triton)
 from .reference import sparse_decode_reference
 
 DTYPES = (torch.bfloat16, torch.float16)
@@ -34,7 +35,7 @@ DTYPES = (torch.bfloat16, torch.float16)
 #: slower at 8K, dense_decode_ab_h200_s6.txt); Llama-8B shapes (8 rows) get at most 66 either way.
 CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 3, "dense_programs_per_sm": 4,
           "max_splits": 128, "short_block_n": 32, "short_programs_per_sm": 6, "short_max_steps": 4,
-          "combine_cols": 32}
+          "combine_cols": 32, "pdl_split": False, "pdl_combine": True}
 #: short lists (sparse only): when a split would take at most short_max_steps steps of block_n rows, steps of
 #: short_block_n rows and short_programs_per_sm programs per SM instead (twice the programs for the same bytes;
 #: H200, kernel_ab_h200_s7e: 128K x 1 30.3 vs 31.7 us, 512K x 1 68.9 vs 69.5 (6 steps), 128K x 8 (10 steps)
@@ -42,6 +43,10 @@ CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 3, 
 #: combine_cols: the merge splits head_dim into slices down to this many columns while its programs stay
 #: within one per SM (batch 1: 4x the programs; 16K merge 1.6 vs 2.1 us, and with the short shape's 2x splits
 #: 2.3 vs 3.6 us at 128K)
+#: pdl_combine: the merge launched with programmatic dependent launch (scheduled while the split kernel drains);
+#: pdl_split: the split kernel too, after score_select's emit step (it loads q before it waits). H200, Triton
+#: 3.9, kernel_ab_h200_s12c (with score_select's pdl): the merge's 128K 24.4 -> 22.9 us both kernels, 512K
+#: 45.3 -> 44.0; the split kernel's as well made it ~1 us slower again (128K x 8 under Triton 3.6: 2.7 us), off.
 
 
 def check_decode_args(q, k_cache, v_cache, idx, counts, kernel: bool = True):
@@ -139,20 +144,22 @@ def _decode(q, k_cache, v_cache, idx, counts, kmax: int, scale):
     ml_part = torch.empty(r, splits, 2, gp, dtype=torch.float32, device=dev)
     out = torch.empty(b, hq, d, dtype=q.dtype, device=dev)
     dense = idx is None
+    pdl_s, pdl_c = pdl_launch(dev, cfg["pdl_split"]), pdl_launch(dev, cfg["pdl_combine"])
     _split_kernel[(r, splits)](
         q, k_cache, v_cache, counts if dense else idx, counts, o_part, ml_part, scale * 1.4426950408889634, split,
         kmax, k_cache.shape[2], q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), 0 if dense else idx.stride(0),
         0 if dense else idx.stride(1), counts.stride(0) if counts.shape[0] == b and b > 1 else 0,
         splits, HSEL=hsel, G=g, GQ=gq, GP=gp, D=d, BLOCK_N=bn, DENSE=dense,
-        DOT_F32=INTERPRET or q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        DOT_F32=INTERPRET or q.dtype == torch.float32, PDL=pdl_s, TRIGGER=pdl_c, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], launch_pdl=pdl_s)
     sp = next_pow2(splits)
     dc = d
     while dc > cfg["combine_cols"] and r * gq * (2 * d // dc) <= num_sms(dev):
         dc //= 2
     _combine_kernel[(r, gq, d // dc)](o_part, ml_part, out, out.stride(0), out.stride(1), splits,
-                                      HSEL=hsel, GQ=gq, GP=gp, D=d, DC=dc, SP=sp,
-                                      num_warps=4 if sp * dc <= 64 * 128 else 8)
+                                      HSEL=hsel, GQ=gq, GP=gp, D=d, DC=dc, SP=sp, PDL=pdl_c,
+                                      num_warps=4 if sp * dc <= 64 * 128 else 8, launch_pdl=pdl_c)
     return out
 
 
@@ -170,7 +177,8 @@ if triton is not None:
     def _split_kernel(Q, K, V, IDX, CNT, OP, MLP, qk_scale, SPLIT, KMAX, NK,
                       sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, si_b, si_h, sc_b, SPLITS,
                       HSEL: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr,
-                      D: tl.constexpr, BLOCK_N: tl.constexpr, DENSE: tl.constexpr, DOT_F32: tl.constexpr):
+                      D: tl.constexpr, BLOCK_N: tl.constexpr, DENSE: tl.constexpr, DOT_F32: tl.constexpr,
+                      PDL: tl.constexpr, TRIGGER: tl.constexpr):
         row = tl.program_id(0)
         sp = tl.program_id(1)
         b = row // HSEL
@@ -181,6 +189,10 @@ if triton is not None:
         gmask = g_rows < GQ
         cols = tl.arange(0, D)
         q = tl.load(Q + b * sq_b + (qh0 + g_rows)[:, None] * sq_h + cols[None, :], mask=gmask[:, None], other=0.0)
+        # PDL: q and the caches are the caller's (written before the selection's first kernel started); the list
+        # and its counts come from the kernel before this one
+        gdc_wait(PDL)
+        gdc_trigger(TRIGGER)
         count = tl.minimum(tl.load(CNT + b * sc_b).to(tl.int32), KMAX)
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
@@ -224,8 +236,10 @@ if triton is not None:
 
     @triton.jit
     def _combine_kernel(OP, MLP, OUT, so_b, so_h, SPLITS, HSEL: tl.constexpr, GQ: tl.constexpr,
-                        GP: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, SP: tl.constexpr):
+                        GP: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
         # one program per (row, query head, DC columns): all splits in one [SP, DC] tile, so a single round trip
+        gdc_wait(PDL)
+        gdc_trigger(PDL)
         row = tl.program_id(0)
         gi = tl.program_id(1)
         b = row // HSEL
