@@ -38,7 +38,9 @@ s11b=...) the group's bit matches as a weighted popcount (kept) and count tiles 
 Session 12 (Triton 3.9, --kernels; s12b/c with --chain 8): s12a the count loop two tiles ahead, capped or not,
 and an emit cap of 64 registers (none kept; that code was not kept either), s12b programmatic dependent launch on
 all boundaries or the selection's only, and kernel-1 blocks for 4 programs per SM, s12c (the list above, Triton
-3.9 and 3.6) PDL per boundary: count -> emit and split -> merge kept.
+3.9 and 3.6) PDL per boundary: count -> emit and split -> merge kept; s12d the launch shapes the bench's sweep
+picked (kernel-1 tiles of 2048 x 8 warps for 4 programs per SM; kernel 2 with 3 stages, 8 programs per SM),
+s12e (the list above) small problems in blocks of 2048 (small_tile, kept) against none.
 """
 import argparse
 import importlib
@@ -59,13 +61,9 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
     ("default", {}, {}),
-    ("pdl_sel", {"pdl": True}, {}),
-    ("pdl_sel_comb", {"pdl": True}, {"pdl_combine": True}),
-    ("pdl_all", {"pdl": True}, {"pdl_split": True, "pdl_combine": True}),
-    ("pdl_all_emit64", {"pdl": True, "emit_maxnreg": 64}, {"pdl_split": True, "pdl_combine": True}),
+    ("no_small_tile", {"small_tile": 0}, {}),
     ("default_again", {}, {}),
-    ("pdl_sel_comb_again", {"pdl": True}, {"pdl_combine": True}),
-    ("pdl_all_again", {"pdl": True}, {"pdl_split": True, "pdl_combine": True}),
+    ("no_small_tile_again", {"small_tile": 0}, {}),
 ]
 
 

@@ -87,18 +87,20 @@ def test_score_select_equals_shared_rule(case, per_group):
 
 
 @inproc
-@pytest.mark.parametrize("tile,max_block,num_warps,exact_max,prefetch", [
-    (64, 256, 4, 256, 0), (128, 128, 2, 256, 0), (64, 256, 4, 0, 0), (64, 256, 4, 256, 1)])
-def test_score_select_blocks_and_tiles(tile, max_block, num_warps, exact_max, prefetch, monkeypatch):
+@pytest.mark.parametrize("tile,max_block,num_warps,exact_max,prefetch,small", [
+    (64, 256, 4, 256, 0, 0), (128, 128, 2, 256, 0, 0), (64, 256, 4, 0, 0, 0), (64, 256, 4, 256, 1, 0),
+    (64, 256, 2, 256, 1, 128)])
+def test_score_select_blocks_and_tiles(tile, max_block, num_warps, exact_max, prefetch, small, monkeypatch):
     """Many blocks per row (the threshold and offsets come from the row histograms and the per-block suffix
     tables), several tiles per block (the budget's last ties then fall inside a block, between tiles); then
     the same call again: the workspace must be left zeroed. exact_max 0: the coarse + fine (three-launch)
     path for every score range. prefetch 1: the count loop loads the next tile's words during this one (one
-    word per token, one key head per group; other cases take the plain loop)."""
+    word per token, one key head per group; other cases take the plain loop). small: blocks that would be one
+    tile become blocks (and count tiles) of ``small`` tokens, with warps in proportion."""
     ss = sys.modules["hashattention.kernels.score_select"]
     monkeypatch.setattr(ss, "CONFIG", dict(ss.CONFIG, tile=tile, max_block=max_block, programs_per_sm=64,
                                            num_warps=num_warps, exact_max=exact_max, emit_tile=tile,
-                                           emit_warps=num_warps, count_prefetch=prefetch))
+                                           emit_warps=num_warps, count_prefetch=prefetch, small_tile=small))
     gen = torch.Generator().manual_seed(7)
     for w, few, n, budgets, groups in ((1, True, 389, 4, (True, False)), (2, False, 300, 1, (True,))):
         q_sig, k_sig = _sigs(2, 8, 2, n, w, gen, few=few)
