@@ -40,7 +40,10 @@ and an emit cap of 64 registers (none kept; that code was not kept either), s12b
 all boundaries or the selection's only, and kernel-1 blocks for 4 programs per SM, s12c (the list above, Triton
 3.9 and 3.6) PDL per boundary: count -> emit and split -> merge kept; s12d the launch shapes the bench's sweep
 picked (kernel-1 tiles of 2048 x 8 warps for 4 programs per SM; kernel 2 with 3 stages, 8 programs per SM),
-s12e (the list above) small problems in blocks of 2048 (small_tile, kept) against none.
+s12e small problems in blocks of 2048 (small_tile, kept) against none. Prepared, not yet run (the list above,
+`AB_ARGS="--base s12pipe=.ab/s12pipe.py" bash bench/h200_kernels.sh pf`, carrying .ab): the count loop's
+signature loads left in place and pipelined by `tl.range(..., num_stages=3 or 4)` through shared memory (see
+attention_notes_h100.md, session 12, "Next").
 """
 import argparse
 import importlib
@@ -61,9 +64,11 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
     ("default", {}, {}),
-    ("no_small_tile", {"small_tile": 0}, {}),
+    ("pipe3", {"count_prefetch": 2, "count_stages": 3}, {}, "s12pipe"),
+    ("pipe4", {"count_prefetch": 2, "count_stages": 4}, {}, "s12pipe"),
     ("default_again", {}, {}),
-    ("no_small_tile_again", {"small_tile": 0}, {}),
+    ("pipe3_again", {"count_prefetch": 2, "count_stages": 3}, {}, "s12pipe"),
+    ("pipe4_again", {"count_prefetch": 2, "count_stages": 4}, {}, "s12pipe"),
 ]
 
 
