@@ -46,7 +46,8 @@ CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 3, 
 #: pdl_combine: the merge launched with programmatic dependent launch (scheduled while the split kernel drains);
 #: pdl_split: the split kernel too, after score_select's emit step (it loads q before it waits). H200, Triton
 #: 3.9, kernel_ab_h200_s12c (with score_select's pdl): the merge's 128K 24.4 -> 22.9 us both kernels, 512K
-#: 45.3 -> 44.0; the split kernel's as well made it ~1 us slower again (128K x 8 under Triton 3.6: 91.6 against 88.5 us), off.
+#: 45.3 -> 44.0; the split kernel's as well made it ~1 us slower again (128K x 8 under Triton 3.6: 91.6 against
+#: 88.5 us), off.
 
 
 def check_decode_args(q, k_cache, v_cache, idx, counts, kernel: bool = True):
