@@ -43,7 +43,8 @@ picked (kernel-1 tiles of 2048 x 8 warps for 4 programs per SM; kernel 2 with 3 
 s12e small problems in blocks of 2048 (small_tile, kept) against none. Prepared, not yet run (the list above,
 `AB_ARGS="--base s12pipe=.ab/s12pipe.py" bash bench/h200_kernels.sh pf`, carrying .ab): the count loop's
 signature loads left in place and pipelined by `tl.range(..., num_stages=3 or 4)` through shared memory (see
-attention_notes_h100.md, session 12, "Next").
+attention_notes_h100.md, session 12, "Next"); kernel 2 with 5 pipeline stages, the first count at which Triton
+double-buffers its K/V rows (same place).
 """
 import argparse
 import importlib
@@ -69,6 +70,8 @@ VARIANTS = [
     ("default_again", {}, {}),
     ("pipe3_again", {"count_prefetch": 2, "count_stages": 3}, {}, "s12pipe"),
     ("pipe4_again", {"count_prefetch": 2, "count_stages": 4}, {}, "s12pipe"),
+    ("k2_stages5", {}, {"num_stages": 5}),
+    ("k2_stages5_again", {}, {"num_stages": 5}),
 ]
 
 
