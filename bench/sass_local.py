@@ -15,6 +15,9 @@ in range, no 16-bit narrowing; measured 11.5 -> 10.2 us at 512K); since then the
 tiles without masks, edge tiles with them): "tile loop" counts both, 270, of which ~190 run on an interior tile
 (read from the SASS). A static count can mislead: a 256-bin histogram cut 21 loop instructions but added per-block
 work outside the loop and was slower (kernel_ab_h200_s10d_t39.md).
+Session 12 (Triton 3.9): kernel 2's split loop gives its K/V tiles one buffer each and waits for every copy at the
+top of a step at 2-4 pipeline stages; from 5 on, two buffers and the next step's copies stay in flight
+(split_buffers below; attention_notes_h100.md, session 12).
 Session 11 (Triton 3.9): emit 1760 -> 2040 instructions in all (static: two tile paths, each block runs one) but
 ~28 -> ~11 per token on its common path and 96 (capped) -> 72 registers: kept flags as 0/1 from a sign bit, one
 prefix sum, the scatter as inline predicated stores (no shared-memory layout change before tl.store); the one
@@ -52,14 +55,14 @@ KERNELS = {
 DIV16 = ("N", "NBLK", "HEAVY", "SINK", "WINDOW", "KTOT", "sk_b", "sk_h", "sq_b", "sq_h")
 
 
-def compile_one(fn, consts, types, maxnreg=None, warps=4):
+def compile_one(fn, consts, types, maxnreg=None, warps=4, stages=3, div16=DIV16):
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
-             if t.startswith("*") or n in DIV16}
+             if t.startswith("*") or n in div16}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                     attrs=attrs)
-    opts = {"num_warps": warps, "num_stages": 3, **({"maxnreg": maxnreg} if maxnreg else {})}
+    opts = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
@@ -89,7 +92,31 @@ def main():
             lo, hi = max(loops, key=lambda x: x[1] - x[0])
             line += f"; tile loop {(hi - lo) // 16 + 1} instructions"
         print(line)
+    split_buffers()
+
+
+def split_buffers():
+    """Kernel 2's split loop (Llama-8B group: 4 query heads, head_dim 128, bf16) at 2..5 pipeline stages: how many
+    shared-memory buffers its K/V tiles get and how many copy groups the top of a step leaves in flight (0: it
+    waits for this step's and the next one's rows alike)."""
+    sd = sys.modules["hashattention.kernels.sparse_decode"]
+    types = dict(Q="*bf16", K="*bf16", V="*bf16", IDX="*i32", CNT="*i32", OP="*fp32", MLP="*fp32", qk_scale="fp32")
+    for bn in (64, 32):
+        for stages in (2, 3, 4, 5):
+            consts = dict(HSEL=8, G=4, GQ=4, GP=16, D=128, BLOCK_N=bn, DENSE=False, DOT_F32=False, PDL=False,
+                          TRIGGER=False)
+            # the 512K launch's integer arguments that are multiples of 16 (its cache and list strides among them:
+            # without that the K/V rows are not known to be 16-byte aligned and are not copied through shared memory)
+            div16 = ("sq_b", "sq_h", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n", "si_b", "si_h", "SPLIT", "KMAX",
+                     "NK")
+            k = compile_one(sd._split_kernel, consts, types, warps=sd.CONFIG["num_warps"], stages=stages, div16=div16)
+            ttgir = k.asm["ttgir"]
+            bufs = re.findall(rf"local_alloc : \(\) -> !ttg.memdesc<(\d+)x{bn}x128xbf16", ttgir)
+            waits = re.findall(r"async_wait %[^{]*\{num = (\d+)", ttgir)
+            print(f"split: {bn}-row steps, {stages} stages: K/V buffers {bufs}, in-loop wait leaves "
+                  f"{waits[-1] if waits else '?'} copy groups in flight, {k.metadata.shared} B shared")
 
 
 if __name__ == "__main__":
+    from hashattention.kernels import sparse_decode  # noqa: E402,F401
     main()
