@@ -44,7 +44,12 @@ s12e small problems in blocks of 2048 (small_tile, kept) against none. Prepared,
 `AB_ARGS="--base s12pipe=.ab/s12pipe.py" bash bench/h200_kernels.sh pf`, carrying .ab): the count loop's
 signature loads left in place and pipelined by `tl.range(..., num_stages=3 or 4)` through shared memory (see
 attention_notes_h100.md, session 12, "Next"); kernel 2 with 5 pipeline stages, the first count at which Triton
-double-buffers its K/V rows (same place).
+double-buffers its K/V rows (same place). Session 13 (Triton 3.9, --kernels --chain 8): s13a (with --base
+s12pipe=.ab/s12pipe.py) those two, and both together: none kept (count pipelined 128K 22.5 -> 22.9 us, 512K
+44.6 -> 45.1; 5 stages 512K 44.6 -> 44.5 but 128K x 8 72.5 -> 80.3); s13b (the list above, Triton 3.9 and 3.6)
+the emit step loading its block's second tile up front (80 registers; capped at 72), not kept (within 0.3 us
+everywhere; its code and variants are gone from the list), and kernel 2 with 3 stages and 8 programs per SM again: 512K 44.4 -> 43.3 under 3.9 but 52.4 -> 57.2
+and 128K x 8 89.0 -> 100.9 under 3.6 (the default stays).
 """
 import argparse
 import importlib
@@ -65,13 +70,9 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
     ("default", {}, {}),
-    ("pipe3", {"count_prefetch": 2, "count_stages": 3}, {}, "s12pipe"),
-    ("pipe4", {"count_prefetch": 2, "count_stages": 4}, {}, "s12pipe"),
+    ("k2_s3_pps8", {}, {"num_stages": 3, "programs_per_sm": 8}),
     ("default_again", {}, {}),
-    ("pipe3_again", {"count_prefetch": 2, "count_stages": 3}, {}, "s12pipe"),
-    ("pipe4_again", {"count_prefetch": 2, "count_stages": 4}, {}, "s12pipe"),
-    ("k2_stages5", {}, {"num_stages": 5}),
-    ("k2_stages5_again", {}, {"num_stages": 5}),
+    ("k2_s3_pps8_again", {}, {"num_stages": 3, "programs_per_sm": 8}),
 ]
 
 
@@ -120,6 +121,9 @@ def main():
             m = mods.get(which[0] if which else "")
             if m is None:
                 continue
+            bad = sorted(set(sel_cfg) - set(base_cfg[which[0] if which else ""]) | set(att_cfg) - set(att_cfg0))
+            if bad:  # a key the kernels do not read would run the default under the variant's name
+                raise SystemExit(f"variant {name}: unknown CONFIG keys {bad}")
             m.CONFIG.update(base_cfg[which[0] if which else ""], **sel_cfg)
             sd.CONFIG.update(att_cfg0, **att_cfg)
             try:
