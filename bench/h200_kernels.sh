@@ -4,7 +4,8 @@
 #   full   the whole table (16K..512K, batch 1 and 8, 1/8 1/16 1/32, group and head)
 #   ab     bench/kernel_ab.py (launch options side by side), then Nsight Compute on the 512K case
 #   sass   Nsight Compute of the 512K step: sections of count + emit, then count's per-instruction (SASS)
-#          counters as CSV, summarised by bench/ncu_top_sass.py (session 6: ncu_h200_s6.txt, ncu_count_sass_h200_s6.csv)
+#          counters as CSV, summarised by bench/ncu_top_sass.py (session 6: ncu_h200_s6.txt, ncu_count_sass_h200_s6.csv);
+#          since session 13 the emit step's too, and the pipe and memory sections
 #   abq    the kernel tests (time-boxed: a grid barrier that never opens must not eat the session), then
 #          bench/kernel_ab.py
 #   t39    (after bench/triton39_env.sh unpacked Triton 3.9 into $TRITON39) the kernel tests under Triton 3.9, then
@@ -32,11 +33,13 @@ abq)
   timeout 300 python3 bench/kernel_ab.py --out $OUT --tag $TAG 2>&1 | grep -v Warn | tee -a $L ;;
 sass)
   ncu -k regex:"_emit_kernel|_count_kernel" -s 2 -c 2 --section SpeedOfLight --section Occupancy --section LaunchStats \
-    --section WarpStateStats --section SourceCounters --section SchedulerStats python3 bench/ncu_case.py > $OUT/ncu_$TAG.txt 2>&1
-  ncu -k regex:"_count_kernel" -s 1 -c 1 --section SourceCounters --page source --print-source sass --csv \
-    python3 bench/ncu_case.py > $OUT/ncu_count_sass_$TAG.csv 2>/dev/null
-  python3 bench/ncu_top_sass.py $OUT/ncu_count_sass_$TAG.csv Excessive 20
-  python3 bench/ncu_top_sass.py $OUT/ncu_count_sass_$TAG.csv "Warp Stall Sampling (All" 25 ;;
+    --section WarpStateStats --section SourceCounters --section SchedulerStats --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis python3 bench/ncu_case.py > $OUT/ncu_$TAG.txt 2>&1
+  for k in count emit; do
+    ncu -k regex:"_${k}_kernel" -s 1 -c 1 --section SourceCounters --section WarpStateStats --page source \
+      --print-source sass --csv python3 bench/ncu_case.py > $OUT/ncu_${k}_sass_$TAG.csv 2>/dev/null
+    python3 bench/ncu_top_sass.py $OUT/ncu_${k}_sass_$TAG.csv "Warp Stall Sampling (All" 30 | tee -a $L
+  done ;;
 ab)
   python3 bench/kernel_ab.py --out $OUT --tag $TAG 2>&1 | grep -v Warn | tee -a $L
   ncu -k regex:"_count_kernel|_emit_kernel|_fused_kernel|_split_kernel" -c 3 --section SpeedOfLight --section Occupancy \
