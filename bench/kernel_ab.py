@@ -49,7 +49,10 @@ s12pipe=.ab/s12pipe.py) those two, and both together: none kept (count pipelined
 44.6 -> 45.1; 5 stages 512K 44.6 -> 44.5 but 128K x 8 72.5 -> 80.3); s13b (the list above, Triton 3.9 and 3.6)
 the emit step loading its block's second tile up front (80 registers; capped at 72), not kept (within 0.3 us
 everywhere; its code and variants are gone from the list), and kernel 2 with 3 stages and 8 programs per SM again: 512K 44.4 -> 43.3 under 3.9 but 52.4 -> 57.2
-and 128K x 8 89.0 -> 100.9 under 3.6 (the default stays).
+and 128K x 8 89.0 -> 100.9 under 3.6 (the default stays). s13c (the list above, after Nsight showed the emit
+step at 1.11 waves): emit tiles of 1024 with 2 or 4 warps (slower: 128K emit 3.9 -> 4.2-4.4 us) and emit capped
+at 64 registers (one wave: 512K emit 7.3 -> 7.1 us, both kernels 44.5 / 44.8 -> 44.3 / 44.3, 16K 14.7 / 15.2 ->
+15.5 / 15.6): none kept.
 """
 import argparse
 import importlib
@@ -70,9 +73,13 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
     ("default", {}, {}),
-    ("k2_s3_pps8", {}, {"num_stages": 3, "programs_per_sm": 8}),
+    ("emit_w2_t1024", {"emit_warps": 2, "emit_tile": 1024}, {}),
+    ("emit_t1024", {"emit_tile": 1024}, {}),
+    ("emit_nreg64", {"emit_maxnreg": 64}, {}),
     ("default_again", {}, {}),
-    ("k2_s3_pps8_again", {}, {"num_stages": 3, "programs_per_sm": 8}),
+    ("emit_w2_t1024_again", {"emit_warps": 2, "emit_tile": 1024}, {}),
+    ("emit_t1024_again", {"emit_tile": 1024}, {}),
+    ("emit_nreg64_again", {"emit_maxnreg": 64}, {}),
 ]
 
 
