@@ -46,9 +46,9 @@ signature loads left in place and pipelined by `tl.range(..., num_stages=3 or 4)
 attention_notes_h100.md, session 12, "Next"); kernel 2 with 5 pipeline stages, the first count at which Triton
 double-buffers its K/V rows (same place). Session 13 (Triton 3.9, --kernels --chain 8): s13a (with --base
 s12pipe=.ab/s12pipe.py) those two, and both together: none kept (count pipelined 128K 22.5 -> 22.9 us, 512K
-44.6 -> 45.1; 5 stages 512K 44.6 -> 44.5 but 128K x 8 72.5 -> 80.3); s13b (the list above, Triton 3.9 and 3.6)
-the emit step loading its block's second tile up front (80 registers; capped at 72), not kept (within 0.3 us
-everywhere; its code and variants are gone from the list), and kernel 2 with 3 stages and 8 programs per SM again: 512K 44.4 -> 43.3 under 3.9 but 52.4 -> 57.2
+44.6 -> 45.1; 5 stages 512K 44.6 -> 44.5 but 128K x 8 72.5 -> 80.3); s13b (Triton 3.9 and 3.6) the emit step
+loading its block's second tile up front (80 registers; capped at 72): within 0.3 us everywhere, code and
+variants gone; kernel 2 with 3 stages and 8 programs per SM again: 512K 44.4 -> 43.3 under 3.9 but 52.4 -> 57.2
 and 128K x 8 89.0 -> 100.9 under 3.6 (the default stays). s13c (the list above, after Nsight showed the emit
 step at 1.11 waves): emit tiles of 1024 with 2 or 4 warps (slower: 128K emit 3.9 -> 4.2-4.4 us) and emit capped
 at 64 registers (one wave: 512K emit 7.3 -> 7.1 us, both kernels 44.5 / 44.8 -> 44.3 / 44.3, 16K 14.7 / 15.2 ->
