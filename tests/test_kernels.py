@@ -503,3 +503,20 @@ def test_bench_gather_kernel_reads_each_listed_row_once(n, k, block, pps, stages
     runs = gc.runs_of(n, 64, 16, 3, DEV, torch.Generator(device=DEV).manual_seed(0))
     assert runs.shape == (1, 3, 64) and bool((runs.diff(dim=-1) > 0).all())
     assert bool((runs.view(3, 4, 16).diff(dim=-1) == 1).all())  # four runs of 16 consecutive rows per head
+
+
+@inproc
+@pytest.mark.parametrize("numel", [1, 1000, 4096 * 3 + 17])
+def test_stream_read_equals_reference(numel):
+    """The benchmark's measured read floor (benchmarks/read_floor.py) reads every word once, in every shape."""
+    from hashattention.benchmarks.read_floor import SHAPES, stream_read, stream_read_reference
+    g = torch.Generator(device=DEV).manual_seed(numel)
+    x = torch.randint(-2 ** 31, 2 ** 31 - 1, (numel,), dtype=torch.int32, device=DEV, generator=g)
+    for shape in SHAPES:
+        got = stream_read(x, *shape)
+        assert torch.equal(got.cpu(), stream_read_reference(x, *shape)), shape
+    before = stream_read(x, *SHAPES[0]).cpu()
+    x[-1] ^= 1  # the last word (a tail when numel is not a multiple of the block) is read too
+    assert not torch.equal(stream_read(x, *SHAPES[0]).cpu(), before)
+    with pytest.raises(ValueError, match="contiguous int32"):
+        stream_read(x.float())

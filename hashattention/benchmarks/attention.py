@@ -30,6 +30,7 @@ import torch
 
 from ..core.budget import Budget, parse_heavy
 from . import flashinfer
+from .read_floor import SHAPES, stream_read
 
 
 def parse_tokens(text: str) -> int:
@@ -410,6 +411,10 @@ def run(args) -> int:
                 t_sdpa_chain = measure(lambda: [F.scaled_dot_product_attention(q4, kc_, vc_, enable_gqa=True)
                                                 for kc_, vc_, _ in layers])[0] / len(layers)
             dense_bytes = 2 * b * hkv * n * d * es + 2 * b * hq * d * es
+            t_read, read_shape = _read_floor(measure, k_sig)
+            t_read_chain = None
+            if layers:
+                t_read_chain = measure(lambda: [stream_read(ks_, *read_shape) for _, _, ks_ in layers])[0] / len(layers)
             t_fi, fi_path = None, None
             if fi is not None:
                 t_fi, fi_path = flashinfer.fastest(measure, lambda tc: flashinfer.dense_call(fi, q, kc, vc, tc), log,
@@ -417,7 +422,8 @@ def run(args) -> int:
             base = {"batch": b, "context": n, "sdpa_ms": t_sdpa, "sdpa_eager_ms": e_sdpa,
                     "dense_bytes": dense_bytes, "sdpa_bw_frac": dense_bytes / (t_sdpa * 1e-3) / bw,
                     "flashinfer_ms": t_fi, "flashinfer_path": fi_path, "sdpa_chain_ms": t_sdpa_chain,
-                    "chain": len(layers)}
+                    "chain": len(layers), "sig_read_measured_ms": t_read, "sig_read_shape": read_shape,
+                    "sig_read_chain_ms": t_read_chain}
             log(f"B={b} N={n}: sdpa {t_sdpa * 1e3:.1f} us ({base['sdpa_bw_frac']:.0%} of copy bw)" +
                 (f", flashinfer {t_fi * 1e3:.1f} us ({fi_path})" if t_fi else ""))
             for heavy in heavies:
@@ -442,6 +448,7 @@ def run(args) -> int:
                                  "kv_bytes": kv_bytes, "bw_frac": floor / (t_tot * 1e-3) / bw,
                                  "attention_bw_frac": (kv_bytes + idx_bytes / 2) / (t_att * 1e-3) / bw,
                                  "select_over_sig_read": t_sel / sig_read_ms,
+                                 "select_over_measured_read": t_sel / t_read,
                                  "speedup_vs_sdpa": t_sdpa / t_tot, "bytes_ratio": dense_bytes / floor}
                     if fi is not None and per_group:  # FlashInfer's decode over the same rows, beside kernel 2
                         t, path = flashinfer.fastest(
@@ -451,13 +458,19 @@ def run(args) -> int:
                         t_ch = measure(lambda: [K.hash_decode_attention(q, kc_, vc_, q_sig, ks_, starts, lengths,
                                                                         budget, True)
                                                 for kc_, vc_, ks_ in layers])[0] / len(layers)
-                        row[mode]["chain_ms"] = t_ch
-                        row[mode]["chain_speedup_vs_sdpa"] = t_sdpa_chain / t_ch
+                        t_sel_ch = measure(lambda: [score_select(q_sig, ks_, starts, lengths, budget, hkv, True)
+                                                    for _, _, ks_ in layers])[0] / len(layers)
+                        row[mode].update(chain_ms=t_ch, chain_speedup_vs_sdpa=t_sdpa_chain / t_ch,
+                                         select_chain_ms=t_sel_ch,
+                                         select_chain_over_sig_read=t_sel_ch / sig_read_ms,
+                                         select_chain_over_measured_read=t_sel_ch / t_read_chain)
                         log(f"  {budget.describe()} {mode}, per call in a chain of {len(layers)}: "
-                            f"{t_ch * 1e3:.1f} us vs sdpa {t_sdpa_chain * 1e3:.1f} us = {t_sdpa_chain / t_ch:.1f}x")
+                            f"{t_ch * 1e3:.1f} us vs sdpa {t_sdpa_chain * 1e3:.1f} us = {t_sdpa_chain / t_ch:.1f}x; "
+                            f"select {t_sel_ch * 1e3:.1f} us ({t_sel_ch / sig_read_ms:.1f}x sig read at copy bw, "
+                            f"{t_sel_ch / t_read_chain:.1f}x a measured read, {t_read_chain * 1e3:.1f} us)")
                     log(f"  {budget.describe()} {mode}: select {t_sel * 1e3:.1f} us "
-                        f"({t_sel / sig_read_ms:.1f}x "
-                        f"sig read) + attention {t_att * 1e3:.1f} us = total {t_tot * 1e3:.1f} us "
+                        f"({t_sel / sig_read_ms:.1f}x sig read at copy bw, {t_sel / t_read:.1f}x a measured read, "
+                        f"{t_read * 1e3:.1f} us) + attention {t_att * 1e3:.1f} us = total {t_tot * 1e3:.1f} us "
                         f"(eager {e_tot * 1e3:.1f}); {t_sdpa / t_tot:.1f}x vs sdpa, bytes ratio "
                         f"{dense_bytes / floor:.1f}x, {row[mode]['bw_frac']:.0%} of copy bw")
                     del idx, counts
@@ -549,6 +562,16 @@ def plot(res: dict, path: str):
     plt.close(fig)
 
 
+def _read_floor(measure, k_sig) -> tuple:
+    """The fastest single-call time (ms) of read_floor.stream_read over k_sig among its SHAPES, and that shape."""
+    best = None
+    for shape in SHAPES:
+        t = measure(lambda: stream_read(k_sig, *shape))[0]
+        if best is None or t < best[0]:
+            best = (t, shape)
+    return best
+
+
 def _chain_copies(n: int, kc, vc, k_sig, log) -> list:
     """n copies of (k_cache, v_cache, k_sig), or none when they would take over half the free memory."""
     if n <= 0:
@@ -569,10 +592,11 @@ def acceptance(rows) -> dict:
             continue
         for mode in ("group", "head"):
             if mode in r:
-                out[f"{mode}_{r['context']}"] = {"speedup_vs_sdpa": r[mode]["speedup_vs_sdpa"],
-                                                 "select_over_sig_read": r[mode]["select_over_sig_read"],
-                                                 "total_ms": r[mode]["total_ms"], "sdpa_ms": r["sdpa_ms"],
-                                                 "chain_speedup_vs_sdpa": r[mode].get("chain_speedup_vs_sdpa")}
+                out[f"{mode}_{r['context']}"] = {
+                    "speedup_vs_sdpa": r[mode]["speedup_vs_sdpa"], "total_ms": r[mode]["total_ms"],
+                    "select_over_sig_read": r[mode]["select_over_sig_read"], "sdpa_ms": r["sdpa_ms"],
+                    **{k: r[mode].get(k) for k in ("chain_speedup_vs_sdpa", "select_chain_over_sig_read",
+                                                   "select_over_measured_read", "select_chain_over_measured_read")}}
     targets = {}
     for n, want in ((131072, 6.0), (524288, 12.0)):
         got = out.get(f"group_{n}")
@@ -581,8 +605,14 @@ def acceptance(rows) -> dict:
                                        "met": got["speedup_vs_sdpa"] >= want}
     got = out.get("group_524288")
     if got:
+        # judged on the single call; the per-call figure in a chain (launch and timer paid once for 8 calls) and
+        # the ratios to a measured read of the signatures are reported beside it
         targets["select_within_3x_sig_read_524288"] = {"want": 3.0, "got": got["select_over_sig_read"],
-                                                       "met": got["select_over_sig_read"] <= 3.0}
+                                                       "met": got["select_over_sig_read"] <= 3.0,
+                                                       "chain": got["select_chain_over_sig_read"],
+                                                       "vs_measured_read": got["select_over_measured_read"],
+                                                       "chain_vs_measured_read":
+                                                           got["select_chain_over_measured_read"]}
     return {"cases": out, "targets": targets}
 
 
@@ -612,6 +642,15 @@ def markdown(res) -> str:
         lines += ["Targets (batch 1, 1/32, shared by KV group): " + "; ".join(
             f"{k}: {v['got']:.2f} (want {'>=' if 'speedup' in k else '<='} {v['want']}, "
             f"{'met' if v['met'] else 'MISSED'})" for k, v in acc.items()), ""]
+        sel = acc.get("select_within_3x_sig_read_524288", {})
+        if sel.get("vs_measured_read") is not None:
+            lines += ["Selection at 512K beside that single-call ratio: " + "; ".join(
+                f"{lab} {sel[k]:.2f}" for k, lab in (
+                    ("chain", "per call in a chain, over the read at copy bandwidth"),
+                    ("vs_measured_read", "single call, over a measured read of the signatures (read = "
+                                         "benchmarks/read_floor.py, same timer)"),
+                    ("chain_vs_measured_read", "per call in a chain, over the measured read in the same chain"))
+                if sel.get(k) is not None), ""]
     head = ("| B | budget | N | SDPA | SDPA bw |" + (" FI |" if fi else "") + " group sel | att |" +
             (" FI att |" if fi else "") + " tot | x | sel/sig | bw | bytes | head sel | att | tot | x |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
@@ -637,12 +676,22 @@ def markdown(res) -> str:
                   "CUDA graph, each on its own copy of the caches (none of it in L2 when its turn comes), as the "
                   "layers of a decode step run them; the graph's launch and the timer's events are then paid once "
                   "for all of them instead of once per call. Same timer otherwise.", "",
-                  "| budget | N | SDPA | HashAttention | x | x single call |", "|---|---|---|---|---|---|"]
+                  "sel = kernel 1 alone in such a chain, read = a kernel reading the signatures once "
+                  "(benchmarks/read_floor.py) in such a chain, sel/sig = sel over one read of the signatures at copy "
+                  "bandwidth.", "",
+                  "| budget | N | SDPA | HashAttention | x | x single call | sel | read | sel/sig | sel/read |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+
+        def cell(x, scale=1.0):
+            return "-" if x is None else f"{x * scale:.1f}"
         for r in chained:
             gp = r["group"]
             lines.append(f"| {r['budget'].split()[0].replace('heavy=', '')} | {r['context'] // 1024}K | "
                          f"{r['sdpa_chain_ms'] * 1e3:.1f} | {gp['chain_ms'] * 1e3:.1f} | "
-                         f"{gp['chain_speedup_vs_sdpa']:.1f} | {gp['speedup_vs_sdpa']:.1f} |")
+                         f"{gp['chain_speedup_vs_sdpa']:.1f} | {gp['speedup_vs_sdpa']:.1f} | "
+                         f"{cell(gp.get('select_chain_ms'), 1e3)} | {cell(r.get('sig_read_chain_ms'), 1e3)} | "
+                         f"{cell(gp.get('select_chain_over_sig_read'))} | "
+                         f"{cell(gp.get('select_chain_over_measured_read'))} |")
     if res.get("tune"):
         c = res["tune"]["chosen"]
         lines += ["", f"Kernel 2 launch shape (fastest of a sweep on {res['tune'].get('case')}): {c}"]
