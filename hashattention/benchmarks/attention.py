@@ -512,7 +512,8 @@ def _write(res: dict, out_dir: str, stem: str) -> str:
 def plot(res: dict, path: str):
     """Speedup over SDPA against the context, one line per batch and budget (shared selection), the per-query-
     head selection and the per-call chain dashed; the issue's targets as crosses. Left: the whole call; right:
-    the selection's time over one read of the signatures."""
+    the selection's time over one read of the signatures at copy bandwidth (single call, and dashed per call in a
+    chain)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -535,6 +536,10 @@ def plot(res: dict, path: str):
                     "s--", color=line.get_color(), label=f"{lab}, per call in a chain")
         ax2.plot(x, [r["group"]["select_over_sig_read"] for r in sel], "o-" if b == 1 else "^-",
                  color=line.get_color(), label=lab)
+        chain = [r for r in sel if r["group"].get("select_chain_over_sig_read")]
+        if chain:
+            ax2.plot([r["context"] // 1024 for r in chain], [r["group"]["select_chain_over_sig_read"] for r in chain],
+                     "s--", color=line.get_color(), label=f"{lab}, per call in a chain")
     for n, want in ((128, 6.0), (512, 12.0)):
         ax.plot([n], [want], "kx", markersize=9)
     ax.plot([], [], "kx", label="targets (B=1, 1/32, on an H100)")
