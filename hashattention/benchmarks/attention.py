@@ -10,6 +10,10 @@ One decode step (one query per sequence) at Llama-3.1-8B attention shapes by def
     flashinfer  FlashInfer's decode over the whole cache (dense) and, beside kernel 2, over the same selected
                 rows (pages of one row), when the package imports on the machine (the faster of its CUDA-core
                 and tensor-core paths; benchmarks/flashinfer.py)
+    read        the simplest kernel reading the signatures once (benchmarks/read_floor.py): the selection's
+                measured floor, beside the bytes / copy-bandwidth one
+    chain       batch 1: the call (and kernel 1 alone) per call in a chain of --chain calls in one CUDA graph,
+                each on its own copy of the caches, as the layers of a decode step run them
 
 Every time is the median of triton.testing.do_bench (L2 flushed before each run) over CUDA-graph replays
 of the call (eager totals are reported beside them), all measured in the same run on the same tensors.
