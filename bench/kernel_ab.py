@@ -73,13 +73,13 @@ sd = importlib.import_module("hashattention.kernels.sparse_decode")
 # name, score_select overrides, sparse_decode overrides[, NAME: score_select from --base NAME=PATH instead]
 VARIANTS = [
     ("default", {}, {}),
-    ("emit_w2_t1024", {"emit_warps": 2, "emit_tile": 1024}, {}),
-    ("emit_t1024", {"emit_tile": 1024}, {}),
-    ("emit_nreg64", {"emit_maxnreg": 64}, {}),
+    ("count_t4096_w8", {"tile": 4096, "num_warps": 8}, {}),
+    ("count_t4096_w8_pf0", {"tile": 4096, "num_warps": 8, "count_prefetch": 0}, {}),
+    ("count_t2048_w4", {"tile": 2048}, {}),
     ("default_again", {}, {}),
-    ("emit_w2_t1024_again", {"emit_warps": 2, "emit_tile": 1024}, {}),
-    ("emit_t1024_again", {"emit_tile": 1024}, {}),
-    ("emit_nreg64_again", {"emit_maxnreg": 64}, {}),
+    ("count_t4096_w8_again", {"tile": 4096, "num_warps": 8}, {}),
+    ("count_t4096_w8_pf0_again", {"tile": 4096, "num_warps": 8, "count_prefetch": 0}, {}),
+    ("count_t2048_w4_again", {"tile": 2048}, {}),
 ]
 
 
