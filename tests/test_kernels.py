@@ -59,21 +59,22 @@ SELECT_CASES = [
 
 
 @inproc
-@pytest.mark.parametrize("per_group", [True, False])
+@pytest.mark.parametrize("selection", ["sum", "max", "head"])
 @pytest.mark.parametrize("case", range(len(SELECT_CASES)))
 @inproc
-def test_score_select_equals_shared_rule(case, per_group):
+def test_score_select_equals_shared_rule(case, selection):
     g, kv_keys, w, n, budget = SELECT_CASES[case]
-    gen = torch.Generator().manual_seed(case * 2 + per_group)
+    per_group = selection != "head"
+    gen = torch.Generator().manual_seed(case * 3 + K.SELECTIONS.index(selection))
     b, hkv = 2, 2
     hq = hkv * g
     for few in (False, True):
         q_sig, k_sig = _sigs(b, hq, hkv if kv_keys else hq, n, w, gen, few)
         starts = torch.tensor([5, 0], device=DEV)  # left padding; a ragged length (tail of the cache unused)
         lengths = torch.tensor([n, n - 37], device=DEV)
-        idx, counts = K.score_select(q_sig, k_sig, starts, lengths, budget, hkv, per_group)
+        idx, counts = K.score_select(q_sig, k_sig, starts, lengths, budget, hkv, selection=selection)
         # the shared rule, computed directly from core.selection
-        scores, max_score = selection_scores(q_sig, k_sig, hkv, per_group)
+        scores, max_score = selection_scores(q_sig, k_sig, hkv, per_group, selection)
         valid = valid_mask(starts, lengths, n)[:, None, None]
         keep = select(scores[:, :, None], valid, budget, max_score=max_score)[:, :, 0]  # [B, Hsel, N]
         assert idx.shape == (b, hkv if per_group else hq, budget.total(n))
@@ -102,16 +103,16 @@ def test_score_select_blocks_and_tiles(tile, max_block, num_warps, exact_max, pr
                                            num_warps=num_warps, exact_max=exact_max, emit_tile=tile,
                                            emit_warps=num_warps, count_prefetch=prefetch, small_tile=small))
     gen = torch.Generator().manual_seed(7)
-    for w, few, n, budgets, groups in ((1, True, 389, 4, (True, False)), (2, False, 300, 1, (True,))):
+    for w, few, n, budgets, groups in ((1, True, 389, 4, ("sum", "head", "max")), (2, False, 300, 1, ("sum", "max"))):
         q_sig, k_sig = _sigs(2, 8, 2, n, w, gen, few=few)
         starts, lengths = torch.tensor([0, 9], device=DEV), torch.tensor([n, n - 9], device=DEV)
-        for per_group in groups:
+        for sel in groups:
             for budget in (ha.Budget(heavy=1 / 8, sink=5, window=6), ha.Budget(heavy=1, sink=0, window=0),
                            ha.Budget(heavy=n - 30, sink=3, window=4),
                            ha.Budget(heavy=0, sink=9, window=9))[:budgets]:
-                want = K.score_select_reference(q_sig, k_sig, starts, lengths, budget, 2, per_group)
+                want = K.score_select_reference(q_sig, k_sig, starts, lengths, budget, 2, sel != "head", sel)
                 for _ in range(2):
-                    got = K.score_select(q_sig, k_sig, starts, lengths, budget, 2, per_group)
+                    got = K.score_select(q_sig, k_sig, starts, lengths, budget, 2, selection=sel)
                     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (w, few, budget)
     # each workspace: the epoch advanced once per call (both words equal after a call), and the histogram copy
     # the next call counts into is zero again

@@ -67,6 +67,10 @@ def random_case(case: str, dev, hq: int = 32, hkv: int = 8, d: int = 128, dtype=
     return b, n, q, kc, vc, q_sig, k_sig, starts, lengths
 
 
+#: bench mode -> the kernels' selection (group: shared by the KV group, summed bit matches)
+MODE_SELECTION = {"group": "sum", "max": "max", "head": "head"}
+
+
 def add_arguments(p):
     p.add_argument("--contexts", default="16K,32K,64K,128K,256K,512K", help="comma list of context lengths")
     p.add_argument("--batches", default="1,8", help="comma list of batch sizes")
@@ -77,7 +81,8 @@ def add_arguments(p):
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
-    p.add_argument("--modes", default="group,head", help="comma list of: group (selection shared by a KV "
+    p.add_argument("--modes", default="group,max,head", help="comma list of: group (one selection shared by a "
+                   "KV group, the group's bit matches summed), max (shared, the best bit matches of any head of the "
                    "group), head (one selection per query head)")
     p.add_argument("--rep", type=int, default=100, help="repetition time per measurement (ms)")
     p.add_argument("--flush", default="read", choices=["read", "write"],
@@ -299,7 +304,9 @@ def check_against_reference(dev, dtype, hq, hkv, d, log) -> list:
     from .. import kernels as K
     out = []
     g = torch.Generator(device=dev).manual_seed(0)
-    for n, b, per_group in [(16_411, 2, True), (16_411, 2, False), (131_073, 1, True)]:
+    for n, b, sel in [(16_411, 2, "sum"), (16_411, 2, "head"), (16_411, 2, "max"), (131_073, 1, "sum"),
+                      (131_073, 1, "max")]:
+        per_group = sel != "head"
         q = torch.randn(b, hq, d, device=dev, dtype=dtype, generator=g)
         kc = torch.randn(b, hkv, n, d, device=dev, dtype=dtype, generator=g)
         vc = torch.randn(b, hkv, n, d, device=dev, dtype=dtype, generator=g)
@@ -308,14 +315,15 @@ def check_against_reference(dev, dtype, hq, hkv, d, log) -> list:
         starts = torch.tensor([0, 77][:b], device=dev)
         lengths = torch.tensor([n, n - 1000][:b], device=dev)
         budget = Budget(heavy=1 / 32)
-        idx, counts = K.score_select(q_sig, k_sig, starts, lengths, budget, hkv, per_group)
-        ridx, rcounts = K.score_select_reference(q_sig, k_sig, starts, lengths, budget, hkv, per_group)
+        idx, counts = K.score_select(q_sig, k_sig, starts, lengths, budget, hkv, selection=sel)
+        ridx, rcounts = K.score_select_reference(q_sig, k_sig, starts, lengths, budget, hkv, per_group, sel)
         o = K.sparse_decode(q, kc, vc, idx, counts)
         ref = K.sparse_decode_reference(q.float(), kc.float(), vc.float(), ridx, rcounts)
         err = float((o.float() - ref).norm() / ref.norm())
         same = bool(torch.equal(idx, ridx) and torch.equal(counts, rcounts))
-        out.append({"context": n, "batch": b, "per_group": per_group, "same_selection": same, "rel_err": err})
-        log(f"check n={n} b={b} per_group={per_group}: selection identical={same} rel_err={err:.2e}")
+        out.append({"context": n, "batch": b, "per_group": per_group, "selection": sel, "same_selection": same,
+                    "rel_err": err})
+        log(f"check n={n} b={b} selection={sel}: selection identical={same} rel_err={err:.2e}")
         if not same or not err < 2e-2:
             raise RuntimeError(f"kernel check failed: {out[-1]}")
     return out
@@ -343,8 +351,8 @@ def run(args) -> int:
     heavies = [parse_heavy(h) for h in args.budgets.split(",") if h.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
-        if m not in ("group", "head"):
-            raise SystemExit(f"unknown mode {m!r}: use group, head")
+        if m not in MODE_SELECTION:
+            raise SystemExit(f"unknown mode {m!r}: use {', '.join(MODE_SELECTION)}")
     measure = _timer(args.rep, not args.no_graphs, args.flush)
     name = _device_name(dev)
     log_lines = []
@@ -435,12 +443,14 @@ def run(args) -> int:
                 k_sel = budget.total(n)
                 row = {**base, "budget": budget.describe(), "heavy": heavy, "selected": k_sel}
                 for mode in modes:
-                    per_group = mode == "group"
-                    idx, counts = score_select(q_sig, k_sig, starts, lengths, budget, hkv, per_group)
-                    t_sel, _ = measure(lambda: score_select(q_sig, k_sig, starts, lengths, budget, hkv, per_group))
+                    sel = MODE_SELECTION[mode]
+                    per_group = sel != "head"
+                    idx, counts = score_select(q_sig, k_sig, starts, lengths, budget, hkv, selection=sel)
+                    t_sel, _ = measure(lambda: score_select(q_sig, k_sig, starts, lengths, budget, hkv,
+                                                            selection=sel))
                     t_att, _ = measure(lambda: sparse_decode(q, kc, vc, idx, counts, check=False))
                     t_tot, e_tot = measure(lambda: K.hash_decode_attention(q, kc, vc, q_sig, k_sig, starts,
-                                                                           lengths, budget, per_group))
+                                                                           lengths, budget, selection=sel))
                     hs = hkv if per_group else hq
                     sig_bytes = b * hkv * n * 4
                     kv_bytes = 2 * b * hs * k_sel * d * es  # per query head: its own rows (upper bound)
@@ -460,9 +470,10 @@ def run(args) -> int:
                         row[mode]["flashinfer_attention_ms"], row[mode]["flashinfer_attention_path"] = t, path
                     if layers and per_group:
                         t_ch = measure(lambda: [K.hash_decode_attention(q, kc_, vc_, q_sig, ks_, starts, lengths,
-                                                                        budget, True)
+                                                                        budget, selection=sel)
                                                 for kc_, vc_, ks_ in layers])[0] / len(layers)
-                        t_sel_ch = measure(lambda: [score_select(q_sig, ks_, starts, lengths, budget, hkv, True)
+                        t_sel_ch = measure(lambda: [score_select(q_sig, ks_, starts, lengths, budget, hkv,
+                                                                 selection=sel)
                                                     for _, _, ks_ in layers])[0] / len(layers)
                         row[mode].update(chain_ms=t_ch, chain_speedup_vs_sdpa=t_sdpa_chain / t_ch,
                                          select_chain_ms=t_sel_ch,
@@ -599,7 +610,7 @@ def acceptance(rows) -> dict:
     for r in rows:
         if r["batch"] != 1 or not isinstance(r["heavy"], float) or abs(r["heavy"] - 1 / 32) > 1e-12:
             continue
-        for mode in ("group", "head"):
+        for mode in MODE_SELECTION:
             if mode in r:
                 out[f"{mode}_{r['context']}"] = {
                     "speedup_vs_sdpa": r[mode]["speedup_vs_sdpa"], "total_ms": r[mode]["total_ms"],
@@ -701,6 +712,26 @@ def markdown(res) -> str:
                          f"{cell(gp.get('select_chain_ms'), 1e3)} | {cell(r.get('sig_read_chain_ms'), 1e3)} | "
                          f"{cell(gp.get('select_chain_over_sig_read'))} | "
                          f"{cell(gp.get('select_chain_over_measured_read'))} |")
+    cmp = [r for r in res["rows"] if sum(m in r for m in MODE_SELECTION) > 1]
+    if cmp:
+        modes = [m for m in MODE_SELECTION if any(m in r for r in cmp)]
+        lines += ["", "Selections side by side (tot = both kernels, single call, us; x = over SDPA; chain = per call in "
+                  "a chain; rel = x over the group selection's x, same run): " + ", ".join(
+                      f"{m} = {MODE_SELECTION[m]}" for m in modes) + ".", "",
+                  "| B | budget | N | " + " | ".join(f"{m} tot | x | chain x | rel" for m in modes) + " |",
+                  "|---|---|---|" + "---|---|---|---|" * len(modes)]
+        for r in cmp:
+            cells = [str(r["batch"]), r["budget"].split()[0].replace("heavy=", ""), f"{r['context'] // 1024}K"]
+            for m in modes:
+                e, g = r.get(m), r.get("group")
+                if e is None:
+                    cells += ["-"] * 4
+                    continue
+                ch = e.get("chain_speedup_vs_sdpa")
+                cells += [f"{e['total_ms'] * 1e3:.1f}", f"{e['speedup_vs_sdpa']:.2f}",
+                          "-" if ch is None else f"{ch:.2f}",
+                          "-" if g is None else f"{e['speedup_vs_sdpa'] / g['speedup_vs_sdpa']:.0%}"]
+            lines.append("| " + " | ".join(cells) + " |")
     if res.get("tune"):
         c = res["tune"]["chosen"]
         lines += ["", f"Kernel 2 launch shape (fastest of a sweep on {res['tune'].get('case')}): {c}"]
@@ -709,6 +740,6 @@ def markdown(res) -> str:
                       f"batch 1, 1/32): {res['tune']['select']['chosen']}"]
     if res.get("checks"):
         lines += ["", "Checks against the PyTorch reference: " + "; ".join(
-            f"N={c['context']} B={c['batch']} per_group={c['per_group']}: same selection {c['same_selection']}, "
+            f"N={c['context']} B={c['batch']} {c.get('selection', c['per_group'])}: same selection {c['same_selection']}, "
             f"rel err {c['rel_err']:.1e}" for c in res["checks"])]
     return "\n".join(lines) + "\n"

@@ -45,6 +45,8 @@ def add_arguments(p):
     p.add_argument("--reserve-gib", type=float, default=3.0,
                    help="GPU memory left free when sizing 'max' (graph pools, kernels, workspaces)")
     p.add_argument("--heavy", default="1/32", help="heavy budget (fraction or count)")
+    p.add_argument("--selection", default=None, choices=["sum", "max"],
+                   help="how a KV group's query heads share one selection (default: the library's)")
     p.add_argument("--sink", type=int, default=128)
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per mode")
@@ -128,7 +130,7 @@ def _bench_case(m, maps, budget, context, batch, args, modes):
     dev = m.device
     s = context + max(args.steps, args.warmup) + 8
     torch.cuda.reset_peak_memory_stats(dev)
-    m.setup_caches(batch, s, maps=maps, budget=budget)
+    m.setup_caches(batch, s, maps=maps, budget=budget, selection=args.selection)
     _synthetic_fill(m, context)
     gen = Generator(m, max_new_tokens=max(args.steps, args.warmup) + 2)
     try:

@@ -45,6 +45,8 @@ def add_parser(sub):
                    help="mix N synthetic passkey prompts into the data (task fine-tuning; generic maps use 0)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="dtype of the saved maps")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt.pt when it exists")
+    p.add_argument("--init", default=None, metavar="MAPS",
+                   help="start from these maps ('shipped' or a maps file; same shape): longer training of a file")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bucket-projection", default=None, metavar="VARIANT",
@@ -147,8 +149,15 @@ def run(args) -> int:
         f"target {args.target}/{args.score}, top-{args.topk}, alpha {args.alpha}")
     tc.extra = {"data": desc, "epochs": args.epochs, "data_sha": text_sha(docs), "heldout": held_name,
                 "command": "hashattention train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else ""}
+    init = None
+    if args.init:
+        from ..shipped import load_default_maps
+        from ..weights import load_maps
+        init = load_default_maps(model) if args.init == "shipped" else load_maps(args.init, model.config)
+        prev = init.config.extra
+        tc.extra.update(init=args.init, init_seconds=prev.get("seconds"), init_tokens=prev.get("tokens"))
     maps = train(model, seqs, mc, tc, heldout=held, checkpoint=str(Path(args.out).with_suffix("")) + ".ckpt.pt",
-                 resume=args.resume, progress=not args.quiet, log=log)
+                 resume=args.resume, progress=not args.quiet, log=log, init=init)
     maps = maps.to(getattr(torch, args.dtype))
     path = save_maps(maps, args.out)
     e = maps.config.extra

@@ -18,6 +18,13 @@ import torch
 from .budget import Budget
 
 
+#: how the query heads of a KV group choose the tokens their KV head reads (HashAttentionPolicy.selection):
+#: "sum" / "max" of the heads' scores (one shared top-k), "union" of each head's top-k/g, "head" (no sharing)
+GROUP_SELECTIONS = ("sum", "max", "union", "head")
+#: the library's default, chosen by the side-by-side measurements in bench/results/quality_summary.md
+DEFAULT_GROUP_SELECTION = "sum"
+
+
 def forced_and_candidates(valid: torch.Tensor, budget: Budget):
     """Split valid keys into always-read (sink, window) and candidates for the heavy budget.
 
@@ -31,9 +38,12 @@ def forced_and_candidates(valid: torch.Tensor, budget: Budget):
     return forced, valid & ~forced, n
 
 
-def heavy_counts(n_valid: torch.Tensor, candidates: torch.Tensor, budget: Budget) -> torch.Tensor:
-    """Heavy tokens per row: the budget, but never more than the candidates. [B, *, Lq, 1] int64."""
+def heavy_counts(n_valid: torch.Tensor, candidates: torch.Tensor, budget: Budget, union: int = 1) -> torch.Tensor:
+    """Heavy tokens per row: the budget (its 1/union share per head of a union), but never more than the
+    candidates. [B, *, Lq, 1] int64."""
     k = budget.heavy_count(n_valid.to(torch.int64))
+    if union > 1:
+        k = union_heavy(k, union)
     return torch.minimum(k, candidates.sum(-1, keepdim=True))
 
 
@@ -70,12 +80,26 @@ def topk_sorting(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor
     return torch.flip(rank, [-1]) < k
 
 
+def union_heavy(k: torch.Tensor, groups: int) -> torch.Tensor:
+    """Heavy tokens each of ``groups`` heads picks for a union read once by their KV head: floor(k / groups),
+    so that the union never holds more than k."""
+    return k // groups
+
+
+def union_of_group(keep: torch.Tensor, groups: int) -> torch.Tensor:
+    """bool [B, Hq, Lq, Lk] -> [B, Hq / groups, Lq, Lk]: a token is read when any head of its group picked it."""
+    b, h = keep.shape[:2]
+    return keep.view(b, h // groups, groups, *keep.shape[2:]).any(2)
+
+
 def select(scores: torch.Tensor | None, valid: torch.Tensor, budget: Budget,
-           max_score: int | None = None) -> torch.Tensor:
+           max_score: int | None = None, union: int = 1) -> torch.Tensor:
     """Tokens read by each query: sink | window | top-k(scores) among the rest. See module docstring.
 
     scores None means "no preference": the heavy budget goes to the most recent candidates.
     max_score given (integer scores 0..max_score) selects by counting; otherwise by a stable sort.
+    union = g > 1: scores are per query head [B, Hq, ...]; each head picks its top-floor(k/g) and the result is
+    the union over each group of g consecutive heads, [B, Hq/g, Lq, Lk] (at most k heavy tokens per group).
     """
     if valid.dtype != torch.bool:
         raise TypeError(f"valid mask must be bool, got {valid.dtype}")
@@ -90,12 +114,15 @@ def select(scores: torch.Tensor | None, valid: torch.Tensor, budget: Budget,
             valid.shape[1] not in (1, shape[1]):
         raise ValueError(f"scores {tuple(scores.shape)} do not match the mask {tuple(valid.shape)}")
     forced, cand = forced.expand(shape), cand.expand(shape)
-    k = heavy_counts(n, cand, budget).expand(*shape[:-1], 1)
+    if union > 1 and shape[1] % union:
+        raise ValueError(f"{shape[1]} score heads do not form groups of {union}")
+    k = heavy_counts(n, cand, budget, union).expand(*shape[:-1], 1)
     if max_score is not None:
         heavy = topk_counting(scores, cand, k, max_score)
     else:
         heavy = topk_sorting(scores, cand, k)
-    return forced | heavy
+    keep = forced | heavy
+    return union_of_group(keep, union) if union > 1 else keep
 
 
 def causal_valid(batch: int, q_len: int, kv_len: int, device=None) -> torch.Tensor:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.budget import Budget
+from ..core.selection import DEFAULT_GROUP_SELECTION
 from ..core.maps import HashMaps
 from ..kernels import score_select, sparse_decode
 from ..kernels.sparse_decode import DTYPES as SPARSE_DTYPES
@@ -288,7 +289,7 @@ class Transformer(nn.Module):
 
     # -- caches --------------------------------------------------------------------------------------
     def setup_caches(self, batch: int, max_seq_len: int, maps: HashMaps | None = None,
-                     budget: Budget | None = None, check_memory: bool = True):
+                     budget: Budget | None = None, check_memory: bool = True, selection: str | None = None):
         """Allocate the static caches for ``batch`` sequences of up to ``max_seq_len`` tokens (prompt plus
         generated), and the signature cache when ``maps`` are given. Checks the memory *before* allocating."""
         from .memory import cache_bytes, check_fits
@@ -324,14 +325,20 @@ class Transformer(nn.Module):
             self.maps = maps.to(self.device).eval()
             self.sig_cache = torch.zeros(c.num_layers, batch, mc.key_heads, max_seq_len, mc.words,
                                          device=self.device, dtype=torch.int32)
-            self.set_budget(budget if budget is not None else Budget())
+            self.set_budget(budget if budget is not None else Budget(), selection)
         self._stack_maps()
 
-    def set_budget(self, budget: Budget):
-        """The HashAttention budget; K = sink + window + heavy(max_seq_len) index slots per KV head."""
+    def set_budget(self, budget: Budget, selection: str | None = None):
+        """The HashAttention budget; K = sink + window + heavy(max_seq_len) index slots per KV head.
+        ``selection``: how a KV group's query heads share one selection ("sum" or "max" of their bit matches;
+        default the library's, core.selection.DEFAULT_GROUP_SELECTION)."""
         if not isinstance(budget, Budget):
             raise TypeError(f"budget must be a hashattention.Budget, got {type(budget).__name__}")
-        self.budget = budget
+        selection = selection or DEFAULT_GROUP_SELECTION
+        if selection not in ("sum", "max"):
+            raise ValueError(f"the engine shares one selection per KV group: selection 'sum' or 'max', "
+                             f"got {selection!r}")
+        self.budget, self.selection = budget, selection
         s = self.max_seq_len
         self.heavy_slots = int(min(max(budget.heavy_count(s), 0), s))
 
@@ -519,12 +526,15 @@ class Transformer(nn.Module):
 
         q_sig int32 [B, Hq, W]; sig_cache int32 [B, Hsig, S, W]; length int64 [1] (tokens in the cache);
         rows: :meth:`_select_rows` of ``length`` when the caller has it. K = budget.total(S) (static). Same set
-        as core.selection.select with bit-match scores summed over each KV group (HashAttentionPolicy with
-        per_group=True), the heavy budget taken at ``length``.
+        as core.selection.select with bit-match scores combined over each KV group by ``self.selection``
+        (HashAttentionPolicy with that selection), the heavy budget taken at ``length``.
         """
         starts, lengths = rows if rows is not None else self._select_rows(length, q_sig.shape[0])
-        fn = score_select if kernels.use_triton(q_sig) else score_select_reference
-        return fn(q_sig, sig_cache, starts, lengths, self.budget, self.c.num_kv_heads, per_group=True)
+        if kernels.use_triton(q_sig):
+            return score_select(q_sig, sig_cache, starts, lengths, self.budget, self.c.num_kv_heads,
+                                selection=self.selection)
+        return score_select_reference(q_sig, sig_cache, starts, lengths, self.budget, self.c.num_kv_heads, True,
+                                      self.selection)
 
     def index_slots(self) -> int:
         return self.budget.sink + self.budget.window + self.heavy_slots

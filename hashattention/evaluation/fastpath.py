@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from ..core.budget import Budget
-from ..core.selection import _pick_last, forced_and_candidates, heavy_counts, select
+from ..core.selection import _pick_last, forced_and_candidates, heavy_counts, select, union_of_group
 from ..policies.base import SelectionPolicy
 
 
-def topk_select(scores: torch.Tensor | None, valid: torch.Tensor, budget: Budget) -> torch.Tensor:
-    """Same result as ``select(scores, valid, budget)``. scores [B, Hs, Lq, Lk] (finite for valid keys),
-    valid bool [B, 1 or Hs, Lq, Lk] -> keep bool [B, Hs, Lq, Lk]."""
+def topk_select(scores: torch.Tensor | None, valid: torch.Tensor, budget: Budget, union: int = 1) -> torch.Tensor:
+    """Same result as ``select(scores, valid, budget, union=union)``. scores [B, Hs, Lq, Lk] (finite for valid
+    keys), valid bool [B, 1 or Hs, Lq, Lk] -> keep bool [B, Hs / union, Lq, Lk]."""
     if scores is None:
         return select(None, valid, budget)
     forced, cand, n = forced_and_candidates(valid, budget)
@@ -30,17 +30,18 @@ def topk_select(scores: torch.Tensor | None, valid: torch.Tensor, budget: Budget
     if shape != scores.shape:
         raise ValueError(f"scores {tuple(scores.shape)} do not match the mask {tuple(valid.shape)}")
     forced, cand = forced.expand(shape), cand.expand(shape)
-    k = heavy_counts(n, cand, budget).expand(*shape[:-1], 1)  # [B, Hs, Lq, 1] int64
+    k = heavy_counts(n, cand, budget, union).expand(*shape[:-1], 1)  # [B, Hs, Lq, 1] int64
     kmax = int(k.max())
     if kmax == 0:
-        return forced
+        return union_of_group(forced, union) if union > 1 else forced
     s = torch.where(cand, scores.float(), torch.full((), float("-inf"), device=scores.device))
     top = torch.topk(s, kmax, dim=-1, sorted=True).values  # [B, Hs, Lq, kmax], descending
     thr = top.gather(-1, (k - 1).clamp_min(0))  # the k-th largest candidate score of each row
     above = s > thr
     need = k - above.sum(-1, keepdim=True)
     ties = _pick_last(cand & (s == thr), need)  # equal scores: the most recent ones
-    return forced | ((above | ties) & (k > 0))
+    keep = forced | ((above | ties) & (k > 0))
+    return union_of_group(keep, union) if union > 1 else keep
 
 
 def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
@@ -67,7 +68,7 @@ def accelerate(policy: SelectionPolicy) -> SelectionPolicy:
     cls = type(policy)
     if cls.select is SelectionPolicy.select:
         def fast_select(layer, state, q, k, v, valid, scale, _p=policy):
-            return topk_select(_p.scores(layer, state, q, k, v, valid, scale), valid, _p.budget)
+            return topk_select(_p.scores(layer, state, q, k, v, valid, scale), valid, _p.budget, _p.union_groups)
         policy.select = fast_select
     if cls.attend is SelectionPolicy.attend and not policy.wants_probs:
         policy.attend = sdpa_attend

@@ -43,6 +43,8 @@ class Sample:
     max_new: int
     metric: str = "all"  # "all": fraction of answers present; "part": any answer present
     meta: dict = field(default_factory=dict)
+    #: tokens of ``ids`` before the question starts: the context that the ``context`` mode prefills densely
+    context_len: int = 0
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,8 @@ class TaskSpec:
 
 @dataclass
 class Draft:
-    """A task instance before fitting: ``make(n)`` -> (user text, answer prefix, answers) with a haystack of
-    n units; ``n_max`` bounds n."""
+    """A task instance before fitting: ``make(n)`` -> (user text, answer prefix, answers, question) with a
+    haystack of n units, where the user text ends with the question; ``n_max`` bounds n."""
     make: Callable
     n_max: int
 
@@ -143,9 +145,9 @@ def _niah(haystack: str, n_keys: int, n_values: int, n_queries: int):
         hay = _haystack(haystack, res, rng.randrange(len(res.sentences)))
 
         def make(n):
-            user = "\n".join([NIAH_INTRO, _insert(hay(n), needles, depths),
-                              NIAH_QUESTION.format(query=query)])
-            return user, " " + NIAH_ANSWER.format(query=query), answers
+            question = NIAH_QUESTION.format(query=query)
+            user = "\n".join([NIAH_INTRO, _insert(hay(n), needles, depths), question])
+            return user, " " + NIAH_ANSWER.format(query=query), answers, question
         return Draft(make, 10 ** 6)
     return build
 
@@ -164,12 +166,12 @@ def _vt(rng, res: Resources, hops: int = 4) -> Draft:
         out = list(units)
         for d, stmt in sorted(zip(depths, chain), key=lambda x: x[0], reverse=True):
             out.insert(round(d * n), stmt)  # sorted depths keep the chain in order
+        question = f"Question: Find all variables that are assigned the value {value} in the text above."
         user = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
-                + " ".join(out) + f"\nQuestion: Find all variables that are assigned the value {value} in "
-                "the text above.")
+                + " ".join(out) + "\n" + question)
         prefix = (f" Answer: According to the chain(s) of variable assignment in the text above, {hops + 1} "
                   f"variables are assigned the value {value}, they are:")
-        return user, prefix, list(names)
+        return user, prefix, list(names), question
     return Draft(make, 10 ** 6)
 
 
@@ -183,11 +185,11 @@ def _cwe(rng, res: Resources, n_common: int = 5, freq_common: int = 30, freq_rar
         items = common * freq_common + rare_pool[:n] * freq_rare
         random.Random(order_seed + n).shuffle(items)
         listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(items))
+        question = f"Question: What are the {n_common} most common words in the above list?"
         user = ("Below is a numbered list of words. In these words, some appear more often than others. "
-                "Memorize the ones that appear most often.\n" + listing +
-                f"\nQuestion: What are the {n_common} most common words in the above list?")
+                "Memorize the ones that appear most often.\n" + listing + "\n" + question)
         prefix = f" Answer: The top {n_common} words that appear most often in the list are:"
-        return user, prefix, list(common)
+        return user, prefix, list(common), question
     return Draft(make, len(rare_pool))
 
 
@@ -204,12 +206,12 @@ def _fwe(rng, res: Resources, vocab: int = 800, alpha: float = 2.0, top: int = 3
         text = stream[:n]
         counts = Counter(text).most_common(top + 1)
         answers = [w for w, _ in counts[:top]]
+        question = ("Question: Do not provide any explanation. What are the three most frequently appeared "
+                    "words in the above coded text?")
         user = ("Read the following coded text and track the frequency of each coded word. Find the three "
-                "most frequently appeared coded words. " + " ".join(text) +
-                "\nQuestion: Do not provide any explanation. What are the three most frequently appeared "
-                "words in the above coded text?")
+                "most frequently appeared coded words. " + " ".join(text) + "\n" + question)
         prefix = " Answer: According to the coded text above, the three most frequently appeared words are:"
-        return user, prefix, answers
+        return user, prefix, answers, question
     return Draft(make, len(stream))
 
 
@@ -243,7 +245,7 @@ def check_tasks(names) -> list:
 def fit(tok, draft: Draft, target: int):
     """Largest n with len(prompt(n)) <= target tokens. Returns (ids, answers, n)."""
     def toks(n):
-        user, prefix, answers = draft.make(n)
+        user, prefix, answers, _ = draft.make(n)
         return encode(tok, render(tok, user, prefix)), answers
 
     lo_ids, lo_ans = toks(0)
@@ -275,6 +277,23 @@ def fit(tok, draft: Draft, target: int):
     return best
 
 
+def context_length(tok, draft: Draft, n: int, ids: list) -> int:
+    """Tokens of the prompt ``ids`` (haystack of n units) before its question: the longest common prefix of
+    ``ids`` and the tokens of the rendered text up to the question (a token spanning the boundary counts as
+    question)."""
+    user, prefix, _, question = draft.make(n)
+    text = render(tok, user, prefix)
+    head = encode(tok, text[:text.rindex(question)])
+    m = 0
+    for a, b in zip(head, ids):
+        if a != b:
+            break
+        m += 1
+    if not 0 < m < len(ids):
+        raise ValueError(f"cannot place the question inside the prompt ({m} of {len(ids)} tokens)")
+    return m
+
+
 def make_sample(tok, task: str, length: int, index: int, seed: int = 0, resources: Resources | None = None,
                 max_new: int | None = None) -> Sample:
     """The prompt of (task, length, index): at most ``length`` tokens including the answer's tokens."""
@@ -282,8 +301,10 @@ def make_sample(tok, task: str, length: int, index: int, seed: int = 0, resource
     res = resources or Resources()
     rng = random.Random(sample_seed(seed, task, length, index))
     new = spec.max_new if max_new is None else max_new
-    ids, answers, n = fit(tok, spec.build(rng, res), length - new)
-    return Sample(task, length, index, ids, list(answers), new, meta={"haystack_units": n})
+    draft = spec.build(rng, res)
+    ids, answers, n = fit(tok, draft, length - new)
+    return Sample(task, length, index, ids, list(answers), new, meta={"haystack_units": n},
+                  context_len=context_length(tok, draft, n, ids))
 
 
 def score(prediction: str, answers: list, metric: str = "all") -> float:

@@ -6,6 +6,8 @@ Settings (``modes``):
   - ``decode``: the prompt minus its last token is prefilled once with dense attention and shared by all
     policies (the cache is cropped back after each); the last prompt token is the first sparse query, so
     every answer token comes from sparse attention.
+  - ``context``: the authors' sparse-attention-hub protocol. The context (the prompt before the question)
+    is prefilled densely, once for all policies; the question and every answer token are sparse.
 
 Work is batched: all tasks' prompts of one length and one round (``round_size`` samples per task) run as
 one left-padded batch per policy; perplexity rows ride in the same batch. Results go to a JSON file after
@@ -29,11 +31,15 @@ from ..integration.hf import enable
 from . import ruler
 from .fastpath import accelerate as _accelerate
 from .perplexity import perplexity_rows, ppl, token_nll
+from .quality import markdown as quality_markdown, quality_rows
 
 POLICY_ORDER = ["dense", "oracle", "hash", "simhash", "sink_window", "quest", "h2o", "random"]
 DEFAULT_BUDGETS = ["1/4", "1/8", "1/16", "1/32"]
-MODES = ("everywhere", "decode")
+MODES = ("everywhere", "decode", "context")
 DENSE_BUDGET = "full"
+PREFILL_CHUNK = 2048  # queries per call of the shared dense prefill
+MODE_TITLES = {"everywhere": "everywhere (chunked prefill + decode)", "decode": "decoding only (dense prefill)",
+               "context": "question and answer (dense context prefill: the authors' sparse-attention-hub protocol)"}
 PPL_TASK = "ppl"
 #: fields of the settings that must match for a results file to be resumed
 RESUME_KEYS = ("model", "seed", "sink", "window", "chunk", "page_size", "heldout_sha256", "max_new",
@@ -100,13 +106,14 @@ def _append(out, done, cur, max_new, eos, tok, answers):
 @torch.no_grad()
 def run_batch(model, policy, rows: list, max_new: list, mode: str = "everywhere", ppl: list | None = None,
               ppl_from: int = 1024, chunk: int = 128, tok=None, answers: list | None = None,
-              accelerate: bool = True, shared: dict | None = None) -> dict:
+              accelerate: bool = True, shared: dict | None = None, context: list | None = None) -> dict:
     """Run one left-padded batch with ``policy`` (None = dense SDPA).
 
     rows: token id lists; max_new: answer tokens per row (0 for perplexity rows); ppl: bool per row, count
-    its NLL (positions >= ppl_from, everywhere mode only). ``shared`` (decode mode): the dense prefill from
-    :func:`dense_prefill`, reused by every policy. Returns {"tokens": generated ids per row, "nll", "count",
-    "stats": tokens read per query (layer 0) or None}.
+    its NLL (positions >= ppl_from, everywhere mode only); context (mode 'context'): tokens before the
+    question per row. ``shared`` (decode and context modes): the dense prefill from :func:`dense_prefill`,
+    reused by every policy. Returns {"tokens": generated ids per row, "nll", "count", "stats": tokens read
+    per query (layer 0) or None}.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -132,6 +139,27 @@ def run_batch(model, policy, rows: list, max_new: list, mode: str = "everywhere"
             if handle is not None:
                 handle.disable()
             _crop(cache, ids.shape[1] - 1)
+        return {"tokens": gen, "nll": nll, "count": count, "stats": stats}
+    if mode == "context":
+        if any(ppl):
+            raise ValueError("perplexity rows need mode='everywhere'")
+        sh = shared if shared is not None else dense_prefill(model, rows, pad, context)
+        cache, ids, mask, upto = sh["cache"], sh["ids"], sh["mask"], sh["upto"]
+        pos = _positions(mask)
+        handle = enable(model, policy, mode="context", chunk=chunk, context_length=sh["context"]) \
+            if policy is not None else None
+        try:
+            res = model(input_ids=ids[:, upto:], attention_mask=mask, position_ids=pos[:, upto:],
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            first = res.logits[:, -1].argmax(-1, keepdim=True)
+            del res
+            gen = _decode_loop(model, tok, cache, first, mask, pos[:, -1:] + 1, max_new, answers,
+                               first_is_prompt=False)
+        finally:
+            stats = handle.stats() if handle is not None else None
+            if handle is not None:
+                handle.disable()
+            _crop(cache, upto)
         return {"tokens": gen, "nll": nll, "count": count, "stats": stats}
 
     ids, mask = _left_pad(rows, pad, dev)
@@ -187,13 +215,25 @@ def _crop(cache, length: int):
 
 
 @torch.no_grad()
-def dense_prefill(model, rows: list, pad: int) -> dict:
-    """Dense prefill of every row but its last token, shared by the policies of a decode-mode batch."""
+def dense_prefill(model, rows: list, pad: int, context: list | None = None) -> dict:
+    """Dense prefill shared by the policies of a batch: every row but its last token (decode mode), or,
+    given ``context`` (tokens before the question per row), the columns before the first question token of
+    the left-padded batch (context mode; the rest of each row's context is dense by the handle's rule)."""
     dev = next(model.parameters()).device
     ids, mask = _left_pad(rows, pad, dev)
-    res = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=_positions(mask)[:, :-1],
-                use_cache=True, logits_to_keep=1)
-    return {"cache": res.past_key_values, "ids": ids, "mask": mask}
+    if context is None:
+        upto = ids.shape[1] - 1
+    else:
+        if len(context) != len(rows) or any(not 0 < c < len(r) for c, r in zip(context, rows)):
+            raise ValueError("each row's context must end inside its prompt (0 < context < prompt tokens)")
+        upto = min(ids.shape[1] - len(r) + c for r, c in zip(rows, context))
+    pos = _positions(mask)
+    cache = None
+    for s in range(0, upto, PREFILL_CHUNK):  # in chunks: the attention mask of one chunk is [B, 1, chunk, Lk]
+        e = min(upto, s + PREFILL_CHUNK)
+        cache = model(input_ids=ids[:, s:e], attention_mask=mask[:, :e], position_ids=pos[:, s:e],
+                      past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+    return {"cache": cache, "ids": ids, "mask": mask, "upto": upto, "context": context}
 
 
 # ------------------------------------------------------------------------------------------- the suite
@@ -254,7 +294,7 @@ class Suite:
                  decode_policies=None, decode_budgets=("1/16", "1/32"), decode_rounds=1, seed=0,
                  sink=128, window=128, chunk=128, page_size=16, maps=None, maps_path=None,
                  ppl_samples=2, ppl_from=1024, out=None, time_limit=None, progress=True, accelerate=True,
-                 resources=None, log=print, per_group=True):
+                 resources=None, log=print, per_group=True, context_budgets=None):
         from ..policies import POLICIES
         self.model, self.tok, self.log = model, tok, log
         self.tasks = ruler.check_tasks(tasks)
@@ -266,12 +306,15 @@ class Suite:
             raise ValueError(f"unknown mode(s) {bad}; available: {', '.join(MODES)}")
         self.budgets = [budget_label(b) for b in budgets]
         self.decode_budgets = [budget_label(b) for b in decode_budgets]
+        self.context_budgets = [budget_label(b) for b in (context_budgets or budgets)]
         self.decode_policies = check_policies(decode_policies or self.policies, POLICIES)
         self.maps = maps
-        if "hash" in self.policies and maps is None:
-            log("policy 'hash' skipped: no maps (the shipped maps are not present; name a file with --maps)")
-            self.policies = [p for p in self.policies if p != "hash"]
-            self.decode_policies = [p for p in self.decode_policies if p != "hash"]
+        needs = [p for p in self.policies + self.decode_policies if p == "hash" or p.startswith("hash-")]
+        if needs and maps is None:
+            log(f"policies {', '.join(dict.fromkeys(needs))} skipped: no maps (the shipped maps are not present; "
+                "name a file with --maps)")
+            self.policies = [p for p in self.policies if p not in needs]
+            self.decode_policies = [p for p in self.decode_policies if p not in needs]
         self.samples, self.round_size, self.decode_rounds = samples, max(1, round_size), decode_rounds
         self.seed, self.sink, self.window, self.chunk, self.page_size = seed, sink, window, chunk, page_size
         self.ppl_samples, self.ppl_from = ppl_samples, ppl_from
@@ -289,6 +332,7 @@ class Suite:
             "transformers": transformers.__version__, "python": platform.python_version(),
             "tasks": self.tasks, "lengths": self.lengths, "policies": self.policies, "budgets": self.budgets,
             "modes": self.modes, "decode_policies": self.decode_policies, "decode_budgets": self.decode_budgets,
+            "context_budgets": self.context_budgets,
             "decode_rounds": decode_rounds, "samples": samples, "round_size": self.round_size, "seed": seed,
             "sink": sink, "window": window, "chunk": chunk, "page_size": page_size,
             "ppl_samples": ppl_samples, "ppl_from": ppl_from, "ppl_length": "each length",
@@ -336,8 +380,8 @@ class Suite:
         return make_policy(name, b, maps=self.maps, model_config=self.model.config, per_group=self.per_group, **kw)
 
     def configs(self, mode: str) -> list:
-        pols = self.policies if mode == "everywhere" else self.decode_policies
-        buds = self.budgets if mode == "everywhere" else self.decode_budgets
+        pols = self.decode_policies if mode == "decode" else self.policies
+        buds = {"everywhere": self.budgets, "decode": self.decode_budgets, "context": self.context_budgets}[mode]
         out = [("dense", DENSE_BUDGET)] if "dense" in pols else []
         return out + [(p, b) for b in buds for p in pols if p != "dense"]
 
@@ -345,7 +389,7 @@ class Suite:
     def run(self):
         from tqdm.auto import tqdm
         rounds = math.ceil(self.samples / self.round_size)
-        units = sum(len(self.lengths) * len(self.configs(m)) * (rounds if m == "everywhere"
+        units = sum(len(self.lengths) * len(self.configs(m)) * (rounds if m != "decode"
                     else min(rounds, self.decode_rounds)) for m in self.modes)
         bar = tqdm(total=units, disable=not self.progress, desc="eval", unit="batch", dynamic_ncols=True)
         stopped = False
@@ -367,8 +411,10 @@ class Suite:
                         pt = [i for i in range(len(prows)) if mode == "everywhere"
                               and _key(mode, pol, bud, L, PPL_TASK, i) not in self.data["records"]]
                         if todo or pt:
-                            if mode == "decode" and shared is None:
-                                shared = dense_prefill(self.model, [s.ids for s in samples], self._pad())
+                            if mode != "everywhere" and shared is None:
+                                shared = dense_prefill(self.model, [s.ids for s in samples], self._pad(),
+                                                       [s.context_len for s in samples] if mode == "context"
+                                                       else None)
                             self._unit(mode, pol, bud, L, todo if mode == "everywhere" else samples,
                                        [prows[i] for i in pt], pt, shared)
                         bar.update(1)
@@ -400,7 +446,8 @@ class Suite:
         t = time.perf_counter()
         out = run_batch(self.model, policy, rows, max_new, mode=mode, ppl=flags, ppl_from=self.ppl_from,
                         chunk=self.chunk, tok=self.tok, answers=answers, accelerate=self.accelerate,
-                        shared=shared if mode == "decode" else None)
+                        shared=shared if mode != "everywhere" else None,
+                        context=[s.context_len for s in samples] if mode == "context" else None)
         dt = time.perf_counter() - t
         rec = self.data["records"]
         for s, gen in zip(samples, out["tokens"]):
@@ -428,6 +475,9 @@ class Suite:
         self.data["summary"] = summary
         self.save()
         md = markdown_table(self.data, summary)
+        rows = quality_rows(self.data)
+        if rows:
+            md += "\n" + quality_markdown(rows).split("\n", 2)[2]  # the paired table, under this file's title
         self.out.with_suffix(".md").write_text(md)
         try:
             plot(self.data, summary, self.out.with_suffix(".png"))
@@ -526,7 +576,7 @@ def markdown_table(data: dict, summary: dict) -> str:
         lengths = sorted({L for e in cfgs.values() for L in e["by_length"]}, key=int)
         plens = sorted({L for e in cfgs.values() for L in e["ppl"]}, key=int)
         n = sorted({v for e in cfgs.values() for v in e.get("n", {}).values()})
-        lines += [f"## Sparse {'everywhere (chunked prefill + decode)' if mode == 'everywhere' else 'decoding only (dense prefill)'}",
+        lines += [f"## Sparse {MODE_TITLES.get(mode, mode)}",
                   "", f"Samples per task and length: {n[0] if len(n) == 1 else n}.", ""]
         head = ["policy", "budget"] + tasks + ["avg"] + [_len_label(L) for L in lengths] + [f"ppl {_len_label(L)}" for L in plens]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

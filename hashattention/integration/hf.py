@@ -14,6 +14,9 @@ Modes:
   - ``everywhere``: every query, prefill included, reads only its selected tokens. Queries are processed
     in blocks of ``chunk`` (the paper's chunked-prefill evaluation; per-query selection is causal, so a
     block gives the same result as prefilling chunk by chunk).
+  - ``context``: the protocol of the authors' sparse-attention-hub: a prompt is a context followed by a
+    question; the first ``context_length`` tokens of each row (padding not counted) attend densely, the
+    question and every generated token are sparse.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from ..policies.base import SelectionPolicy
 
 IMPL = "hashattention"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
-MODES = ("decode", "everywhere")
+MODES = ("decode", "everywhere", "context")
 
 
 class UnsupportedModelError(ValueError):
@@ -84,9 +87,14 @@ def check_supported(model):
 class SparseAttentionHandle:
     """What :func:`enable` returns: holds the policy, the per-layer states and counters; a context manager."""
 
-    def __init__(self, model, policy: SelectionPolicy, mode: str, chunk: int):
+    def __init__(self, model, policy: SelectionPolicy, mode: str, chunk: int, context_length=None):
         self.model, self.policy, self.mode, self.chunk = model, policy, mode, chunk
         self.disabled = False
+        self.context = None
+        if mode == "context":
+            self.set_context(context_length)
+        elif context_length is not None:
+            raise ValueError(f"context_length is only used by mode='context' (mode is {mode!r})")
         self.states: dict[int, dict] = {}
         self._cache_id = None
         self._prev_impl = model.config._attn_implementation
@@ -104,9 +112,30 @@ class SparseAttentionHandle:
         return {"tokens_read": read / rows, "context": ctx / rows, "fraction": read / ctx if ctx else 0.0,
                 "queries": self._rows}
 
+    def set_context(self, context_length):
+        """Context tokens per row (an int for every row, or one per row), padding not counted: queries at
+        positions >= context_length are sparse (mode 'context')."""
+        if context_length is None:
+            raise ValueError("mode='context' needs context_length: the number of prompt tokens before the "
+                             "question (an int, or one per row of the batch)")
+        t = torch.as_tensor(context_length).reshape(-1)
+        if t.is_floating_point() or t.numel() == 0 or bool((t < 1).any()):
+            raise ValueError(f"context_length must be positive token counts, got {context_length!r}")
+        self.context = t.to(torch.int64)
+        self._context_checked = False
+
+    def _sparse_rows(self, valid: torch.Tensor) -> torch.Tensor:
+        """bool [B, Lq]: the queries after the context (a query's valid keys = its position + 1)."""
+        b = valid.shape[0]
+        ctx = self.context.to(valid.device)
+        if ctx.numel() not in (1, b):
+            raise ValueError(f"context_length has {ctx.numel()} entries for a batch of {b} rows")
+        return valid[:, 0].sum(-1) > ctx.view(-1, 1)
+
     # -- state ---------------------------------------------------------------------------------------
     def reset(self):
         self.states.clear()
+        self._context_checked = False
 
     def _pre_forward(self, module, args, kwargs):
         cache = kwargs.get("past_key_values")
@@ -138,6 +167,25 @@ class SparseAttentionHandle:
         if self.mode == "decode" and lq > 1:
             return _dense(module, query, key, value, mask, scaling, **kwargs)
         scale = scaling if scaling is not None else d ** -0.5
+        rows = self._sparse_rows(valid) if self.mode == "context" else None
+        if rows is not None and lq == 1 and not self._context_checked:  # once per sequence: one host sync
+            # the first decoded token follows the prompt: at least one question token after the context
+            if not bool((valid[:, 0].sum(-1) > self.context.to(valid.device).view(-1, 1) + 1).all()):
+                raise ValueError("context_length reaches past the prompt: the question must start inside it "
+                                 "(context_length < prompt tokens)")
+            self._context_checked = True
+        if rows is not None and lq > 1:  # the context's queries attend densely, the rest sparse
+            hit = rows.any(0)
+            if not bool(hit.any()):
+                return _dense(module, query, key, value, mask, scaling, **kwargs)
+            first = int(hit.to(torch.int8).argmax())
+            if first > 0:
+                m = mask[..., :first, :] if mask is not None else valid[:, :, :first]
+                head, _ = _dense(module, query[:, :, :first], key, value, m, scaling, **kwargs)
+                tail = self._sparse(layer, state, query[:, :, first:], key, value, valid[:, :, first:],
+                                    scale, rows[:, first:])
+                return torch.cat([head, tail], dim=1), None
+            return self._sparse(layer, state, query, key, value, valid, scale, rows), None
         if lq == 1:
             fast = self.policy.decode_attention(layer, state, query, key, value, valid, scale)
             if fast is not None:
@@ -147,10 +195,18 @@ class SparseAttentionHandle:
                     self._ctx = self._ctx.to(valid.device) + valid.sum(dtype=torch.float64)
                     self._rows += b
                 return fast.transpose(1, 2).contiguous(), None
+        return self._sparse(layer, state, query, key, value, valid, scale), None
+
+    def _sparse(self, layer, state, query, key, value, valid, scale, rows=None):
+        """The shared sparse path over query blocks of ``chunk``; ``rows`` bool [B, Lq] (mode 'context'):
+        False rows read every valid key. Returns [B, Lq, Hq, D]."""
+        lq = query.shape[2]
         outs = []
         for s in range(0, lq, self.chunk):
             qc, vc = query[:, :, s:s + self.chunk], valid[:, :, s:s + self.chunk]
             keep = self.policy.select(layer, state, qc, key, value, vc, scale)
+            if rows is not None:
+                keep = torch.where(rows[:, None, s:s + self.chunk, None], keep, vc)
             if self.policy.wants_probs:
                 o, p = self.policy.attend(qc, key, value, keep, scale, return_probs=True)
                 self.policy.observe(layer, state, p, keep)
@@ -162,7 +218,7 @@ class SparseAttentionHandle:
                 self._ctx = self._ctx.to(vc.device) + vc.sum(dtype=torch.float64)
                 self._rows += qc.shape[0] * qc.shape[2]
         out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-        return out.transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous()
 
     # -- on / off ------------------------------------------------------------------------------------
     def disable(self):
@@ -193,11 +249,14 @@ def _set_impl(model, impl: str):
         model.config._attn_implementation = impl
 
 
-def enable(model, policy: SelectionPolicy, mode: str = "decode", chunk: int = 128) -> SparseAttentionHandle:
+def enable(model, policy: SelectionPolicy, mode: str = "decode", chunk: int = 128,
+           context_length=None) -> SparseAttentionHandle:
     """Route ``model``'s attention through ``policy``. Returns a handle (also a context manager).
 
-    mode: "decode" (dense prefill, sparse decode) or "everywhere" (every query sparse, prefill in blocks
-    of ``chunk`` queries). Calling enable again replaces the previous policy.
+    mode: "decode" (dense prefill, sparse decode), "everywhere" (every query sparse, prefill in blocks
+    of ``chunk`` queries) or "context" (the first ``context_length`` tokens of each row dense, the question
+    after them and every generated token sparse; ``handle.set_context`` changes it between prompts).
+    Calling enable again replaces the previous policy.
     """
     if not isinstance(policy, SelectionPolicy):
         raise TypeError(f"policy must be a SelectionPolicy, got {type(policy).__name__}")
@@ -212,7 +271,7 @@ def enable(model, policy: SelectionPolicy, mode: str = "decode", chunk: int = 12
         check_maps_match_model(maps.config, model.config)
     disable(model)
     _register()
-    handle = SparseAttentionHandle(model, policy, mode, chunk)
+    handle = SparseAttentionHandle(model, policy, mode, chunk, context_length)
     for m in attention_modules(model):
         m._hashattention = handle
     handle._hook = model.register_forward_pre_hook(handle._pre_forward, with_kwargs=True)

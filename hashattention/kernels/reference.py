@@ -28,8 +28,10 @@ def valid_mask(starts: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Ten
     return (p >= starts.long()[:, None]) & (p < lengths.long()[:, None])
 
 
-def selection_scores(q_sig: torch.Tensor, k_sig: torch.Tensor, num_kv_heads: int, per_group: bool):
-    """Bit matches [B, Hsel, N] (int64) and the largest possible score."""
+def selection_scores(q_sig: torch.Tensor, k_sig: torch.Tensor, num_kv_heads: int, per_group: bool,
+                     selection: str | None = None):
+    """Bit matches [B, Hsel, N] (int64) and the largest possible score. A shared selection (``per_group``)
+    combines the group's query heads by ``selection``: "sum" (default) or "max"."""
     b, hq, w = q_sig.shape
     hs, n = k_sig.shape[1], k_sig.shape[2]
     g = hq // num_kv_heads
@@ -38,6 +40,8 @@ def selection_scores(q_sig: torch.Tensor, k_sig: torch.Tensor, num_kv_heads: int
     else:
         s = match_scores(q_sig.view(b, hs, hq // hs, w), k_sig).reshape(b, hq, n)
     s = s.long()
+    if per_group and selection == "max":
+        return s.view(b, num_kv_heads, g, n).amax(2), 32 * w
     if per_group:
         return s.view(b, num_kv_heads, g, n).sum(2), 32 * w * g
     return s, 32 * w
@@ -56,10 +60,10 @@ def keep_to_indices(keep: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def score_select_reference(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: int,
-                           per_group: bool = True):
+                           per_group: bool = True, selection: str | None = None):
     """Returns (idx int32 [B, Hsel, K], counts int32 [B]); see the module docstring."""
     n = k_sig.shape[2]
-    scores, max_score = selection_scores(q_sig, k_sig, num_kv_heads, per_group)
+    scores, max_score = selection_scores(q_sig, k_sig, num_kv_heads, per_group, selection)
     valid = valid_mask(starts, lengths, n)[:, None, None, :]  # [B, 1, 1, N]
     keep = select(scores[:, :, None, :], valid, budget, max_score=max_score)[:, :, 0]  # [B, Hsel, N]
     counts = keep[:, 0].sum(-1).to(torch.int32)

@@ -126,19 +126,31 @@ def check_select_args(q_sig, k_sig, starts, lengths, budget, num_kv_heads, stric
         budget.check_fits(k_sig.shape[2])
 
 
+#: how a shared selection combines the bit matches of a KV group's query heads ("head": no sharing)
+SELECTIONS = ("sum", "max", "head")
+
+
 def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: int, per_group: bool = True,
-                 strict: bool = True):
+                 strict: bool = True, selection: str | None = None):
     """See the module docstring. ``strict`` raises when an explicit heavy count exceeds the cache length
-    (the integration passes False: early decode steps may have less context than the budget)."""
+    (the integration passes False: early decode steps may have less context than the budget). ``selection``
+    (one of SELECTIONS; default "sum" when ``per_group``, else "head"): "max" scores a key of a shared
+    selection by the best bit matches of any head of the group (scores 0..32 W instead of 0..32 W g)."""
+    if selection is None:
+        selection = "sum" if per_group else "head"
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+    per_group = selection != "head"
     check_select_args(q_sig, k_sig, starts, lengths, budget, num_kv_heads, strict)
     if not use_triton(q_sig):
-        return score_select_reference(q_sig, k_sig, starts, lengths, budget, num_kv_heads, per_group)
+        return score_select_reference(q_sig, k_sig, starts, lengths, budget, num_kv_heads, per_group, selection)
     b, hq, w = q_sig.shape
     hs, n = k_sig.shape[1], k_sig.shape[2]
     g = hq // num_kv_heads
     hsel = num_kv_heads if per_group else hq
-    gs = g if per_group else 1  # query heads summed into one selection row
-    max_score = 32 * w * gs
+    gs = g if per_group else 1  # query heads combined into one selection row
+    agg_max = selection == "max"
+    max_score = 32 * w * (1 if agg_max else gs)
     if max_score + 1 > 32767:
         raise ValueError(f"{w} signature words summed over {gs} query heads: scores up to {max_score} do not fit "
                          "the int16 score buffer")
@@ -181,7 +193,7 @@ def score_select(q_sig, k_sig, starts, lengths, budget: Budget, num_kv_heads: in
     try:
         _count_kernel[(nblk, r)](q_sig, k_sig, scores, csuf, chist, epoch, *rows, q_sig.stride(0),
                                  q_sig.stride(1), k_sig.stride(0), k_sig.stride(1), k_sig.stride(2), G=g, GS=gs,
-                                 KEY_PER_Q=hs != num_kv_heads, W=w, HW=not INTERPRET,
+                                 KEY_PER_Q=hs != num_kv_heads, W=w, HW=not INTERPRET, AGG_MAX=agg_max,
                                  PREFETCH=cfg["count_prefetch"] if w == 1 and hs == num_kv_heads else 0,
                                  LOG2NB=nb.bit_length() - 1, **common)
         if not exact:
@@ -225,11 +237,22 @@ if triton is not None:
     @triton.jit
     def _block_scores(QS, KS, b, hs, offs, cand, sq_b, sq_h, sk_b, sk_h, sk_n,
                       G: tl.constexpr, GS: tl.constexpr, KEY_PER_Q: tl.constexpr, W: tl.constexpr,
-                      HW: tl.constexpr):
-        """Bit matches of the GS query heads hs*GS.. against keys at offs, summed. int32 like offs."""
+                      HW: tl.constexpr, AGG_MAX: tl.constexpr):
+        """Bit matches of the GS query heads hs*GS.. against keys at offs, summed (AGG_MAX: the largest of
+        the heads' matches, each summed over the W words). int32 like offs."""
         score = offs * 0
         kbase = KS + b.to(tl.int64) * sk_b
         qbase = QS + b * sq_b
+        if AGG_MAX:
+            for gi in tl.static_range(GS):
+                qh = hs * GS + gi
+                head = offs * 0
+                for wi in tl.static_range(W):
+                    kh = qh if KEY_PER_Q else (hs * GS) // G
+                    kw = tl.load(kbase + kh * sk_h + offs * sk_n + wi, mask=cand, other=0)
+                    head += _matches(tl.load(qbase + qh * sq_h + wi), kw, HW)
+                score = tl.maximum(score, head)
+            return score
         for wi in tl.static_range(W):
             if not KEY_PER_Q:  # one key head per KV group: read its words once for the whole group
                 kw = tl.load(kbase + ((hs * GS) // G) * sk_h + offs * sk_n + wi, mask=cand, other=0)
@@ -238,6 +261,14 @@ if triton is not None:
                 if KEY_PER_Q:
                     kw = tl.load(kbase + qh * sk_h + offs * sk_n + wi, mask=cand, other=0)
                 score += _matches(tl.load(qbase + qh * sq_h + wi), kw, HW)
+        return score
+
+    @triton.jit
+    def _group_max(kw, qv, GS: tl.constexpr, HW: tl.constexpr):
+        """The best bit matches of key words kw against the group's GS query words qv (a tuple)."""
+        score = _matches(qv[0], kw, HW)
+        for gi in tl.static_range(1, GS):
+            score = tl.maximum(score, _matches(qv[gi], kw, HW))
         return score
 
     @triton.jit
@@ -348,7 +379,7 @@ if triton is not None:
                       NB: tl.constexpr, NCB: tl.constexpr, NFB: tl.constexpr, SHIFT: tl.constexpr,
                       MAXS: tl.constexpr, FRAC: tl.constexpr, EXACT: tl.constexpr, G: tl.constexpr,
                       GS: tl.constexpr, KEY_PER_Q: tl.constexpr, W: tl.constexpr, HW: tl.constexpr,
-                      PREFETCH: tl.constexpr, LOG2NB: tl.constexpr, PDL: tl.constexpr):
+                      PREFETCH: tl.constexpr, LOG2NB: tl.constexpr, PDL: tl.constexpr, AGG_MAX: tl.constexpr):
         blk = tl.program_id(0)
         row = tl.program_id(1)
         b = row // HSEL
@@ -360,7 +391,8 @@ if triton is not None:
             qv = ()
             for gi in tl.static_range(GS):
                 qv = qv + (tl.load(QS + b * sq_b + (hs * GS + gi) * sq_h),)
-            sgn, masks, const = _group_bit_weights(qv, GS)
+            if not AGG_MAX:
+                sgn, masks, const = _group_bit_weights(qv, GS)
             offs0 = blk * BLOCK + tl.arange(0, TILE)
             kw = tl.load(krow + offs0 * sk_n, mask=offs0 < N, other=0)
         start, end, lo, hi, sink_c, k = _heavy_count(START, END, FR, b, N, HEAVY, SINK, WINDOW, FRAC)
@@ -387,11 +419,14 @@ if triton is not None:
                 # loads that feed dots, not integer work)
                 kw_next = tl.load(krow + (offs + TILE) * sk_n, mask=r < tl.where(t + TILE < BLOCK, N - t0 - TILE, 0),
                                   other=0)
-                score = _group_matches(kw, sgn, masks, const, GS, HW)
+                if AGG_MAX:
+                    score = _group_max(kw, qv, GS, HW)
+                else:
+                    score = _group_matches(kw, sgn, masks, const, GS, HW)
                 kw = kw_next
             else:
                 score = _block_scores(QS, KS, b, hs, offs, inb, sq_b, sq_h, sk_b, sk_h, sk_n, G, GS,
-                                      KEY_PER_Q, W, HW)
+                                      KEY_PER_Q, W, HW, AGG_MAX)
             if EXACT:
                 # the tiles inside the row's candidates (all but the edge ones) need no per-token masks
                 if (t0 >= lo) & (t0 + TILE <= hi):

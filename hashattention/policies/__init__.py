@@ -17,6 +17,8 @@ POLICIES = {
     "dense": DensePolicy,
     "oracle": OracleTopKPolicy,
     "hash": HashAttentionPolicy,
+    # the library's hash policy with a named group selection (HashAttentionPolicy.SELECTIONS)
+    **{f"hash-{sel}": HashAttentionPolicy for sel in HashAttentionPolicy.SELECTIONS},
     "simhash": HashAttentionPolicy,
     "sink_window": SinkWindowPolicy,
     "random": RandomPolicy,
@@ -34,15 +36,16 @@ def make_policy(name: str, budget: Budget | None = None, maps=None, model_config
         raise ValueError(f"unknown policy {name!r}; available: {', '.join(POLICIES)}")
     if name == "dense":
         return DensePolicy()
-    if name == "hash":
+    if name == "hash" or name.startswith("hash-"):
         if maps is None:
-            raise ValueError("policy 'hash' needs trained maps (hashattention.load_maps / load_default_maps)")
-        return HashAttentionPolicy(maps, budget, per_group)
+            raise ValueError(f"policy {name!r} needs trained maps (hashattention.load_maps / load_default_maps)")
+        selection = name[5:] if name.startswith("hash-") else kwargs.get("selection")
+        return HashAttentionPolicy(maps, budget, per_group, selection=selection)
     if name == "simhash":
         if model_config is None:
             raise ValueError("policy 'simhash' needs the model config to size its projections")
         from ..core.maps import HashMaps
         from ..weights import maps_config_for
         maps = HashMaps.simhash(maps_config_for(model_config), seed=kwargs.get("seed", 0))
-        return HashAttentionPolicy(maps, budget, per_group)
+        return HashAttentionPolicy(maps, budget, per_group, selection=kwargs.get("selection"))
     return POLICIES[name](budget, per_group, **kwargs)

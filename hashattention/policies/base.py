@@ -24,6 +24,8 @@ class SelectionPolicy:
     name = "policy"
     #: integer scores in 0..max_score are selected by counting instead of sorting
     max_score: int | None = None
+    #: g > 1: scores are per query head and each group of g heads reads the union of its heads' top-k/g
+    union_groups: int = 1
 
     def __init__(self, budget: Budget | None = None, per_group: bool = True):
         self.budget = budget if budget is not None else Budget()
@@ -49,7 +51,7 @@ class SelectionPolicy:
     def select(self, layer: int, state: dict, q, k, v, valid: torch.Tensor, scale: float) -> torch.Tensor:
         """bool keep mask [B, Hs, Lq, Lk]."""
         return select(self.scores(layer, state, q, k, v, valid, scale), valid, self.budget,
-                      max_score=self.max_score)
+                      max_score=self.max_score, union=self.union_groups)
 
     def decode_attention(self, layer: int, state: dict, q, k, v, valid, scale: float):
         """Optional fused fast path for one decode step (Lq == 1): return [B, Hq, 1, D], or None to use the

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..core.maps import HashMaps
+from ..core.selection import DEFAULT_GROUP_SELECTION, GROUP_SELECTIONS
 from ..core.signatures import group_match_scores
 from .base import SelectionPolicy
 
@@ -13,22 +14,40 @@ class HashAttentionPolicy(SelectionPolicy):
     each query is signed and scored against every cached signature (bit matches: XOR + popcount in the
     kernels, an exact ±1 matrix product here).
 
-    Shared by a KV group (``per_group=True``) the score of a key is the sum of the group's bit matches.
+    ``selection`` says how the query heads of a KV group choose (``SELECTIONS``):
+      - ``"sum"``: one selection per KV group by the group's summed bit matches (each K/V row read once);
+      - ``"max"``: one selection per KV group by the best bit matches of any head of the group (same bytes);
+      - ``"union"``: each query head picks its own top-floor(k/g); the group reads the union of those (at
+        most k heavy rows, read once per KV head) and every head attends over all of it;
+      - ``"head"``: one selection of k per query head (up to g times the rows read); ``per_group=False``.
     """
 
     name = "hash"
+    SELECTIONS = GROUP_SELECTIONS
 
-    def __init__(self, maps: HashMaps, budget=None, per_group: bool = True):
-        super().__init__(budget, per_group)
+    def __init__(self, maps: HashMaps, budget=None, per_group: bool = True, selection: str | None = None):
+        if selection is None:  # per_group=False is the older spelling of selection="head"
+            selection = DEFAULT_GROUP_SELECTION if per_group else "head"
+        if selection not in self.SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(self.SELECTIONS)}, got {selection!r}")
+        super().__init__(budget, selection != "head")
         if not isinstance(maps, HashMaps):
             raise TypeError(f"maps must be HashMaps, got {type(maps).__name__}")
         self.maps = maps
+        self.selection = selection
+
+    @property
+    def group(self) -> int:
+        c = self.maps.config
+        return c.num_q_heads // c.num_kv_heads
 
     @property
     def max_score(self):
-        c = self.maps.config
-        group = c.num_q_heads // c.num_kv_heads if self.per_group else 1
-        return c.bits * group
+        return self.maps.config.bits * (self.group if self.selection == "sum" else 1)
+
+    @property
+    def union_groups(self) -> int:
+        return self.group if self.selection == "union" else 1
 
     def update(self, layer, state, k, v, start):
         c = self.maps.config
@@ -47,17 +66,20 @@ class HashAttentionPolicy(SelectionPolicy):
         q_sig = self.maps.query_signature(layer, q)  # [B, Hq, Lq, W]
         k_sig = state["sig"]  # [B, key_heads, Lk, W]
         b, hq, lq, w = q_sig.shape
+        hkv = k.shape[1]
+        g = hq // hkv
         if c.key_heads == hq:  # one key map per query head (the authors' layout)
             s = group_match_scores(q_sig.unsqueeze(2), k_sig)  # [B, Hq, Lq, Lk]
-            if self.per_group:
-                s = s.view(b, k.shape[1], hq // k.shape[1], lq, -1).sum(2)
-            return s
-        hkv = k_sig.shape[1]
-        g = hq // hkv
-        if self.per_group:  # the group's bit matches summed: one product with the summed ±1 queries
+        elif self.selection == "sum":  # the group's bit matches summed: one product with the summed ±1 queries
             return group_match_scores(q_sig.view(b, hkv, g, lq, w), k_sig)  # [B, Hkv, Lq, Lk]
-        s = group_match_scores(q_sig.view(b, hkv, 1, g * lq, w), k_sig)  # [B, Hkv, G*Lq, Lk]
-        return s.view(b, hkv, g, lq, -1).flatten(1, 2)  # [B, Hq, Lq, Lk]
+        else:
+            s = group_match_scores(q_sig.view(b, hkv, 1, g * lq, w), k_sig)  # [B, Hkv, G*Lq, Lk]
+            s = s.view(b, hkv, g, lq, -1).flatten(1, 2)  # [B, Hq, Lq, Lk]
+        if self.selection == "sum":
+            return s.view(b, hkv, g, lq, -1).sum(2)
+        if self.selection == "max":
+            return s.view(b, hkv, g, lq, -1).amax(2)
+        return s  # per query head ("head", "union")
 
     #: run the fused kernels on CPU tensors too (tests under TRITON_INTERPRET=1 only)
     kernels_on_cpu = False
@@ -68,7 +90,8 @@ class HashAttentionPolicy(SelectionPolicy):
         path. None (use the reference path) off CUDA, without Triton, for dtypes or head sizes the kernels
         do not take, or when the valid keys of a row are not one range [start, Lk) (left padding)."""
         from .. import kernels
-        if not (q.is_cuda or self.kernels_on_cpu) or kernels.triton is None or not kernels.use_triton(q):
+        if not (q.is_cuda or self.kernels_on_cpu) or kernels.triton is None or not kernels.use_triton(q) \
+                or self.selection not in kernels.SELECTIONS:
             return None
         b, hq, lq, d = q.shape
         lk = k.shape[2]
@@ -90,7 +113,7 @@ class HashAttentionPolicy(SelectionPolicy):
             k_sig = k_sig.contiguous()
         lengths = torch.full_like(starts, lk)
         idx, counts = kernels.score_select(q_sig, k_sig, starts, lengths, self.budget, k.shape[1],
-                                           per_group=self.per_group, strict=False)
+                                           per_group=self.per_group, strict=False, selection=self.selection)
         out = kernels.sparse_decode(q[:, :, 0], k, v, idx, counts, scale, check=False)  # checked above
         state["fast_read"] = counts.sum(dtype=torch.float64)  # tokens read, for the handle's statistics
         return out[:, :, None]
@@ -101,4 +124,4 @@ class HashAttentionPolicy(SelectionPolicy):
     def __repr__(self):
         kind = self.maps.config.extra.get("kind", "learned")
         return f"HashAttentionPolicy({kind}, bits={self.maps.config.bits}, {self.budget.describe()}, " \
-               f"per_group={self.per_group})"
+               f"selection={self.selection})"

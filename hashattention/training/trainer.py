@@ -119,12 +119,14 @@ def _steps_of(length: int, tc: TrainConfig) -> list[tuple[int, int]]:
 
 
 def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, heldout: torch.Tensor | None = None,
-          checkpoint: str | None = None, resume: bool = False, progress: bool = True, log=print) -> HashMaps:
+          checkpoint: str | None = None, resume: bool = False, progress: bool = True, log=print,
+          init: HashMaps | None = None) -> HashMaps:
     """Train maps on ``seqs`` [N, context] token ids with the frozen ``model``. Returns fp32 maps (on CPU),
     with the training facts in ``config.extra``.
 
     heldout: token ids [1, L] for the periodic held-out recall (at 1/16, per-group selection).
     checkpoint: file for resumable state (written every ``save_every`` sequences and at the end).
+    init: maps of the same shape to start from (longer training of a shipped file: a fresh optimizer).
     """
     check_capturable(model, seqs.shape[1])
     dev = next(model.parameters()).device
@@ -132,6 +134,12 @@ def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, h
         p.requires_grad_(False)
     torch.manual_seed(tc.seed)
     maps = HashMaps(maps_config).to(dev)
+    if init is not None:
+        same = {k: v for k, v in init.config.to_dict().items() if k != "extra"}
+        if same != {k: v for k, v in maps_config.to_dict().items() if k != "extra"}:
+            raise ValueError("the maps to start from (--init) have another shape than the maps to train: "
+                             f"{same} vs {maps_config.to_dict()}")
+        maps.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
     opt = torch.optim.Adam(maps.parameters(), lr=tc.lr)
     state = {"seq": 0, "step": 0, "tokens": 0, "seconds": 0.0, "loss": float("nan"), "recall": float("nan")}
     if resume and checkpoint and os.path.isfile(checkpoint):

@@ -1,0 +1,163 @@
+"""Issue 24: the context mode (the authors' sparse-attention-hub protocol), the group selections (sum, max,
+union, head) and the paired bootstrap intervals of the quality summary."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import hashattention as ha
+from conftest import tiny_model
+from hashattention.core.selection import select
+from hashattention.evaluation.quality import bootstrap_ci, quality_rows, stratified_mean, write_summary
+
+FULL = ha.Budget(heavy=10_000, sink=4, window=4)
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (3, 40), generator=g)
+    attn = torch.ones_like(ids)
+    attn[1, :7] = 0
+    attn[2, :19] = 0
+    ids[attn == 0] = 0
+    return ids, attn
+
+
+# ------------------------------------------------------------------------------------------ context mode
+@pytest.mark.parametrize("selection", ["sum", "max", "union", "head"])
+def test_context_mode_full_budget_equals_sdpa_on_left_padded_batch(selection):
+    model = tiny_model("llama")
+    ids, attn = _batch()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=attn).logits
+        gen_ref = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=6, do_sample=False)
+    maps = ha.HashMaps.simhash(ha.maps_config_for(model.config))
+    pol = ha.HashAttentionPolicy(maps, FULL, selection=selection)
+    with ha.enable(model, pol, mode="context", context_length=[10, 12, 9]) as h, torch.no_grad():
+        out = model(input_ids=ids, attention_mask=attn).logits
+        h.reset()
+        gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=6, do_sample=False)
+    m = attn.bool()
+    assert torch.allclose(out[m], ref[m], atol=1e-4)
+    assert torch.equal(gen, gen_ref)
+
+
+def test_context_rows_are_dense_and_question_rows_sparse():
+    model = tiny_model("llama", seed=1)
+    ids, attn = _batch(seed=2)
+    ctx = [20, 15, 12]  # valid tokens before the question in each row
+    small = ha.Budget(heavy=1, sink=1, window=1)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=attn).logits
+        with ha.enable(model, ha.SinkWindowPolicy(small), mode="context", context_length=ctx):
+            out = model(input_ids=ids, attention_mask=attn).logits
+    for b, c in enumerate(ctx):
+        valid = attn[b].nonzero()[:, 0]
+        dense_pos, sparse_pos = valid[:c], valid[c:]
+        assert torch.allclose(out[b, dense_pos], ref[b, dense_pos], atol=1e-4), b
+        assert not torch.allclose(out[b, sparse_pos], ref[b, sparse_pos], atol=1e-3), b
+
+
+def test_context_mode_bad_splits_raise_clear_errors():
+    model = tiny_model("llama")
+    ids, attn = _batch()
+    pol = ha.SinkWindowPolicy(ha.Budget(heavy=2, sink=1, window=1))
+    with pytest.raises(ValueError, match="needs context_length"):
+        ha.enable(model, pol, mode="context")
+    for bad in (0, -3, 2.5, []):
+        with pytest.raises(ValueError, match="context_length"):
+            ha.enable(model, pol, mode="context", context_length=bad)
+    with pytest.raises(ValueError, match="only used by mode='context'"):
+        ha.enable(model, pol, mode="decode", context_length=5)
+    with pytest.raises(ValueError, match="reaches past the prompt"):  # the whole prompt is context
+        with ha.enable(model, pol, mode="context", context_length=40):
+            model.generate(input_ids=ids[:1], max_new_tokens=2, do_sample=False)
+    with pytest.raises(ValueError, match="entries for a batch"):
+        with ha.enable(model, pol, mode="context", context_length=[5, 6]):
+            model(input_ids=ids, attention_mask=attn)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_suite_prompts_know_where_the_question_starts():
+    from hashattention.evaluation import ruler
+    model, tok, _ = ha.load_model()
+    res = ruler.Resources()
+    for task in ("niah_single_text", "vt", "cwe", "fwe", "niah_multiquery_noise"):
+        s = ruler.make_sample(tok, task, 1024, 0, 0, res)
+        assert 0 < s.context_len < len(s.ids) - 5
+        q = tok.decode(s.ids[s.context_len:])
+        assert q.lstrip().startswith(("What are", "Question:")), (task, q[:40])
+        assert "\n" in tok.decode(s.ids[s.context_len - 2:s.context_len])
+
+
+# ------------------------------------------------------------------------------------ group selections
+def test_union_selection_reads_each_heads_own_top_and_at_most_k():
+    g = torch.Generator().manual_seed(0)
+    b, hkv, grp, n = 2, 3, 3, 200
+    scores = torch.randint(0, 33, (b, hkv * grp, 1, n), generator=g)
+    valid = torch.ones(b, 1, 1, n, dtype=torch.bool)
+    budget = ha.Budget(heavy=30, sink=2, window=3)
+    keep = select(scores, valid, budget, max_score=32, union=grp)
+    assert keep.shape == (b, hkv, 1, n)
+    own = select(scores, valid, ha.Budget(heavy=10, sink=2, window=3), max_score=32)  # each head's top-10
+    grouped = own.view(b, hkv, grp, 1, n)
+    assert torch.equal(keep, grouped.any(2))  # exactly the union of each head's top-k/g
+    heavy = keep.sum(-1) - 5
+    assert bool((heavy <= 30).all()) and bool((heavy >= 10).all())
+    from hashattention.evaluation.fastpath import topk_select
+    assert torch.equal(topk_select(scores, valid, budget, union=grp), keep)  # the suite's fast path agrees
+    everything = select(scores, valid, ha.Budget(heavy=10_000, sink=2, window=3), max_score=32, union=grp)
+    assert bool(everything.all())  # a budget covering the context reads it all, union or not
+
+
+def test_max_selection_is_top_k_of_the_best_head():
+    model = tiny_model("llama")
+    maps = ha.HashMaps.simhash(ha.maps_config_for(model.config))
+    pol = {s: ha.HashAttentionPolicy(maps, ha.Budget(heavy=5, sink=1, window=1), selection=s)
+           for s in ("max", "head", "union")}
+    assert pol["max"].max_score == 32 and pol["max"].per_group and not pol["head"].per_group
+    assert pol["union"].union_groups == 3 and pol["max"].union_groups == 1
+    q, k = torch.randn(1, 6, 1, 16), torch.randn(1, 2, 30, 16)
+    state = {}
+    pol["max"].update(0, state, k, k, 0)
+    valid = torch.ones(1, 1, 1, 30, dtype=torch.bool)
+    s_max = pol["max"].scores(0, state, q, k, k, valid, 0.25)
+    s_head = pol["head"].scores(0, state, q, k, k, valid, 0.25)
+    assert torch.equal(s_max, s_head.view(1, 2, 3, 1, 30).amax(2))
+    with pytest.raises(ValueError, match="selection must be one of"):
+        ha.HashAttentionPolicy(maps, selection="mean")
+
+
+# ----------------------------------------------------------------------------------- bootstrap intervals
+def test_bootstrap_interval_covers_the_truth_and_narrows_with_items():
+    rng = np.random.default_rng(0)
+    widths = []
+    for per_cell in (10, 90):
+        cells = np.repeat(np.arange(10), per_cell)
+        x = rng.normal(-2.0, 15.0, cells.size)
+        lo, hi = bootstrap_ci(x, cells, reps=1000)
+        assert lo < stratified_mean(x, cells) < hi
+        assert lo < -2.0 + 3 * 15 / np.sqrt(cells.size) and hi > -2.0 - 3 * 15 / np.sqrt(cells.size)
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2.3  # ~ 1/sqrt(9) = 1/3
+    assert bootstrap_ci(np.zeros(20), np.repeat(np.arange(4), 5)) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="no paired items"):
+        bootstrap_ci(np.zeros(0), np.zeros(0, dtype=np.int64))
+
+
+def test_quality_rows_pair_items_and_weigh_cells_equally(tmp_path):
+    recs = {}
+    for task, n in (("a", 4), ("b", 2)):
+        for i in range(n):
+            recs[f"context|dense|full|2048|{task}|{i}"] = {"score": 100.0}
+            recs[f"context|hash|1/32|2048|{task}|{i}"] = {"score": 100.0 if task == "a" else 0.0}
+    recs["context|hash|1/32|2048|a|9"] = {"score": 0.0}  # no dense partner: not paired
+    data = {"settings": {"device": "test", "maps": "m"}, "records": recs}
+    (row,) = quality_rows(data, reps=200)
+    assert row["n_items"] == 6 and row["score"] == 50.0 and row["delta_vs_dense"] == -50.0
+    assert row["ci95"] == [-50.0, -50.0] and row["mode"] == "context" and row["maps"] == "m"
+    path = write_summary([row], tmp_path / "quality_summary.json")
+    assert json.loads(path.read_text())[0]["delta_vs_dense"] == -50.0
+    assert "-50.0 [-50.0, -50.0]" in path.with_suffix(".md").read_text()
+    assert path.with_suffix(".png").stat().st_size > 1000
