@@ -574,3 +574,13 @@ def plot(data: dict, summary: dict, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def perplexity(model, tok, policy=None, length: int = 4096, n: int = 2, start: int = 1024,
+               chunk: int = 128, seed: int = 0, accelerate: bool = True) -> float:
+    """Perplexity of ``n`` held-out rows of ``length`` tokens, positions >= ``start``, with ``policy``
+    sparse everywhere (None = dense)."""
+    rows = perplexity_rows(tok, n, length, seed)
+    out = run_batch(model, policy, rows, [0] * n, mode="everywhere", ppl=[True] * n, ppl_from=start,
+                    chunk=chunk, accelerate=accelerate)
+    return ppl(sum(out["nll"]), sum(out["count"]))
