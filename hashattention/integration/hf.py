@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..core.selection import causal_valid
-from ..policies.base import SelectionPolicy
+from ..policies.base import SelectionPolicy, register_enabler
 from .families import (SUPPORTED_MODEL_TYPES, UnsupportedModelError, attention_modules, check_supported,  # noqa: F401
                        sparse_attention_modules)
 
@@ -209,3 +209,6 @@ def disable(model) -> None:
     handle = getattr(model, "_hashattention_handle", None)
     if handle is not None:
         handle.disable()
+
+
+register_enabler(enable)  # ``with policy(model): ...`` (the policies package does not import this one)
