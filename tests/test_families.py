@@ -35,9 +35,10 @@ def family_model(kind: str, seed: int = 0, vocab: int = 97):
         cfg = transformers.SmolLM3Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                                          num_key_value_heads=2, **common)
         cls = transformers.SmolLM3ForCausalLM
-    elif kind == "phi3":  # fused qkv_proj
+    elif kind in ("phi3", "phi3-window"):  # fused qkv_proj; "-window": one window of 8 over every layer
         cfg = transformers.Phi3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, **common)
+                                      num_key_value_heads=2, sliding_window=8 if kind == "phi3-window" else None,
+                                      **common)
         cls = transformers.Phi3ForCausalLM
     elif kind == "gemma3_text":
         # one KV head of 256, a window of 8 tokens (prompts are 40), sliding / global / sliding layers;
@@ -67,9 +68,11 @@ def _gen(model, ids, attn, n=4):
     return model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=n, do_sample=False)
 
 
-@pytest.mark.parametrize("kind", NEW)
+@pytest.mark.parametrize("kind", NEW + ("phi3-window",))
 @pytest.mark.parametrize("mode", ["decode", "everywhere"])
 def test_full_budget_equals_sdpa(kind, mode):
+    """Greedy tokens and logits equal SDPA's; with a window over the whole model (Phi-3-mini-4k's 2047,
+    Mistral v0.1's 4096; here 8 of 40 tokens) the policy selects inside it (the mask), so that is exact too."""
     model = family_model(kind)
     ids, attn = _batch()
     with torch.no_grad():
@@ -136,6 +139,21 @@ def test_gemma3_sliding_layers_stay_exact_when_global_layers_are_sparse():
     with torch.no_grad():
         unwindowed = mods[2](*args, **kwargs)[0]
     assert not torch.allclose(unwindowed[real], want[real], atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["gemma3_text", "phi3-window"])
+@pytest.mark.parametrize("mode", ["decode", "everywhere"])
+def test_suite_batches_with_sliding_caches(kind, mode):
+    """The evaluation suite's batches (decode mode shares one dense prefill and crops it back: a sliding
+    layer's own cache could not be cropped past its window) give dense's tokens at full budget."""
+    from hashattention.evaluation.runner import run_batch
+    model = family_model(kind)
+    tok = type("Tok", (), {"eos_token_id": 2, "pad_token_id": 0})()
+    rows = [list(range(3, 43)), list(range(5, 30))]
+    dense = run_batch(model, None, rows, [4, 4], mode=mode, tok=tok)
+    out = run_batch(model, ha.make_policy("simhash", FULL, model_config=model.config), rows, [4, 4], mode=mode,
+                    tok=tok)
+    assert out["tokens"] == dense["tokens"] and out["stats"]["fraction"] == pytest.approx(1.0)
 
 
 def test_gemma3_uses_the_layers_scaling():

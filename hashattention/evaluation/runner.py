@@ -189,10 +189,12 @@ def _crop(cache, length: int):
 @torch.no_grad()
 def dense_prefill(model, rows: list, pad: int) -> dict:
     """Dense prefill of every row but its last token, shared by the policies of a decode-mode batch."""
+    from transformers import DynamicCache
     dev = next(model.parameters()).device
     ids, mask = _left_pad(rows, pad, dev)
+    # a cache of full layers: a sliding-window layer's own cache (Gemma 3) drops keys and cannot be cropped back
     res = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=_positions(mask)[:, :-1],
-                use_cache=True, logits_to_keep=1)
+                past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
     return {"cache": res.past_key_values, "ids": ids, "mask": mask}
 
 
