@@ -273,7 +273,7 @@ def test_cli_train_fits_a_bucket_projection(tmp_path, capsys):
     training command and data pipeline; the file loads into the same variant and is refused by another."""
     from hashattention.cli.main import main
     from hashattention.core.budget import Budget
-    from hashattention.policies.bucket_bench import parse_variant
+    from hashattention.policies.bucket import parse_variant
     folder = _tiny_folder(tmp_path)
     out = tmp_path / "proj"
     rc = main(["train", "--model", folder, "--device", "cpu", "--data", str(tmp_path / "train.txt"),

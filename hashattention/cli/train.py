@@ -76,7 +76,7 @@ def _fit_bucket_projection(args, model, model_id, seqs, desc, log) -> int:
 
     from ..core.budget import Budget
     from ..policies.bucket import fit_projection
-    from ..policies.bucket_bench import parse_variant
+    from ..policies.bucket import parse_variant
     cls, kw = parse_variant(args.bucket_projection)
     kw["agg"] = "proj"
     pol = cls(Budget(heavy="1/16", sink=args.sink, window=args.window), **kw)
@@ -107,7 +107,7 @@ def run(args) -> int:
 
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     if args.bucket_projection:  # a bad variant name fails before the model loads
-        from ..policies.bucket_bench import parse_variant
+        from ..policies.bucket import parse_variant
         parse_variant(args.bucket_projection)
     tc = TrainConfig(context=args.context, qchunk=args.qchunk, topk=args.topk, target=args.target, score=args.score,
                      alpha=args.alpha, beta=args.beta, threshold=args.threshold, lr=args.lr, sink=args.sink,

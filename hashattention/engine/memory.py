@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import PRESET_ALIASES, PRESETS, CacheError, EngineConfig, preset_names
+
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2, "fp8": 1,
                "float8": 1, "int8": 1}
 GIB = 1024 ** 3
@@ -103,7 +105,6 @@ class Shape:
 def resolve_shape(spec: str) -> Shape:
     """``spec``: "default", a preset name (llama-3.1-8b, ...), a local folder with config.json, or a
     config.json path. Nothing is downloaded."""
-    from .model import PRESET_ALIASES, PRESETS, preset_names
     key = PRESET_ALIASES.get(str(spec).lower(), str(spec).lower())
     if key in PRESETS:
         return Shape.from_config(PRESETS[key], name=key)
@@ -127,7 +128,6 @@ def resolve_shape(spec: str) -> Shape:
 def _shape(c) -> Shape:
     if isinstance(c, Shape):
         return c
-    from .model import EngineConfig
     if isinstance(c, EngineConfig):
         return Shape(name=c.model_type, model_type=c.model_type, num_layers=c.num_layers, num_heads=c.num_heads,
                      num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, hidden_size=c.hidden_size,
@@ -172,7 +172,6 @@ def check_fits(need: int, device, what: str = "this request", reserve: int = RES
                free: int | None = None):
     """Raise a clear error *before* allocating when ``need`` bytes do not fit the free GPU memory
     (``free`` given: that many bytes, on any device)."""
-    from .model import CacheError
     if free is None:
         if torch.device(device).type != "cuda":
             return

@@ -3,7 +3,8 @@ selected tokens, the prompt in chunks), so that quality loss shows where a task 
 
 Texts are windows of ``length`` tokens over the concatenated held-out pydoc pages
 (:mod:`hashattention.evaluation.heldout`, never training text). The loss is counted on the positions from
-``start`` on (default 1024): earlier queries read nearly everything under any budget.
+``start`` on (default 1024): earlier queries read nearly everything under any budget. The rows, the
+per-token loss and the perplexity are here; :func:`hashattention.evaluation.runner.perplexity` runs them.
 """
 from __future__ import annotations
 
@@ -38,14 +39,3 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor)
 
 def ppl(nll: float, count: int) -> float:
     return math.exp(nll / count) if count else float("nan")
-
-
-def perplexity(model, tok, policy=None, length: int = 4096, n: int = 2, start: int = 1024,
-               chunk: int = 128, seed: int = 0, accelerate: bool = True) -> float:
-    """Perplexity of ``n`` held-out rows of ``length`` tokens, positions >= ``start``, with ``policy``
-    sparse everywhere (None = dense)."""
-    from .runner import run_batch
-    rows = perplexity_rows(tok, n, length, seed)
-    out = run_batch(model, policy, rows, [0] * n, mode="everywhere", ppl=[True] * n, ppl_from=start,
-                    chunk=chunk, accelerate=accelerate)
-    return ppl(sum(out["nll"]), sum(out["count"]))

@@ -219,6 +219,7 @@ def dense_prefill(model, rows: list, pad: int, context: list | None = None) -> d
     """Dense prefill shared by the policies of a batch: every row but its last token (decode mode), or,
     given ``context`` (tokens before the question per row), the columns before the first question token of
     the left-padded batch (context mode; the rest of each row's context is dense by the handle's rule)."""
+    from transformers import DynamicCache
     dev = next(model.parameters()).device
     ids, mask = _left_pad(rows, pad, dev)
     if context is None:
@@ -228,7 +229,8 @@ def dense_prefill(model, rows: list, pad: int, context: list | None = None) -> d
             raise ValueError("each row's context must end inside its prompt (0 < context < prompt tokens)")
         upto = min(ids.shape[1] - len(r) + c for r, c in zip(rows, context))
     pos = _positions(mask)
-    cache = None
+    # a cache of full layers: a sliding-window layer's own cache (Gemma 3) drops keys and cannot be cropped back
+    cache = DynamicCache()
     for s in range(0, upto, PREFILL_CHUNK):  # in chunks: the attention mask of one chunk is [B, 1, chunk, Lk]
         e = min(upto, s + PREFILL_CHUNK)
         cache = model(input_ids=ids[:, s:e], attention_mask=mask[:, :e], position_ids=pos[:, s:e],
@@ -624,3 +626,13 @@ def plot(data: dict, summary: dict, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def perplexity(model, tok, policy=None, length: int = 4096, n: int = 2, start: int = 1024,
+               chunk: int = 128, seed: int = 0, accelerate: bool = True) -> float:
+    """Perplexity of ``n`` held-out rows of ``length`` tokens, positions >= ``start``, with ``policy``
+    sparse everywhere (None = dense)."""
+    rows = perplexity_rows(tok, n, length, seed)
+    out = run_batch(model, policy, rows, [0] * n, mode="everywhere", ppl=[True] * n, ppl_from=start,
+                    chunk=chunk, accelerate=accelerate)
+    return ppl(sum(out["nll"]), sum(out["count"]))

@@ -23,15 +23,12 @@ from __future__ import annotations
 import torch
 
 from ..core.selection import causal_valid
-from ..policies.base import SelectionPolicy
+from ..policies.base import SelectionPolicy, register_enabler
+from .families import (SUPPORTED_MODEL_TYPES, UnsupportedModelError, attention_modules, check_supported,  # noqa: F401
+                       sparse_attention_modules)
 
 IMPL = "hashattention"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 MODES = ("decode", "everywhere", "context")
-
-
-class UnsupportedModelError(ValueError):
-    pass
 
 
 def _mask_fn(*args, **kwargs):
@@ -66,24 +63,6 @@ def _register():
     _registered = True
 
 
-def attention_modules(model) -> list:
-    """Attention modules of a decoder model, in layer order."""
-    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")
-            and hasattr(m, "q_proj")]
-    return sorted(mods, key=lambda m: m.layer_idx)
-
-
-def check_supported(model):
-    cfg = getattr(model, "config", None)
-    mt = getattr(cfg, "model_type", None)
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedModelError(
-            f"model type {mt!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
-            f"(decoder models with rotary attention)")
-    if not attention_modules(model):
-        raise UnsupportedModelError(f"no attention modules with layer_idx found in this {mt} model")
-
-
 class SparseAttentionHandle:
     """What :func:`enable` returns: holds the policy, the per-layer states and counters; a context manager."""
 
@@ -98,6 +77,7 @@ class SparseAttentionHandle:
         self.states: dict[int, dict] = {}
         self._cache_id = None
         self._prev_impl = model.config._attn_implementation
+        self._stats_layer = sparse_attention_modules(model)[0].layer_idx  # the first layer the policy runs
         self.reset_stats()
 
     # -- statistics (tokens read per query, as a fraction of the context) ----------------------------
@@ -190,7 +170,7 @@ class SparseAttentionHandle:
             fast = self.policy.decode_attention(layer, state, query, key, value, valid, scale)
             if fast is not None:
                 read = state.pop("fast_read", None)  # a fused path reports its tokens read
-                if layer == 0 and read is not None:
+                if layer == self._stats_layer and read is not None:
                     self._read = self._read.to(read.device) + read
                     self._ctx = self._ctx.to(valid.device) + valid.sum(dtype=torch.float64)
                     self._rows += b
@@ -213,7 +193,7 @@ class SparseAttentionHandle:
             else:
                 o = self.policy.attend(qc, key, value, keep, scale)
             outs.append(o)
-            if layer == 0:  # counters stay on the device: no host sync per step
+            if layer == self._stats_layer:  # counters stay on the device: no host sync per step
                 self._read = self._read.to(keep.device) + keep.sum(dtype=torch.float64) / keep.shape[1]
                 self._ctx = self._ctx.to(vc.device) + vc.sum(dtype=torch.float64)
                 self._rows += qc.shape[0] * qc.shape[2]
@@ -272,7 +252,7 @@ def enable(model, policy: SelectionPolicy, mode: str = "decode", chunk: int = 12
     disable(model)
     _register()
     handle = SparseAttentionHandle(model, policy, mode, chunk, context_length)
-    for m in attention_modules(model):
+    for m in sparse_attention_modules(model):  # sliding-window layers keep transformers' attention
         m._hashattention = handle
     handle._hook = model.register_forward_pre_hook(handle._pre_forward, with_kwargs=True)
     model._hashattention_handle = handle
@@ -288,3 +268,6 @@ def disable(model) -> None:
     handle = getattr(model, "_hashattention_handle", None)
     if handle is not None:
         handle.disable()
+
+
+register_enabler(enable)  # ``with policy(model): ...`` (the policies package does not import this one)

@@ -71,8 +71,21 @@ class SelectionPolicy:
 
     # kvpress-style use: ``with policy(model): model.generate(...)``
     def __call__(self, model, mode: str = "decode", **kwargs):
-        from ..integration.hf import enable
-        return enable(model, self, mode=mode, **kwargs)
+        if _enabler is None:
+            raise RuntimeError("no integration is registered to enable a policy on a model: "
+                               "import hashattention (or hashattention.integration.hf) first")
+        return _enabler(model, self, mode=mode, **kwargs)
+
+
+#: what ``policy(model, ...)`` calls: :func:`hashattention.integration.hf.enable`, registered by that module
+#: when it loads (the integration builds on the policies, so the policies never import it)
+_enabler = None
+
+
+def register_enabler(fn) -> None:
+    """Make ``policy(model, mode=..., **kwargs)`` call ``fn(model, policy, mode=..., **kwargs)``."""
+    global _enabler
+    _enabler = fn
 
 
 def group_sum(x: torch.Tensor, hkv: int) -> torch.Tensor:

@@ -289,7 +289,6 @@ def fit_projection(model, policy: BucketPolicy, input_ids, ridge: float = 1e-2, 
     "mse_mean", "mse_zero"}: training-set mean squared errors (per output element, against the dense attention
     output) of the fit projection, of plain mean pooling and of a zero output.
     """
-    from ..integration.hf import enable
     if not isinstance(policy, BucketPolicy):
         raise TypeError(f"policy must be a BucketPolicy, got {type(policy).__name__}")
     if not (isinstance(ridge, (int, float)) and ridge >= 0):
@@ -301,7 +300,7 @@ def fit_projection(model, policy: BucketPolicy, input_ids, ridge: float = 1e-2, 
     dev = next(model.parameters()).device
     policy._fit = {}
     try:
-        with enable(model, policy, mode="everywhere", chunk=chunk):
+        with policy(model, mode="everywhere", chunk=chunk):  # hashattention.enable
             for ids in batches:
                 model(input_ids=ids.to(dev), use_cache=True)
                 if progress is not None:
@@ -363,3 +362,26 @@ BucketMixedPolicy = _preset("BucketMixedPolicy", "bucket-mixed",
 BUCKET_POLICIES = {c.name: c for c in (BucketPolicy, BucketSHA256Policy, BucketBLAKE3Policy, BucketKeyedPolicy,
                                        BucketLSHPolicy, BucketHybridPolicy, BucketMultiRoundPolicy,
                                        BucketHierPolicy, BucketMixedPolicy)}
+
+
+def parse_variant(name: str):
+    """'bucket-lsh_b8_softmax_sw' -> (class, kwargs). Raises ValueError on an unknown part."""
+    base, *parts = name.split("_")
+    if base not in BUCKET_POLICIES:
+        raise ValueError(f"unknown bucket policy {base!r}; available: {', '.join(BUCKET_POLICIES)}")
+    kw = {}
+    for p in parts:
+        if p in AGGREGATIONS:
+            kw["agg"] = p
+        elif p == "sw":
+            kw["sink_window"] = True
+        elif p == "fb":
+            kw["empty"] = "sink_window"
+        elif p.startswith("cap") and p[3:].isdigit():
+            kw["max_bucket"] = int(p[3:])
+        elif p[:1] in "brcf" and p[1:].isdigit():
+            key = {"b": "bits", "r": "rounds", "c": "coarse_bits", "f": "bucket_fraction"}[p[0]]
+            kw[key] = int(p[1:]) / 100 if p[0] == "f" else int(p[1:])
+        else:
+            raise ValueError(f"unknown part {p!r} in bucket variant {name!r}")
+    return BUCKET_POLICIES[base], kw

@@ -1,11 +1,11 @@
 """Measurements of bucket hash attention against the seed article's claims (results: bench/results/bucket_*).
 
-    python -m hashattention.policies.bucket_bench eval    --out bench/results/bucket_eval.json ...
-    python -m hashattention.policies.bucket_bench fit     --out bench/results/bucket_proj_lsh_b8.safetensors
-    python -m hashattention.policies.bucket_bench speed   --out bench/results/bucket_speed.json
-    python -m hashattention.policies.bucket_bench memory  --out bench/results/bucket_memory.json
-    python -m hashattention.policies.bucket_bench determinism --out bench/results/bucket_determinism.json
-    python -m hashattention.policies.bucket_bench table bench/results/bucket_eval_*.json --out bench/results/bucket_table
+    python -m hashattention.benchmarks.bucket eval    --out bench/results/bucket_eval.json ...
+    python -m hashattention.benchmarks.bucket fit     --out bench/results/bucket_proj_lsh_b8.safetensors
+    python -m hashattention.benchmarks.bucket speed   --out bench/results/bucket_speed.json
+    python -m hashattention.benchmarks.bucket memory  --out bench/results/bucket_memory.json
+    python -m hashattention.benchmarks.bucket determinism --out bench/results/bucket_determinism.json
+    python -m hashattention.benchmarks.bucket table bench/results/bucket_eval_*.json --out bench/results/bucket_table
 
 Variant names for the suite: a registered bucket policy, then ``_``-separated options:
 ``b<bits>``, ``r<rounds>``, ``c<coarse_bits>``, ``f<percent of bucket heads>``, ``cap<max_bucket>``,
@@ -25,32 +25,9 @@ from pathlib import Path
 
 import torch
 
-from .bucket import AGGREGATIONS, BUCKET_POLICIES, BucketPolicy
+from ..policies.bucket import BucketPolicy, parse_variant  # noqa: F401 (parse_variant: also used from here)
 
 PROJ_DIR = Path("bench/results")
-
-
-def parse_variant(name: str):
-    """'bucket-lsh_b8_softmax_sw' -> (class, kwargs). Raises ValueError on an unknown part."""
-    base, *parts = name.split("_")
-    if base not in BUCKET_POLICIES:
-        raise ValueError(f"unknown bucket policy {base!r}; available: {', '.join(BUCKET_POLICIES)}")
-    kw = {}
-    for p in parts:
-        if p in AGGREGATIONS:
-            kw["agg"] = p
-        elif p == "sw":
-            kw["sink_window"] = True
-        elif p == "fb":
-            kw["empty"] = "sink_window"
-        elif p.startswith("cap") and p[3:].isdigit():
-            kw["max_bucket"] = int(p[3:])
-        elif p[:1] in "brcf" and p[1:].isdigit():
-            key = {"b": "bits", "r": "rounds", "c": "coarse_bits", "f": "bucket_fraction"}[p[0]]
-            kw[key] = int(p[1:]) / 100 if p[0] == "f" else int(p[1:])
-        else:
-            raise ValueError(f"unknown part {p!r} in bucket variant {name!r}")
-    return BUCKET_POLICIES[base], kw
 
 
 def proj_path(policy: BucketPolicy) -> Path:
@@ -67,7 +44,7 @@ def build(name: str, budget):
     if pol.agg == "proj":
         path = proj_path(pol)
         if not path.is_file():
-            raise FileNotFoundError(f"{name}: no fitted projection at {path}; run `bucket_bench fit` first")
+            raise FileNotFoundError(f"{name}: no fitted projection at {path}; run `python -m hashattention.benchmarks.bucket fit` first")
         pol.load_projection(str(path))
     return pol
 
@@ -106,14 +83,14 @@ def cmd_eval(a) -> int:
     try:
         suite.run()
     except ValueError as e:  # the runner's own summary of "1/16"-style keys; every record is already saved
-        print(f"suite summary failed ({e}); records are in {a.out}: use `bucket_bench table`")
+        print(f"suite summary failed ({e}); records are in {a.out}: use `python -m hashattention.benchmarks.bucket table`")
     return 0
 
 
 # ------------------------------------------------------------------------------------------------- fit
 def cmd_fit(a) -> int:
     from ..core.budget import Budget
-    from .bucket import fit_projection
+    from ..policies.bucket import fit_projection
     model, tok, _ = _load(a.device)
     cls, kw = parse_variant(a.variant)
     pol = cls(Budget(heavy=a.budget, sink=a.sink, window=a.window), **{**kw, "agg": "proj"})
@@ -170,7 +147,7 @@ def cmd_speed(a) -> int:
     Key ids are made once per key at update time and are not timed; for SHA-256 they are drawn uniformly
     (what a cryptographic hash gives) instead of hashing millions of keys in Python."""
     import torch.nn.functional as F
-    from .bucket_hashing import BucketHasher
+    from ..policies.bucket_hashing import BucketHasher
     dev = torch.device(a.device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     g = torch.Generator(device=dev).manual_seed(0)
@@ -254,7 +231,7 @@ def cmd_memory(a) -> int:
     model, tok, _ = _load("cpu")
     from ..integration.hf import enable
     from ..core.budget import Budget
-    from .bucket import BucketLSHPolicy
+    from ..policies.bucket import BucketLSHPolicy
     ids = tok("\n".join(["The grass is green. The sky is blue."] * 120), return_tensors="pt").input_ids[:, :1024]
     pol = BucketLSHPolicy(Budget(), bits=16)
     with torch.no_grad(), enable(model, pol, mode="everywhere") as h:
@@ -274,7 +251,7 @@ def cmd_determinism(a) -> int:
     """Is routing deterministic, and is dense any less so? Same text (1) twice, (2) alone vs left-padded in
     a batch with a longer text, (3) prefilled at once vs in chunks of 128: compare keys, dense outputs and
     bucket ids bit for bit."""
-    from .bucket_hashing import BucketHasher
+    from ..policies.bucket_hashing import BucketHasher
     model, tok, _ = _load("cpu")
     text = Path(a.text).read_text()
     ids = tok(text, return_tensors="pt").input_ids[:, :a.length]
@@ -456,7 +433,7 @@ def cmd_table(a) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hashattention.policies.bucket_bench")
+    p = argparse.ArgumentParser(prog="python -m hashattention.benchmarks.bucket")
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("eval")
     e.add_argument("--policies", required=True)
