@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..core.budget import Budget
+from ..integration.compat import cache_kwarg, output_cache
 from ..integration.hf import enable
 from . import ruler
 from .fastpath import accelerate as _accelerate
@@ -73,7 +74,7 @@ def _decode_loop(model, tok, cache, first: torch.Tensor, mask: torch.Tensor, pos
         _append(out, done, cur, max_new, eos, tok, answers)
     while not all(done):
         mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=dev)], -1)
-        res = model(input_ids=cur, attention_mask=mask, position_ids=cur_pos, past_key_values=cache,
+        res = model(input_ids=cur, attention_mask=mask, position_ids=cur_pos, **{cache_kwarg(model): cache},
                     use_cache=True, logits_to_keep=1)
         cur = res.logits[:, -1].argmax(-1, keepdim=True)
         cur_pos = cur_pos + 1
@@ -147,8 +148,8 @@ def run_batch(model, policy, rows: list, max_new: list, mode: str = "everywhere"
         for s in range(0, p, chunk):
             e = min(p, s + chunk)
             res = model(input_ids=ids[:, s:e], attention_mask=mask[:, :e], position_ids=pos[:, s:e],
-                        past_key_values=cache, use_cache=True, logits_to_keep=0 if any(ppl) else 1)
-            cache = res.past_key_values
+                        **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=0 if any(ppl) else 1)
+            cache = output_cache(res)
             last = res.logits[:, -1]
             if any(ppl):
                 sel = want_ppl.nonzero()[:, 0]
@@ -193,7 +194,7 @@ def dense_prefill(model, rows: list, pad: int) -> dict:
     ids, mask = _left_pad(rows, pad, dev)
     res = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=_positions(mask)[:, :-1],
                 use_cache=True, logits_to_keep=1)
-    return {"cache": res.past_key_values, "ids": ids, "mask": mask}
+    return {"cache": output_cache(res), "ids": ids, "mask": mask}
 
 
 # ------------------------------------------------------------------------------------------- the suite
