@@ -32,7 +32,8 @@ for mode in ("decode", "everywhere"):
     assert 0 < st["fraction"] < 0.5, st  # sparse: each query read sink + window + heavy of ~50 tokens
 q_sig = torch.randint(-2**31, 2**31 - 1, (1, 6, 1), dtype=torch.int32)
 k_sig = torch.randint(-2**31, 2**31 - 1, (1, 2, 40, 1), dtype=torch.int32)
-idx, counts = kernels.score_select(q_sig, k_sig, torch.tensor([0]), torch.tensor([40]), ha.Budget(heavy=4, sink=2, window=4), 2)
+budget = ha.Budget(heavy=4, sink=2, window=4)
+idx, counts = kernels.score_select(q_sig, k_sig, torch.tensor([0]), torch.tensor([40]), budget, 2)
 assert int(counts[0]) == 10, counts
 print("OK")
 """
