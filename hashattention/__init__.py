@@ -12,6 +12,7 @@ from .core.budget import Budget
 from .core.maps import HashMaps, MapsConfig
 from .core.selection import select
 from .core.signatures import match_scores, pack_signs, unpack_bits
+from .integration.compat import UnsupportedGenerationError
 from .integration.hf import UnsupportedModelError, disable, enable
 from .models import load_model
 from .policies import (DensePolicy, HashAttentionPolicy, OracleTopKPolicy, RandomPolicy, SelectionPolicy,
@@ -24,6 +25,6 @@ __all__ = [
     "unpack_bits", "enable", "disable", "UnsupportedModelError", "load_model", "SelectionPolicy",
     "DensePolicy", "HashAttentionPolicy", "OracleTopKPolicy", "RandomPolicy", "SinkWindowPolicy",
     "make_policy", "POLICIES", "WeightsError", "load_maps", "save_maps", "maps_config_for",
-    "load_default_maps",
+    "load_default_maps", "UnsupportedGenerationError",
 ]
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 import hashattention as ha
 from conftest import tiny_model
 from hashattention.core.maps import HashMaps
+from hashattention.integration.compat import cache_kwarg
 from hashattention.weights import maps_config_for
 
 
@@ -26,12 +27,12 @@ def decode_loop(steps, check_every):
     tok = torch.tensor([[5, 6, 7, 8]])
     t0 = time.time()
     with torch.no_grad(), ha.enable(model, pol, mode="everywhere") as h:
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        out = model(input_ids=tok, **{cache_kwarg(model): cache}, use_cache=True)
         gc.collect()
         rss0, objs0 = _rss(), len(gc.get_objects())
         for i in range(steps):
             tok = out.logits[:, -1:].argmax(-1)
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            out = model(input_ids=tok, **{cache_kwarg(model): cache}, use_cache=True)
             if (i + 1) % check_every == 0:
                 keys = cache.layers[0].keys
                 st = h.states[0]

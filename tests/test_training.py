@@ -8,6 +8,7 @@ from conftest import tiny_model
 from hashattention.core.budget import Budget
 from hashattention.core.maps import HashMaps
 from hashattention.evaluation.heldout import HELDOUT_MODULES
+from hashattention.integration.compat import cache_kwarg
 from hashattention.policies.hash import HashAttentionPolicy
 from hashattention.training.capture import capture, check_capturable
 from hashattention.training.corpus import load_documents, pack_sequences, pydoc_modules
@@ -56,7 +57,7 @@ def test_capture_matches_the_cache_and_chunking():
     ids = torch.randint(3, 97, (1, 200))
     cache = DynamicCache()
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **{cache_kwarg(model): cache}, use_cache=True)
     a, b = capture(model, ids, chunk=64), capture(model, ids, chunk=500)
     assert a.q.shape == (2, 6, 200, 16) and a.k.shape == (2, 2, 200, 16)
     for layer in range(2):  # post-rotary keys/values: exactly what the cache holds

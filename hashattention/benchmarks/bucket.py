@@ -229,6 +229,7 @@ def cmd_memory(a) -> int:
                    "n-independent store (mean pooling as running sums per bucket: D values + a count)"}
     # the method's two memory terms on the default model, measured on real tensors
     model, tok, _ = _load("cpu")
+    from ..integration.compat import output_cache
     from ..integration.hf import enable
     from ..core.budget import Budget
     from ..policies.bucket import BucketLSHPolicy
@@ -237,7 +238,7 @@ def cmd_memory(a) -> int:
     with torch.no_grad(), enable(model, pol, mode="everywhere") as h:
         out = model(input_ids=ids, use_cache=True)
         kb_bytes = sum(s["kb"].numel() * 32 // 8 for s in h.states.values())  # 32-bit ids would do for b<=32
-    kv = out.past_key_values
+    kv = output_cache(out)
     kv_bytes = sum(t.numel() * 2 for layer in kv.layers for t in (layer.keys, layer.values))  # as fp16
     res["default_model_1024_tokens"] = {"kv_cache_fp16_bytes": kv_bytes, "bucket_ids_bytes_int32": kb_bytes,
                                         "ratio": kv_bytes / kb_bytes}
@@ -260,14 +261,16 @@ def cmd_determinism(a) -> int:
 
     def keys_and_logits(input_ids, mask=None, chunk=None):
         from transformers import DynamicCache
+        from ..integration.compat import cache_kwarg
         cache = DynamicCache()
+        ck = cache_kwarg(model)
         with torch.no_grad():
             if chunk is None:
-                lg = model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+                lg = model(input_ids=input_ids, attention_mask=mask, **{ck: cache}, use_cache=True).logits
             else:
                 parts = []
                 for s in range(0, input_ids.shape[1], chunk):
-                    parts.append(model(input_ids=input_ids[:, s:s + chunk], past_key_values=cache,
+                    parts.append(model(input_ids=input_ids[:, s:s + chunk], **{ck: cache},
                                        use_cache=True).logits)
                 lg = torch.cat(parts, 1)
         return [layer.keys for layer in cache.layers], lg

@@ -13,8 +13,9 @@ def add_parser(sub):
                                    "queries/keys/values and train phi_q / phi_kv to find each query's heaviest keys.")
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a folder, .gguf or hub id")
     p.add_argument("--data", default="pydoc",
-                   help="'pydoc' (Python standard-library docs, offline; held-out modules excluded), a .txt/.jsonl "
-                        "file or folder, or a Hugging Face dataset name")
+                   help="'pydoc' (Python standard-library docs, offline; held-out modules excluded), a .txt/.jsonl/.md "
+                        "or plain-text file, a folder of them (files without an extension included), or a "
+                        "Hugging Face dataset name")
     p.add_argument("--text-field", default="text", help="field of jsonl rows / dataset rows holding the text")
     p.add_argument("--heldout", default=None,
                    help="text for the held-out recall in the progress bar (default: pydoc:heldout)")
@@ -59,12 +60,14 @@ def add_parser(sub):
 
 
 def _check_data_arg(data: str):
-    from ..training.corpus import PYDOC
+    from ..training.corpus import PYDOC, TEXT_SUFFIXES, data_files, looks_local
     if data.startswith(PYDOC):
         return
     p = Path(data)
-    if (p.suffix in (".txt", ".jsonl", ".md") or data.startswith((".", "/", "~"))) and not p.exists():
+    if (p.suffix in TEXT_SUFFIXES or data.startswith((".", "/", "~"))) and not p.exists():
         raise FileNotFoundError(f"training data {data} does not exist")
+    if looks_local(data):
+        data_files(data)  # a missing path or a folder without text files: said before the model loads
     if p.is_file() and p.stat().st_size == 0:
         raise ValueError(f"training data {data} is empty")
 
@@ -119,13 +122,13 @@ def run(args) -> int:
         raise ValueError(f"--sequences must be positive, got {args.sequences}")
     _check_data_arg(args.data)
     t_start = time.perf_counter()
+    docs, desc = load_documents(args.data, "train", args.text_field)  # bad data fails before the model loads
     model, tok, model_id = load_model(args.model, device=args.device)
     check_capturable(model, args.context)
     mc = maps_config_for(model.config, bits=args.bits, hidden=args.hidden, depth=args.depth,
                          value_norm=args.value_norm)
     if args.key_heads == "q":
         mc.key_heads = mc.num_q_heads
-    docs, desc = load_documents(args.data, "train", args.text_field)
     seqs = pack_sequences(tok, docs, args.context, args.sequences, seed=args.seed)
     if args.finetune_passkey:
         from ..evaluation.passkey import passkey_prompt

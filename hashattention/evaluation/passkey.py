@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..integration.compat import cache_kwarg
 from ..integration.hf import enable
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -38,7 +39,7 @@ def greedy(model, next_ids: torch.Tensor, cache, steps: int) -> list[int]:
     """Greedy decoding from ``cache``, feeding ``next_ids`` [B, 1] first. Returns the generated ids of row 0."""
     out = []
     for _ in range(steps):
-        logits = model(input_ids=next_ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=next_ids, **{cache_kwarg(model): cache}, use_cache=True).logits[:, -1]
         next_ids = logits.argmax(-1, keepdim=True)
         out.append(int(next_ids[0, 0]))
     return out
@@ -74,7 +75,7 @@ def run_passkey(model, tok, policies: dict, lengths: list[int], samples: int, mo
             if mode == "decode":
                 shared = DynamicCache()
                 with torch.no_grad():
-                    model(input_ids=ids[:, :-1], past_key_values=shared, use_cache=True)
+                    model(input_ids=ids[:, :-1], **{cache_kwarg(model): shared}, use_cache=True)
             for name, policy in policies.items():
                 t0 = time.perf_counter()
                 with enable(model, policy, mode=mode) as h:
@@ -83,7 +84,7 @@ def run_passkey(model, tok, policies: dict, lengths: list[int], samples: int, mo
                     else:
                         cache = DynamicCache()
                         with torch.no_grad():
-                            model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+                            model(input_ids=ids[:, :-1], **{cache_kwarg(model): cache}, use_cache=True)
                         h.reset_stats()  # report what decode steps read
                         gen = greedy(model, ids[:, -1:], cache, new_tokens)
                     st = h.stats()

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..core.budget import Budget
+from ..integration.compat import cache_kwarg, output_cache
 from ..integration.hf import enable
 from . import ruler
 from .fastpath import accelerate as _accelerate
@@ -79,7 +80,7 @@ def _decode_loop(model, tok, cache, first: torch.Tensor, mask: torch.Tensor, pos
         _append(out, done, cur, max_new, eos, tok, answers)
     while not all(done):
         mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=dev)], -1)
-        res = model(input_ids=cur, attention_mask=mask, position_ids=cur_pos, past_key_values=cache,
+        res = model(input_ids=cur, attention_mask=mask, position_ids=cur_pos, **{cache_kwarg(model): cache},
                     use_cache=True, logits_to_keep=1)
         cur = res.logits[:, -1].argmax(-1, keepdim=True)
         cur_pos = cur_pos + 1
@@ -150,7 +151,7 @@ def run_batch(model, policy, rows: list, max_new: list, mode: str = "everywhere"
             if policy is not None else None
         try:
             res = model(input_ids=ids[:, upto:], attention_mask=mask, position_ids=pos[:, upto:],
-                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
             first = res.logits[:, -1].argmax(-1, keepdim=True)
             del res
             gen = _decode_loop(model, tok, cache, first, mask, pos[:, -1:] + 1, max_new, answers,
@@ -175,8 +176,8 @@ def run_batch(model, policy, rows: list, max_new: list, mode: str = "everywhere"
         for s in range(0, p, chunk):
             e = min(p, s + chunk)
             res = model(input_ids=ids[:, s:e], attention_mask=mask[:, :e], position_ids=pos[:, s:e],
-                        past_key_values=cache, use_cache=True, logits_to_keep=0 if any(ppl) else 1)
-            cache = res.past_key_values
+                        **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=0 if any(ppl) else 1)
+            cache = output_cache(res)
             last = res.logits[:, -1]
             if any(ppl):
                 sel = want_ppl.nonzero()[:, 0]
@@ -233,8 +234,8 @@ def dense_prefill(model, rows: list, pad: int, context: list | None = None) -> d
     cache = DynamicCache()
     for s in range(0, upto, PREFILL_CHUNK):  # in chunks: the attention mask of one chunk is [B, 1, chunk, Lk]
         e = min(upto, s + PREFILL_CHUNK)
-        cache = model(input_ids=ids[:, s:e], attention_mask=mask[:, :e], position_ids=pos[:, s:e],
-                      past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+        cache = output_cache(model(input_ids=ids[:, s:e], attention_mask=mask[:, :e], position_ids=pos[:, s:e],
+                                   **{cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1))
     return {"cache": cache, "ids": ids, "mask": mask, "upto": upto, "context": context}
 
 

@@ -20,12 +20,15 @@ Modes:
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..core.selection import causal_valid
 from ..policies.base import SelectionPolicy, register_enabler
 from .families import (SUPPORTED_MODEL_TYPES, UnsupportedModelError, attention_modules, check_supported,  # noqa: F401
                        sparse_attention_modules)
+from .compat import UnsupportedGenerationError, check_cache, find_cache, guard_batch_edits  # noqa: F401
 
 IMPL = "hashattention"
 MODES = ("decode", "everywhere", "context")
@@ -118,9 +121,13 @@ class SparseAttentionHandle:
         self._context_checked = False
 
     def _pre_forward(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        if cache is not None and id(cache) != self._cache_id:
-            self._cache_id = id(cache)
+        # the KV cache is found by its type, whatever the installed transformers calls the argument (cache,
+        # past_key_values); _cache_id holds a weak reference to it (an id() can be reused by the next cache)
+        cache = find_cache(args, kwargs)
+        if cache is not None and (self._cache_id is None or self._cache_id() is not cache):
+            check_cache(cache)  # static caches: refused
+            guard_batch_edits(cache, self)  # beam search (cache reordering): refused
+            self._cache_id = weakref.ref(cache)
             self.reset()
         return None
 

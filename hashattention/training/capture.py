@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..integration.compat import cache_kwarg
 from ..integration.hf import UnsupportedModelError, _dense, _mask_fn, _set_impl, attention_modules, check_supported
 
 IMPL = "hashattention_capture"
@@ -88,7 +89,7 @@ def capture(model, ids: torch.Tensor, chunk: int = 1024, dtype=None) -> Capture:
     try:
         cache = DynamicCache()
         for s in range(0, ids.shape[1], chunk):
-            model(input_ids=ids[:, s:s + chunk].to(dev), past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, s:s + chunk].to(dev), **{cache_kwarg(model): cache}, use_cache=True)
     finally:
         for m in mods:
             if hasattr(m, "_ha_capture"):

@@ -82,10 +82,64 @@ def _read_file(p: Path, field: str) -> list[str]:
     return [p.read_text(encoding="utf-8", errors="replace")]
 
 
+#: files of a training-data folder read by their extension; files without one (LICENSE, Apache-2.0,
+#: GPL-3.0-only: a suffix that does not start with a letter is no extension) are read when they hold text
+TEXT_SUFFIXES = (".txt", ".jsonl", ".md", ".rst")
+_NO_TEXT = f"no text files ({', '.join(TEXT_SUFFIXES)} or plain text without an extension)"
+
+
+def _has_extension(f: Path) -> bool:
+    ext = f.suffix[1:]
+    return bool(ext) and ext[0].isalpha() and ext.isalnum()
+
+
+def _looks_like_text(f: Path) -> bool:
+    """No NUL byte and valid UTF-8 in the first 8 KiB (a multi-byte character may be cut at the end)."""
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(8192)
+    except OSError:
+        return False
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3 and e.reason == "unexpected end of data"
+    return True
+
+
+def data_files(data: str) -> list[Path]:
+    """The files a local training-data path is read from: the file itself, or a folder's text files (see
+    :data:`TEXT_SUFFIXES`; hidden files and folders skipped), sorted. Raises FileNotFoundError / ValueError
+    for a missing path or a folder without text, so that a CLI can check its data before loading a model."""
+    p = Path(data)
+    if not p.exists():
+        raise FileNotFoundError(f"training data {data} does not exist")
+    if not p.is_dir():
+        return [p]
+    files = []
+    for f in sorted(p.rglob("*")):
+        if any(part.startswith(".") for part in f.relative_to(p).parts) or not f.is_file():
+            continue
+        if f.suffix.lower() in TEXT_SUFFIXES or (not _has_extension(f) and _looks_like_text(f)):
+            files.append(f)
+    if not files:
+        raise ValueError(f"training data folder {data} holds {_NO_TEXT}")
+    return files
+
+
+def looks_local(data: str) -> bool:
+    """Is ``data`` a local path (rather than a Hugging Face dataset name)?"""
+    p = Path(data)
+    return p.exists() or os.sep in data and not data.count("/") == 1 or p.suffix in (".txt", ".jsonl")
+
+
 def load_documents(data: str, split: str = "train", text_field: str = "text",
                    limit_chars: int | None = None) -> tuple[list[str], str]:
     """Documents of ``data``: "pydoc" (this Python's standard-library docs; ``split`` train/heldout), a .txt /
-    .jsonl file or a folder of them, or a Hugging Face dataset name (needs the ``datasets`` package).
+    .jsonl / plain-text file or a folder of them (:func:`data_files`), or a Hugging Face dataset name (needs the
+    ``datasets`` package).
 
     Returns (documents, description). Raises ValueError for missing or empty data.
     """
@@ -95,14 +149,8 @@ def load_documents(data: str, split: str = "train", text_field: str = "text",
         sp = data.split(":")[1] if ":" in data else split
         docs = pydoc_documents(sp, limit_chars)
         return [t for _, t in docs], f"pydoc:{sp} ({len(docs)} modules, Python {sys.version.split()[0]})"
-    p = Path(data)
-    looks_local = p.exists() or os.sep in data and not data.count("/") == 1 or p.suffix in (".txt", ".jsonl")
-    if looks_local:
-        if not p.exists():
-            raise FileNotFoundError(f"training data {data} does not exist")
-        files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl", ".md")) if p.is_dir() else [p]
-        if not files:
-            raise ValueError(f"training data folder {data} holds no .txt/.jsonl/.md files")
+    if looks_local(data):
+        files = data_files(data)
         docs = [d for f in files for d in _read_file(f, text_field) if d.strip()]
         if not docs:
             raise ValueError(f"training data {data} is empty")
