@@ -145,8 +145,9 @@ def quality(root: Path = ROOT) -> str:
         data = json.loads(path.read_text())
         rows = data["rows"] if isinstance(data, dict) else data
         devices = ", ".join(sorted({str(r.get("device")) for r in rows}))
-        return (render_quality_rows(rows) + f"\n\nFrom `{RESULTS}/{QUALITY_SUMMARY}` ({devices}; table and plot: "
-                "`quality_summary.md`, `quality_summary.png`).")
+        beside = [f"`{path.with_suffix(ext).name}`" for ext in (".md", ".png") if path.with_suffix(ext).is_file()]
+        return (render_quality_rows(rows) + f"\n\nFrom `{RESULTS}/{QUALITY_SUMMARY}` ({devices}"
+                + (f"; beside it {', '.join(beside)}" if beside else "") + ").")
     rows, names = [], []
     for name, maps, policies in QUALITY_FALLBACK:
         rows += quality_rows_from_eval(_load(root, name), maps, policies, QUALITY_BUDGETS)
