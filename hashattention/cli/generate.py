@@ -354,7 +354,8 @@ def run(args) -> int:
     tps = (new - 1) / decode_s if decode_s > 0 else float("nan")
     read, ctx = res["tokens_read"], res["context"]
     print(f"-- {new} new tokens: {tps:.1f} tokens/s decoding (prefill of {t} tokens + first token {prefill_s:.2f} s)"
-          f"; tokens read per step {read:.0f} of {ctx:.0f} ({read / max(ctx, 1):.1%}); memory: KV cache "
+          f"; tokens read per step {read:.0f} of {ctx:.0f} ({read / max(ctx, 1):.1%}"
+          f"{'' if args.mode == 'decode' else ', every query: the prompt too'}); memory: KV cache "
           f"{_fmt_bytes(kv)}" + (f" + signatures {_fmt_bytes(sig)}" if sig else "") +
           f", {peak_what} {_fmt_bytes(peak)}; path {path.split(' ')[0]}", file=err, flush=True)
     if args.json:
