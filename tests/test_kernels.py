@@ -484,29 +484,6 @@ def test_gpu_hf_generate_uses_fast_path():
 
 
 @inproc
-@pytest.mark.parametrize("n,k,block,pps,stages", [(300, 64, 32, 4, 1), (257, 97, 64, 16, 3), (1000, 1, 32, 8, 1)])
-def test_bench_gather_kernel_reads_each_listed_row_once(n, k, block, pps, stages):
-    """bench/gather_ceiling.py's floor kernel (what kernel 2's reads are compared with): per head, the sum of
-    exactly the listed K and V rows, across splits with a ragged last one."""
-    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-    if bench not in sys.path:
-        sys.path.insert(0, bench)
-    import gather_ceiling as gc
-    gen = torch.Generator().manual_seed(n + k)
-    kc = torch.randn(1, 3, n, 32, generator=gen).to(DEV, torch.bfloat16)
-    vc = torch.randn(1, 3, n, 32, generator=gen).to(DEV, torch.bfloat16)
-    idx = torch.stack([torch.randperm(n, generator=gen)[:k].sort().values for _ in range(3)])[None]
-    idx = idx.to(DEV, torch.int32).contiguous()
-    out = gc.gather(kc, vc, idx, pps, block, 4, stages, sms=2).sum(1)
-    rows = idx[0].long()[..., None].expand(-1, -1, 32)
-    ref = (kc[0].float().gather(1, rows) + vc[0].float().gather(1, rows)).sum(1)
-    torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-4)
-    runs = gc.runs_of(n, 64, 16, 3, DEV, torch.Generator(device=DEV).manual_seed(0))
-    assert runs.shape == (1, 3, 64) and bool((runs.diff(dim=-1) > 0).all())
-    assert bool((runs.view(3, 4, 16).diff(dim=-1) == 1).all())  # four runs of 16 consecutive rows per head
-
-
-@inproc
 @pytest.mark.parametrize("numel", [1, 1000, 4096 * 3 + 17])
 def test_stream_read_equals_reference(numel):
     """The benchmark's measured read floor (benchmarks/read_floor.py) reads every word once, in every shape."""

@@ -1,1 +1,13 @@
 """Benchmarks run by `hashattention bench` (GPU)."""
+import re
+
+
+def device_tag(name: str) -> str:
+    """The device part of a results file name (``<what>_<device>[_<variant>]``, bench/results/README.md):
+    'NVIDIA H100 80GB HBM3' -> 'h100', 'NVIDIA H200' -> 'h200', 'NVIDIA A100-SXM4-80GB' -> 'a100', a CPU -> 'cpu'."""
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Za-z]?)\b", name or "")
+    if m and "nvidia" in (name or "").lower():
+        return m.group(1).lower()
+    if not name or name.lower().startswith(("cpu", "x86", "arm", "aarch")):
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"

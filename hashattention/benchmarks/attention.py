@@ -19,7 +19,7 @@ Every time is the median of triton.testing.do_bench (L2 flushed before each run)
 of the call (eager totals are reported beside them), all measured in the same run on the same tensors.
 Bytes: the fewest each version must move (dense: all K and V; HashAttention: the signatures once, the
 selected K/V rows and the index list), and the fraction of the measured copy bandwidth each reaches.
-Results: <out>/attention_<device>[_tag].{json,md}.
+Results: <out>/attention_<device>[_tag].{json,md,png} (device: h100, h200, ...).
 """
 from __future__ import annotations
 
@@ -96,7 +96,8 @@ def add_arguments(p):
                         "copy of the caches, as the layers of a decode step run them (0: off)")
     p.add_argument("--time-limit", type=float, default=0, help="stop starting new cases after this many seconds")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--out", default="bench/results", help="folder for attention_<device>.{json,md,png}")
+    p.add_argument("--out", default="runs", help="folder for attention_<device>[_tag].{json,md,png} "
+                   "(git-ignored; the runs the docs cite are copied to bench/results)")
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--replot", default="", help="only redraw the table and plot from this JSON file")
 
@@ -503,8 +504,8 @@ def run(args) -> int:
               "flashinfer": None if fi is None else fi.__version__,
               "flashinfer_not_measured_because": fi_why, "checks": checks, "tune": tune, "rows": rows,
               "acceptance": acceptance(rows), "log": log_lines}
-    stem = "attention_" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
-    stem += f"_{args.tag}" if args.tag else ""
+    from . import device_tag
+    stem = f"attention_{device_tag(name)}" + (f"_{args.tag}" if args.tag else "")
     print(_write(result, args.out, stem))
     return 0
 

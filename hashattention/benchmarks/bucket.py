@@ -1,11 +1,12 @@
-"""Measurements of bucket hash attention against the seed article's claims (results: bench/results/bucket_*).
+"""Measurements of bucket hash attention against the seed article's claims (results: bench/results/bucket_*,
+named ``<what>_<device>``; the exact commands: docs/bucket-hash-report.md).
 
-    python -m hashattention.benchmarks.bucket eval    --out bench/results/bucket_eval.json ...
-    python -m hashattention.benchmarks.bucket fit     --out bench/results/bucket_proj_lsh_b8.safetensors
-    python -m hashattention.benchmarks.bucket speed   --out bench/results/bucket_speed.json
-    python -m hashattention.benchmarks.bucket memory  --out bench/results/bucket_memory.json
-    python -m hashattention.benchmarks.bucket determinism --out bench/results/bucket_determinism.json
-    python -m hashattention.benchmarks.bucket table bench/results/bucket_eval_*.json --out bench/results/bucket_table
+    python -m hashattention.benchmarks.bucket eval    --out bench/results/bucket_eval_decode_cpu.json ...
+    python -m hashattention.benchmarks.bucket fit     --variant bucket-lsh_b8 --text ...  # bucket_proj_lsh_b8_r1
+    python -m hashattention.benchmarks.bucket speed   --out bench/results/bucket_speed_cpu.json
+    python -m hashattention.benchmarks.bucket memory  --out bench/results/bucket_memory_cpu.json
+    python -m hashattention.benchmarks.bucket determinism --out bench/results/bucket_determinism_cpu.json
+    python -m hashattention.benchmarks.bucket table bench/results/bucket_eval_*_cpu*.json --out NAME
 
 Variant names for the suite: a registered bucket policy, then ``_``-separated options:
 ``b<bits>``, ``r<rounds>``, ``c<coarse_bits>``, ``f<percent of bucket heads>``, ``cap<max_bucket>``,

@@ -61,7 +61,8 @@ def add_arguments(p):
     p.add_argument("--check-tokens", type=int, default=32,
                    help="new tokens compared with Hugging Face's greedy output for real-weight models (0: skip)")
     p.add_argument("--time-limit", type=float, default=0, help="stop starting new cases after this many seconds")
-    p.add_argument("--out", default="bench/results", help="folder for decode_<device>.{json,md,png}")
+    p.add_argument("--out", default="runs", help="folder for decode_<device>[_tag].{json,md,png} "
+                   "(git-ignored; the runs the docs cite are copied to bench/results)")
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--replot", default="", help="only redraw table and plot from this JSON file")
     p.add_argument("--device", default="cuda")
@@ -252,7 +253,8 @@ def run(args) -> int:
     except Exception:
         pass
     out_dir = os.environ.get("OUT") or args.out
-    name = "decode_" + res["device"].replace(" ", "_").replace("/", "_") + (f"_{args.tag}" if args.tag else "")
+    from . import device_tag
+    name = f"decode_{device_tag(res['device'])}" + (f"_{args.tag}" if args.tag else "")
     hf_ctx = [parse_tokens(x) for x in args.hf_baseline.split(",") if x.strip()]
     hf_models = {x.strip() for x in args.hf_models.split(",")}
     for spec in [x.strip() for x in args.models.split(",") if x.strip()]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 DEFAULT_LENGTHS, DEFAULT_BUDGETS = "2K,4K,8K", "1/4,1/8,1/16,1/32"
-REPORT_DEFAULT_OUT = "bench/results/eval_default.json"
+REPORT_DEFAULT_OUT = "runs/eval_default.json"  # git-ignored (committed results: bench/results)
 
 
 def add_parser(sub):

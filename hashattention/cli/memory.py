@@ -8,8 +8,9 @@ def add_parser(sub):
     p = sub.add_parser("memory", help="KV cache vs signature memory for a model, context and batch")
     p.add_argument("model", nargs="?", default="default",
                    help="'default', a preset (llama-3.1-8b, llama-3.2-1b, llama-2-7b, mistral-7b, smollm2-135m), "
-                        "a local model folder or a config.json")
-    p.add_argument("--context", default="128K", help="tokens per sequence (e.g. 32768, 32K, 128K)")
+                        "a local model folder or a config.json; a comma list for several")
+    p.add_argument("--context", default="128K", help="tokens per sequence (e.g. 32768, 32K, 128K); a comma list for "
+                                                     "several")
     p.add_argument("--batch", default="1", help="sequences")
     p.add_argument("--dtype", default="bfloat16", help="KV cache dtype (bfloat16, float16, float32, fp8)")
     p.add_argument("--bits", type=int, default=32, help="signature bits per token per head")
@@ -17,13 +18,32 @@ def add_parser(sub):
                    help="signature heads: one per KV head (default maps) or per query head (authors' layout)")
     p.add_argument("--gpu-memory", default="", help="GPU size (e.g. 80GiB) to say how many sequences fit")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.add_argument("--out", default=None, help="also write every report, with the command, to this JSON file")
     p.set_defaults(func=run)
+
+
+def _items(text: str) -> list[str]:
+    items = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not items:
+        raise ValueError(f"nothing to report in {text!r}")
+    return items
 
 
 def run(args) -> int:
     from ..engine.memory import format_report, memory_report, parse_bytes
     gpu = parse_bytes(args.gpu_memory) if args.gpu_memory else None
-    rep = memory_report(args.model, args.context, args.batch, dtype=args.dtype, bits=args.bits,
-                        key_heads=args.key_heads, gpu_memory=gpu)
-    print(json.dumps(rep, indent=1) if args.json else format_report(rep))
+    reps = [memory_report(m, c, args.batch, dtype=args.dtype, bits=args.bits, key_heads=args.key_heads,
+                          gpu_memory=gpu) for m in _items(args.model) for c in _items(args.context)]
+    if args.json:
+        print(json.dumps(reps[0] if len(reps) == 1 else reps, indent=1))
+    else:
+        print("\n\n".join(format_report(r) for r in reps))
+    if args.out:
+        cmd = ["hashattention memory", ",".join(_items(args.model)), "--context", args.context, "--batch",
+               str(args.batch), "--dtype", args.dtype, "--bits", str(args.bits), "--key-heads", args.key_heads]
+        if args.gpu_memory:
+            cmd += ["--gpu-memory", args.gpu_memory]
+        with open(args.out, "w") as f:
+            json.dump({"command": " ".join(cmd), "computed": "from the model shapes (no device needed)",
+                       "reports": reps}, f, indent=1)
     return 0

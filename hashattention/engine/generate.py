@@ -1,13 +1,18 @@
-"""Greedy generation with the engine: dense prefill, then one CUDA graph per attention mode for the decode step.
+"""Generation with the engine: dense prefill, then one CUDA graph per attention mode for the decode step.
 
     from hashattention.engine import Transformer, Generator
     model = Transformer.from_hf(hf_model)                      # or Transformer.random(preset_config(...))
     model.setup_caches(batch=1, max_seq_len=4096, maps=maps, budget=Budget(heavy=1/32))
     gen = Generator(model)
-    tokens = gen.generate(prompt_ids, max_new_tokens=64, mode="hash")   # [B, 64]
+    tokens = gen.generate(prompt_ids, max_new_tokens=64, mode="hash")   # [B, 64], greedy
+    gen = Generator(model, temperature=0.8, top_p=0.9, seed=1)          # sampling, on the device
+    tokens = gen.stream(prompt_ids, 64, mode="hash", on_token=print, stop_tokens=[eos])  # one call per token
 
 The decode step reads its inputs from static device buffers (token, position, step) and advances them
-itself (argmax, position + 1), so a run of N tokens is N graph replays and no host sync until the end.
+itself (argmax or a sample, position + 1), so a run of N tokens is N graph replays and no host sync until the
+end (:meth:`Generator.stream` reads each token back to hand it to its callback). Sampling draws its uniform
+numbers for the whole run up front from a generator seeded with ``seed`` (on the device), and the captured
+step picks its step's number: the same seed gives the same tokens, CUDA graphs or not.
 """
 from __future__ import annotations
 
@@ -16,16 +21,42 @@ import torch
 from .model import ATTENTION_MODES, CacheError, Transformer
 
 
+def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``logits`` [B, V] from softmax(logits / temperature), restricted to the smallest set
+    of most likely tokens whose probability reaches ``top_p`` (nucleus sampling), by inverting the CDF at the
+    uniform numbers ``u`` [B] in [0, 1). No host sync, static shapes: capturable in a CUDA graph."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs = probs * ((probs.cumsum(-1) - probs) < top_p)  # the most likely token always stays
+    cdf = probs.cumsum(-1)
+    pick = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)
+    pick = pick.clamp_(max=logits.shape[-1] - 1)
+    return (order.gather(-1, pick) if top_p < 1.0 else pick)[:, 0]
+
+
+def check_sampling(temperature: float, top_p: float):
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
 class Generator:
     """Holds the static step buffers and the captured graphs of one model (one batch size, one cache).
 
     cuda_graphs: None = use them on CUDA. Graphs are captured lazily, one per mode, and share one memory
     pool; they stay valid until :meth:`Transformer.setup_caches` is called again (then make a new Generator).
+    temperature 0 (the default) = greedy; > 0 samples (``top_p`` < 1: nucleus sampling) with uniform numbers
+    drawn from a generator seeded with ``seed`` at the start of every generation.
     """
 
-    def __init__(self, model: Transformer, cuda_graphs: bool | None = None, max_new_tokens: int | None = None):
+    def __init__(self, model: Transformer, cuda_graphs: bool | None = None, max_new_tokens: int | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
         if model.k_cache is None:
             raise CacheError("call model.setup_caches(...) before making a Generator")
+        check_sampling(temperature, top_p)
+        self.temperature, self.top_p, self.seed = float(temperature), float(top_p), int(seed)
         self.model = model
         dev = model.device
         self.cuda_graphs = (dev.type == "cuda") if cuda_graphs is None else cuda_graphs
@@ -37,14 +68,22 @@ class Generator:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.step = torch.zeros(1, dtype=torch.long, device=dev)
         self.out = torch.zeros(b, n, dtype=torch.long, device=dev)
+        self.uniform = torch.zeros(n, b, dtype=torch.float32, device=dev) if self.temperature > 0 else None
         self.fixed_index = None
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self._pool = None
 
     # -- one step ------------------------------------------------------------------------------------
+    def _pick(self, logits: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """The next token of every sequence: argmax, or a sample with this step's uniform numbers."""
+        if self.uniform is None:
+            return logits.argmax(-1)
+        u = self.uniform.index_select(0, step.clamp(max=self.uniform.shape[0] - 1))[0]
+        return sample_top_p(logits, self.temperature, self.top_p, u)
+
     def _step(self, mode: str):
         logits = self.model.decode_step(self.tok, self.pos, mode, fixed_index=self.fixed_index)
-        nxt = logits.argmax(-1)
+        nxt = self._pick(logits, self.step)
         self.out.index_copy_(1, self.step.clamp(max=self.out.shape[1] - 1), nxt[:, None])
         self.tok.copy_(nxt)
         self.pos.add_(1)
@@ -105,10 +144,8 @@ class Generator:
             self.tok.fill_(token)
 
     # -- generation ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, mode: str = "dense",
-                 prefill_chunk: int = 8192) -> torch.Tensor:
-        """Greedy continuation of equal-length prompts input_ids [B, T]: returns the new tokens [B, N]."""
+    def _start(self, input_ids: torch.Tensor, max_new_tokens: int, mode: str, prefill_chunk: int) -> torch.Tensor:
+        """Checks, dense prefill, the first new token [B]; the step buffers are left at the first decode step."""
         m = self.model
         self._check_mode(mode)
         _, t = m.check_prompts(input_ids)
@@ -123,14 +160,46 @@ class Generator:
             import warnings
             warnings.warn(f"prompt of {t} tokens is longer than the model's {m.c.max_position_embeddings} "
                           "trained positions")
+        if self.uniform is not None:  # the run's random numbers, from the seed: the same seed, the same tokens
+            g = torch.Generator(device=self.uniform.device).manual_seed(self.seed)
+            self.uniform.uniform_(generator=g)
         logits = m.prefill(input_ids, chunk=prefill_chunk)
-        first = logits.argmax(-1)
+        first = self._pick(logits, torch.zeros(1, dtype=torch.long, device=logits.device))
         self.out[:, 0] = first
         self.tok.copy_(first)
         self.pos.fill_(t)
         self.step.fill_(1)
+        return first
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, mode: str = "dense",
+                 prefill_chunk: int = 8192) -> torch.Tensor:
+        """Continuation of equal-length prompts input_ids [B, T] (greedy unless the Generator samples): returns
+        the new tokens [B, N]."""
+        self._start(input_ids, max_new_tokens, mode, prefill_chunk)
         self.run_steps(max_new_tokens - 1, mode)
         return self.out[:, :max_new_tokens].clone()
+
+    @torch.no_grad()
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, mode: str = "dense", on_token=None,
+               stop_tokens=(), prefill_chunk: int = 8192) -> torch.Tensor:
+        """As :meth:`generate`, one step at a time: ``on_token(list of B token ids)`` after each new token, and
+        an early stop once every sequence has produced one of ``stop_tokens`` (e.g. the EOS id; the stop token
+        is kept). Returns the new tokens [B, n <= max_new_tokens]."""
+        stop = {int(x) for x in stop_tokens}
+        cur = self._start(input_ids, max_new_tokens, mode, prefill_chunk).tolist()
+        done = [c in stop for c in cur]
+        if on_token is not None:
+            on_token(cur)
+        n = 1
+        while n < max_new_tokens and not all(done):
+            self.run_steps(1, mode)
+            cur = self.tok.tolist()  # one small device-to-host copy per token
+            done = [d or c in stop for d, c in zip(done, cur)]
+            n += 1
+            if on_token is not None:
+                on_token(cur)
+        return self.out[:, :n].clone()
 
     @torch.no_grad()
     def time_steps(self, mode: str, pos: int, steps: int = 32, warmup: int = 4) -> float:

@@ -1,0 +1,353 @@
+"""The README's and docs' result tables, rendered from the committed results files (never copied by hand).
+
+Each table sits between markers in a Markdown file::
+
+    <!-- table:kernels -->
+    ...generated...
+    <!-- /table:kernels -->
+
+and is rendered by the function of that name in :data:`TABLES` from files in ``bench/results/``. Regenerate
+after a new results file lands (and commit both)::
+
+    python -m hashattention.evaluation.readme_tables            # rewrites README.md and docs/performance.md
+    python -m hashattention.evaluation.readme_tables --check    # exit 1 if a file differs (tests/test_readme.py)
+
+Quality: ``bench/results/quality_summary.json`` when it exists (rows ``{"mode", "budget", "policy", "score",
+"delta_vs_dense", "ci95": [lo, hi], "n_items", "device", "maps"}``), else rows derived the same way from the
+per-item records of the committed ``eval_*.json`` files (:data:`QUALITY_FALLBACK`), labelled as such.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = "bench/results"
+FILES = ("README.md", "docs/performance.md")
+QUALITY_SUMMARY = "quality_summary.json"
+#: (eval results file, label of its maps for policy hash, policies to show) while there is no quality summary
+QUALITY_FALLBACK = (
+    ("eval_everywhere_h200.json", "shipped", None),
+    ("eval_everywhere_h100.json", None, ("dense", "oracle", "simhash", "quest")),
+    ("eval_decode_h200.json", "shipped", None),
+    ("eval_decode_h100.json", None, ("dense", "oracle", "simhash", "quest")),
+)
+QUALITY_BUDGETS = ("full", "1/16", "1/32")
+KERNEL_FILES = ("attention_h200.json", "attention_h100.json")
+DECODE_FILES = ("decode_h200.json", "decode_h100.json")
+MEMORY_FILE = "memory_h100.json"
+MODE_ORDER = ("everywhere", "context", "decode")
+POLICY_ORDER = ("dense", "oracle", "hash", "simhash", "quest", "sink_window", "h2o", "random")
+MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+def _load(root: Path, name: str) -> dict:
+    path = Path(root) / RESULTS / name
+    if not path.is_file():
+        raise FileNotFoundError(f"results file {path} is missing (the tables are rendered from it)")
+    return json.loads(path.read_text())
+
+
+def device_label(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'H100', 'NVIDIA H200' -> 'H200', 'cpu (x86_64, 2 cores)' -> 'CPU'."""
+    from ..benchmarks import device_tag
+    return device_tag(name).upper()
+
+
+def _ctx(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.{0 if n / size >= 100 else 1}f} {unit}"
+    return f"{int(n)} B"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def _budget_key(b: str) -> float:
+    if b in ("full", "all", "dense", None):
+        return 2.0
+    from fractions import Fraction
+    try:
+        return float(Fraction(b))
+    except (ValueError, ZeroDivisionError):
+        return 0.0
+
+
+# -- quality ------------------------------------------------------------------------------------------------
+def quality_rows_from_eval(data: dict, maps: str | None = None, policies=None, budgets=None) -> list[dict]:
+    """Rows of the quality-summary schema from one ``hashattention eval`` results file: per (mode, policy, budget)
+    the mean string-match score over the items every configuration of that mode finished, a 95% interval (mean
+    +- 1.96 standard errors over those items) and the difference to dense in the same file."""
+    s = data["settings"]
+    by = {}  # mode -> {(policy, budget): {(task, length, index): score}}
+    for k, v in data["records"].items():
+        mode, pol, bud, length, task, idx = k.split("|")
+        if task != "ppl":
+            by.setdefault(mode, {}).setdefault((pol, bud), {})[(task, length, idx)] = v["score"]
+    rows = []
+    for mode, cfgs in by.items():
+        common = set.intersection(*(set(d) for d in cfgs.values()))
+        if not common:
+            continue
+        means = {c: sum(d[i] for i in common) / len(common) for c, d in cfgs.items()}
+        dense = next((v for (p, _), v in means.items() if p == "dense"), None)
+        for (pol, bud), d in cfgs.items():
+            if (policies and pol not in policies) or (budgets and bud not in budgets):
+                continue
+            xs = [d[i] for i in common]
+            n, mean = len(xs), means[(pol, bud)]
+            se = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n) if n > 1 else float("nan")
+            rows.append({"mode": mode, "budget": bud, "policy": pol, "score": mean,
+                         "delta_vs_dense": None if dense is None or pol == "dense" else mean - dense,
+                         "ci95": [max(0.0, mean - 1.96 * se), min(100.0, mean + 1.96 * se)], "n_items": n,
+                         "device": device_label(s.get("device", "")),
+                         "maps": (maps or Path(str(s.get("maps") or "-")).stem) if pol == "hash" else "-"})
+    return rows
+
+
+def render_quality_rows(rows: list[dict]) -> str:
+    """The quality table from rows of the quality-summary schema."""
+    def key(r):
+        mode = MODE_ORDER.index(r["mode"]) if r["mode"] in MODE_ORDER else len(MODE_ORDER)
+        pol = POLICY_ORDER.index(r["policy"]) if r["policy"] in POLICY_ORDER else len(POLICY_ORDER)
+        return (mode, str(r.get("device")), -_budget_key(r.get("budget")), pol, r["policy"])
+
+    def num(x, fmt="{:.1f}", signed=False):
+        if x is None or (isinstance(x, float) and math.isnan(x)):
+            return "-"
+        return ("{:+.1f}" if signed else fmt).format(x)
+    out = []
+    for r in sorted(rows, key=key):
+        ci = r.get("ci95")
+        ci_s = f"{num(ci[0])}-{num(ci[1])}" if ci and None not in ci else "-"
+        pol = f"**{r['policy']}**" if r["policy"] == "hash" else r["policy"]
+        out.append([r["mode"], pol, r.get("maps") or "-", r.get("budget") or "-", num(r.get("score")), ci_s,
+                    num(r.get("delta_vs_dense"), signed=True), r.get("n_items", "-"), r.get("device", "-")])
+    return _table(["mode", "policy", "maps", "budget", "score %", "95% interval", "vs dense", "items", "device"],
+                  out)
+
+
+def quality(root: Path = ROOT) -> str:
+    path = Path(root) / RESULTS / QUALITY_SUMMARY
+    if path.is_file():
+        data = json.loads(path.read_text())
+        rows = data["rows"] if isinstance(data, dict) else data
+        devices = ", ".join(sorted({str(r.get("device")) for r in rows}))
+        beside = [f"`{path.with_suffix(ext).name}`" for ext in (".md", ".png") if path.with_suffix(ext).is_file()]
+        return (render_quality_rows(rows) + f"\n\nFrom `{RESULTS}/{QUALITY_SUMMARY}` ({devices}"
+                + (f"; beside it {', '.join(beside)}" if beside else "") + ").")
+    rows, names = [], []
+    for name, maps, policies in QUALITY_FALLBACK:
+        rows += quality_rows_from_eval(_load(root, name), maps, policies, QUALITY_BUDGETS)
+        names.append(f"`{name}`")
+    return (render_quality_rows(rows) + "\n\n*Interim table* (until `" + QUALITY_SUMMARY + "`): from the "
+            "per-item records of " + ", ".join(names) + "; interval: mean +- 1.96 standard errors over items; "
+            "vs dense: dense of the same file (same device and prompts).")
+
+
+# -- kernels ------------------------------------------------------------------------------------------------
+def _attention_row(res: dict, batch: int, ctx: int, heavy: float = 1 / 32):
+    for r in res["rows"]:
+        if r["batch"] == batch and r["context"] == ctx and abs(r["heavy"] - heavy) < 1e-9:
+            return r
+    return None
+
+
+def kernels(root: Path = ROOT) -> str:
+    rows, notes = [], []
+    for name in KERNEL_FILES:
+        res = _load(root, name)
+        dev = device_label(res["device"])
+        for batch, ctx in ((1, 131072), (1, 524288), (8, 131072), (8, 524288)):
+            r = _attention_row(res, batch, ctx)
+            if r is None:
+                continue
+            g, h = r["group"], r["head"]
+            tot = g["total_ms"] * 1e3
+            split = f" ({g['select_ms'] * 1e3:.1f} + {g['attention_ms'] * 1e3:.1f})" if batch == 1 else ""
+            chain = f"{g['chain_speedup_vs_sdpa']:.1f}x" if g.get("chain_speedup_vs_sdpa") else "-"
+            rows.append([f"{dev} (Triton {res['triton']})", f"{_ctx(ctx)} x {batch}", f"{r['sdpa_ms'] * 1e3:.1f}",
+                         f"{tot:.1f}{split}", f"**{g['speedup_vs_sdpa']:.1f}x**", chain,
+                         f"{h['speedup_vs_sdpa']:.1f}x"])
+        notes.append(f"`{name.replace('.json', '.md')}`")
+    return (_table(["device", "context x batch", "SDPA µs", "HashAttention µs (select + attend)", "speedup",
+                    "in a chain of 8", "per-query-head selection"], rows)
+            + "\n\n32 query / 8 KV heads x 128, bf16, heavy 1/32 + sink 128 + window 128, one selection per KV "
+              "group; medians of CUDA-graph replays, L2 flushed (" + ", ".join(notes) + ").")
+
+
+# -- end-to-end decoding ------------------------------------------------------------------------------------
+def _model_label(e: dict) -> str:
+    if e["model"] == "default":
+        return "SmolLM2-135M"
+    return e["model"].replace("llama-3.1-8b", "Llama-3.1-8B") + " shape"
+
+
+def decode(root: Path = ROOT) -> str:
+    rows, notes = [], []
+    for name in DECODE_FILES:
+        res = _load(root, name)
+        dev = device_label(res["device"])
+        for e in res["models"]:
+            ok = [c for c in e["cases"] if "speedup" in c]
+            if not ok:
+                continue
+            ctx = max(c["context"] for c in ok)
+            for c in sorted((c for c in ok if c["context"] == ctx), key=lambda c: c["batch"]):
+                largest = c["batch"] > 1 and c["batch"] == c.get("largest_batch")
+                rows.append([f"{dev} (Triton {res['triton']})", _model_label(e),
+                             f"{_ctx(ctx)} x {c['batch']}" + (" (largest that fits)" if largest else ""),
+                             f"{c['dense_tok_s']:.1f}", f"{c['hash_tok_s']:.1f}", f"**{c['speedup']:.2f}x**"])
+            for b in e.get("hf_baseline") or []:
+                if "error" not in b:
+                    notes.append(f"the engine's dense step against transformers' compiled static-cache `generate` "
+                                 f"({e['model']} shape, {_ctx(b['context'])}, {dev}): "
+                                 f"{b['engine_dense_ms']:.2f} against {b['hf_static_compiled_ms']:.2f} ms per token "
+                                 f"({b['engine_over_hf']:.2f}x)")
+            tc = e.get("token_check")
+            if tc:
+                notes.append(f"greedy tokens equal to transformers' ({e['model']} model, {dev}): dense "
+                             f"{tc['dense_tokens_equal_to_hf']}/{tc['new_tokens']}, hash at full budget "
+                             f"{tc['hash_full_budget_tokens_equal_to_hf']}/{tc['new_tokens']}, hash 1/32 against "
+                             f"the integration {tc['hash_1_32_tokens_equal_to_hf_integration']}/{tc['new_tokens']}")
+    files = ", ".join(f"`{n.replace('.json', '.md')}`" for n in DECODE_FILES)
+    return (_table(["device", "model", "context x batch", "dense tok/s", "HashAttention tok/s", "speedup"], rows)
+            + f"\n\nHeavy 1/32 + sink 128 + window 128, tokens/s of all sequences ({files}). "
+            + " ".join(n[0].upper() + n[1:] + "." for n in notes))
+
+
+def decode_breakdown(root: Path = ROOT) -> str:
+    """Per-step time split of the engine's decode step (docs/performance.md)."""
+    rows = []
+    for name in DECODE_FILES:
+        res = _load(root, name)
+        dev = device_label(res["device"])
+        for e in res["models"]:
+            for c in e["cases"]:
+                bd = c.get("breakdown_ms")
+                if not bd or c["context"] != max(x["context"] for x in e["cases"] if "breakdown_ms" in x):
+                    continue
+                rows.append([dev, _model_label(e), f"{_ctx(c['context'])} x {c['batch']}", f"{c['dense_ms']:.2f}",
+                             f"{c['hash_ms']:.2f}", f"{bd['rest_of_model']:.2f}", f"{bd['dense_attention']:.2f}",
+                             f"{bd['sparse_attention']:.2f}", f"{bd['selection']:.2f}"])
+    return (_table(["device", "model", "context x batch", "dense step ms", "HashAttention step ms",
+                    "rest of the model", "dense attention", "sparse attention", "selection"], rows)
+            + f"\n\nFrom `{RESULTS}/decode_h200.json` and `decode_h100.json`: rest of the model = the step with no "
+              "attention; dense attention = dense step - that; sparse attention = the step over a fixed index "
+              "list - that; selection = the HashAttention step - the fixed-list step (signing, scoring, top-k).")
+
+
+def kernel_breakdown(root: Path = ROOT) -> str:
+    """Profiler time of each kernel of one call at 512K (docs/performance.md)."""
+    names = {"_count_kernel": "count", "_refine_kernel": "refine", "_emit_kernel": "emit",
+             "_split_kernel": "attention (split-K)", "_combine_kernel": "merge"}
+    rows = []
+    for name in KERNEL_FILES:
+        res = _load(root, name)
+        ku = (res.get("tune") or {}).get("kernels_us")
+        if not ku:
+            continue
+        parts = ", ".join(f"{names.get(k, k)} {v:.1f}" for k, v in ku.items())
+        r = _attention_row(res, 1, 524288)
+        rows.append([f"{device_label(res['device'])} (Triton {res['triton']})", parts, f"{sum(ku.values()):.1f}",
+                     f"{r['group']['total_ms'] * 1e3:.1f}" if r else "-"])
+    return (_table(["device", "kernels at 512K x 1, 1/32 (µs, profiler, eager, L2 flushed)", "sum",
+                    "one call (CUDA graph)"], rows)
+            + f"\n\nFrom the `tune.kernels_us` of `{RESULTS}/attention_h200.json` and `attention_h100.json` "
+              "(the H100 run is of an older selection with a separate refine pass).")
+
+
+def selection_floor(root: Path = ROOT) -> str:
+    """The selection against reads of the signatures at 512K (docs/performance.md)."""
+    res = _load(root, KERNEL_FILES[0])
+    r = _attention_row(res, 1, 524288)
+    g = r["group"]
+    sig_mb = g["sig_bytes"] / 1e6
+    copy_us = g["sig_bytes"] / res["copy_bandwidth_Bps"] * 1e6
+    rows = [["single call", f"{g['select_ms'] * 1e3:.1f}", f"{g['select_over_sig_read']:.1f}x",
+             f"{r['sig_read_measured_ms'] * 1e3:.1f}", f"{g['select_over_measured_read']:.1f}x"]]
+    if g.get("select_chain_ms"):
+        rows.append(["per call in a chain of 8", f"{g['select_chain_ms'] * 1e3:.1f}",
+                     f"{g['select_chain_over_sig_read']:.1f}x", f"{r['sig_read_chain_ms'] * 1e3:.1f}",
+                     f"{g['select_chain_over_measured_read']:.1f}x"])
+    return (_table(["512K x 1, 1/32, " + device_label(res["device"]), "selection µs",
+                    f"over one read at copy bandwidth ({copy_us:.1f} µs)", "measured read µs", "over measured read"],
+                   rows)
+            + f"\n\n{sig_mb:.1f} MB of signatures; measured read = the simplest kernel reading them once "
+              f"(`hashattention/benchmarks/read_floor.py`, same timer). From `{RESULTS}/attention_h200.json`.")
+
+
+# -- memory -------------------------------------------------------------------------------------------------
+def memory(root: Path = ROOT) -> str:
+    data = _load(root, MEMORY_FILE)
+    rows = []
+    for r in data["reports"]:
+        if r["context"] != 131072:
+            continue
+        rows.append([r["model"], f"{r['kv_heads']} of {r['q_heads']}", _bytes(r["kv_bytes"]),
+                     _bytes(r["signature_bytes"]), f"1/{1 / r['signature_to_kv_ratio']:.0f}",
+                     f"{r['max_batch_dense']} / {r['max_batch_hash']}"])
+    gib = data["reports"][0].get("gpu_memory", 0) / 1024 ** 3
+    return (_table(["model (bf16)", "KV heads", "KV cache per 128K sequence", "signatures", "signatures / KV",
+                    f"128K sequences on {gib:.0f} GiB (H100): dense / HashAttention"], rows)
+            + f"\n\nComputed from the model shapes (`hashattention memory`, `{MEMORY_FILE}`).")
+
+
+TABLES = {"quality": quality, "kernels": kernels, "decode": decode, "memory": memory,
+          "decode-breakdown": decode_breakdown, "kernel-breakdown": kernel_breakdown,
+          "selection-floor": selection_floor}
+
+
+# -- the files ----------------------------------------------------------------------------------------------
+def render(text: str, root: Path = ROOT) -> str:
+    """``text`` with every marked table rendered again from the results files."""
+    def sub(m):
+        name = m.group("name")
+        if name not in TABLES:
+            raise ValueError(f"unknown table {name!r} in a marker; known: {', '.join(TABLES)}")
+        return m.group(1) + TABLES[name](root).rstrip("\n") + "\n" + m.group(4)
+    return MARKER.sub(sub, text)
+
+
+def update(files=FILES, root: Path = ROOT, check: bool = False) -> list[str]:
+    """Render the tables of ``files`` (paths relative to ``root``); returns the files that differed (and, unless
+    ``check``, were rewritten)."""
+    changed = []
+    for f in files:
+        path = Path(root) / f
+        old = path.read_text()
+        new = render(old, root)
+        if new != old:
+            changed.append(str(f))
+            if not check:
+                path.write_text(new)
+    return changed
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hashattention.evaluation.readme_tables",
+                                 description="Render the README's and docs' tables from bench/results.")
+    ap.add_argument("files", nargs="*", default=list(FILES))
+    ap.add_argument("--check", action="store_true", help="only report files whose tables are not up to date")
+    ap.add_argument("--root", default=str(ROOT))
+    a = ap.parse_args(argv)
+    changed = update(a.files, Path(a.root), check=a.check)
+    for f in changed:
+        print(f"{f}: {'tables out of date' if a.check else 'tables rendered'}")
+    return 1 if (a.check and changed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
