@@ -17,11 +17,11 @@ train long_group --target group
 train long_head --target head
 train task_group --target group --finetune-passkey 600
 P="policies=dense,oracle,hash-sum,hash-max,hash-union,hash-head;budgets=1/16,1/32,1/64;samples=6"
-python3 bench/quality_gpu.py --work $W --deadline $((TRAIN + 30)) --pass "mode=context;$P" 2>&1 | tee $W/pass_a.log
+python3 -m hashattention eval --work $W --deadline $((TRAIN + 30)) --pass "mode=context;$P" 2>&1 | tee $W/pass_a.log
 wait
 ls -la $T
 M="policies=hash-sum,hash-max,hash-union;budgets=1/32,1/64;samples=6"
-python3 bench/quality_gpu.py --work $W --deadline $((DEADLINE - TRAIN - 60)) --pass "mode=context;$P" \
+python3 -m hashattention eval --work $W --deadline $((DEADLINE - TRAIN - 60)) --pass "mode=context;$P" \
   --pass "mode=context;$M;maps=$T/long_group.safetensors;tag=long_group" \
   --pass "mode=context;$M;maps=$T/long_head.safetensors;tag=long_head" \
   --pass "mode=context;$M;maps=$T/task_group.safetensors;tag=task_group" 2>&1 | tee $W/pass_b.log

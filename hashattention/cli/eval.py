@@ -1,6 +1,8 @@
 """`hashattention eval`: the RULER-style long-context suite + perplexity, every policy at equal budgets."""
 from __future__ import annotations
 
+from pathlib import Path
+
 
 DEFAULT_LENGTHS, DEFAULT_BUDGETS = "2K,4K,8K", "1/4,1/8,1/16,1/32"
 REPORT_DEFAULT_OUT = "runs/eval_default.json"  # git-ignored (committed results: bench/results)
@@ -13,7 +15,8 @@ def add_parser(sub):
     p.add_argument("--tasks", default="all", help="comma list of tasks or 'all'")
     p.add_argument("--policies", default="all", help="comma list: dense,oracle,hash,simhash,sink_window,quest,h2o,random")
     p.add_argument("--budgets", default=DEFAULT_BUDGETS, help="heavy budgets (fractions of the context)")
-    p.add_argument("--modes", default="everywhere", help="everywhere and/or decode (comma list)")
+    p.add_argument("--modes", default="everywhere", help="everywhere, decode and/or context (comma list): context = "
+                   "dense context prefill, sparse question and answer (the authors' sparse-attention-hub protocol)")
     p.add_argument("--decode-budgets", default="1/16,1/32")
     p.add_argument("--decode-rounds", type=int, default=1)
     p.add_argument("--samples", type=int, default=4, help="prompts per task and length")
@@ -32,6 +35,12 @@ def add_parser(sub):
     p.add_argument("--reference-path", action="store_true", help="use the fp32 reference attention/selection")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--per-head", action="store_true", help="one selection per query head (default: per KV group)")
+    p.add_argument("--pass", dest="passes", action="append", default=None, metavar="SPEC",
+                   help="run several suite passes under one --deadline instead (one model load), e.g. "
+                        "'mode=context;policies=dense,hash-max;budgets=1/32;samples=12[;maps=FILE;tag=NAME]', then "
+                        "write WORK/quality_summary.{json,md,png} (paired intervals against dense)")
+    p.add_argument("--work", default="runs/quality", help="folder of the --pass results")
+    p.add_argument("--deadline", type=float, default=600, help="seconds for all --pass passes")
     p.add_argument("--report", default=None, metavar="JSON",
                    help="only render the table and plot of a results file (with --policies/--budgets/--lengths "
                         "as filters, 'all' for none) into --out's .md/.png")
@@ -54,6 +63,22 @@ def run(args) -> int:
         out = None if args.out == REPORT_DEFAULT_OUT else args.out
         print(render(args.report, out, pick(args.policies), pick(args.budgets) if args.budgets != DEFAULT_BUDGETS
                      else None, pick(args.lengths) if args.lengths != DEFAULT_LENGTHS else None))
+        return 0
+    if args.passes:
+        from ..evaluation.passes import parse_pass, run_passes
+        passes = [parse_pass(p) for p in args.passes]  # bad specs fail before the model loads
+        for p in passes:
+            check_policies(p.get("policies", "dense"), POLICIES)
+            ruler.check_tasks(p.get("tasks", "all"))
+        model, tok, _ = load_model(args.model, args.device)
+        shipped, name = None, "shipped"
+        if args.maps or any(q.get("maps", "shipped") == "shipped" and "hash" in q.get("policies", "hash")
+                            for q in passes):
+            from ..shipped import DEFAULT_MAPS
+            from ..weights import load_maps
+            path = args.maps or DEFAULT_MAPS
+            shipped, name = load_maps(path, model.config, device=next(model.parameters()).device), Path(path).name
+        run_passes(model, tok, passes, args.work, args.deadline, args.lengths, shipped, name)
         return 0
     ruler.check_tasks(args.tasks)  # bad names fail before the model loads
     check_policies(args.policies, POLICIES)
