@@ -18,17 +18,20 @@ def add_parser(sub):
     p.add_argument("--sink", type=int, default=128)
     p.add_argument("--window", type=int, default=128)
     p.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
-    p.add_argument("--mode", choices=["decode", "everywhere"], default="decode",
-                   help="decode: dense prefill, sparse decode; everywhere: prefill sparse too (slower)")
+    p.add_argument("--mode", choices=["decode", "context", "everywhere"], default="decode",
+                   help="decode: dense prefill, sparse decode; context: dense context, sparse question and answer "
+                        "(the authors' sparse-attention-hub protocol); everywhere: prefill sparse too (slower)")
     p.add_argument("--maps", default=None, help="maps file for 'hash' (default: the shipped maps)")
     p.add_argument("--per-head", action="store_true", help="select per query head instead of per KV group")
+    p.add_argument("--selection", default=None, choices=["sum", "max", "union", "head"],
+                   help="how a KV group's query heads share one selection (hash, simhash; default the library's)")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write every number to this JSON file")
     p.set_defaults(func=run)
 
 
-def build_policies(names, budget, model, maps_path=None, per_group=True, quiet=False):
+def build_policies(names, budget, model, maps_path=None, per_group=True, quiet=False, selection=None):
     from ..policies import make_policy
     from ..shipped import has_default_maps, load_default_maps
     from ..weights import load_maps
@@ -44,7 +47,8 @@ def build_policies(names, budget, model, maps_path=None, per_group=True, quiet=F
                 if not quiet:
                     print("note: no trained maps shipped yet; 'hash' is left out (train with `hashattention train`)")
                 continue
-        policies[name] = make_policy(name, budget, maps=maps, model_config=model.config, per_group=per_group)
+        policies[name] = make_policy(name, budget, maps=maps, model_config=model.config, per_group=per_group,
+                                     **({"selection": selection} if name in ("hash", "simhash") else {}))
     return policies
 
 
@@ -85,7 +89,8 @@ def run(args) -> int:
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and max(lengths) + 16 > limit:
         raise ValueError(f"length {max(lengths)} (+ answer) is over the model's {limit}-token window")
-    policies = build_policies(names, budget, model, args.maps, per_group=not args.per_head)
+    policies = build_policies(names, budget, model, args.maps, per_group=not args.per_head,
+                              selection="head" if args.per_head else args.selection)
     dev = next(model.parameters()).device
     print(f"{model_id} on {dev} ({time.time() - t0:.0f} s to load); budget {budget.describe()}, mode {args.mode}, "
           f"{'per query head' if args.per_head else 'shared per KV group'}")

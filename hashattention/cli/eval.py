@@ -35,6 +35,9 @@ def add_parser(sub):
     p.add_argument("--reference-path", action="store_true", help="use the fp32 reference attention/selection")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--per-head", action="store_true", help="one selection per query head (default: per KV group)")
+    p.add_argument("--selection", default=None, choices=["sum", "max", "union", "head"],
+                   help="how a KV group's query heads share one selection for hash/simhash (default the library's); "
+                        "the policies hash-sum, hash-max, hash-union, hash-head name one each")
     p.add_argument("--pass", dest="passes", action="append", default=None, metavar="SPEC",
                    help="run several suite passes under one --deadline instead (one model load), e.g. "
                         "'mode=context;policies=dense,hash-max;budgets=1/32;samples=12[;maps=FILE;tag=NAME]', then "
@@ -103,7 +106,7 @@ def run(args) -> int:
                   sink=args.sink, window=args.window, chunk=args.chunk, maps=maps, maps_path=maps_path,
                   ppl_samples=args.ppl_samples, ppl_from=args.ppl_from, out=args.out,
                   time_limit=args.time_limit, progress=not args.no_progress, accelerate=not args.reference_path,
-                  per_group=not args.per_head)
+                  per_group=not args.per_head, selection="head" if args.per_head else args.selection)
     suite.run()
     print(open(suite.out.with_suffix(".md")).read() if suite.out else "")
     return 0

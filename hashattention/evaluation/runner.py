@@ -297,7 +297,7 @@ class Suite:
                  decode_policies=None, decode_budgets=("1/16", "1/32"), decode_rounds=1, seed=0,
                  sink=128, window=128, chunk=128, page_size=16, maps=None, maps_path=None,
                  ppl_samples=2, ppl_from=1024, out=None, time_limit=None, progress=True, accelerate=True,
-                 resources=None, log=print, per_group=True, context_budgets=None):
+                 resources=None, log=print, per_group=True, context_budgets=None, selection=None):
         from ..policies import POLICIES
         self.model, self.tok, self.log = model, tok, log
         self.tasks = ruler.check_tasks(tasks)
@@ -324,6 +324,7 @@ class Suite:
         self.out = Path(out) if out else None
         self.time_limit, self.progress, self.accelerate = time_limit, progress, accelerate
         self.per_group = per_group
+        self.selection = "head" if not per_group and selection is None else selection
         self.res = resources or ruler.Resources()
         self.t0 = time.perf_counter()
         from .heldout import text_digest
@@ -342,7 +343,8 @@ class Suite:
             "max_new": {t: ruler.TASKS[t].max_new for t in self.tasks},
             "maps": str(maps_path) if maps_path else None,
             "heldout_sha256": text_digest(), "accelerated_path": accelerate,
-            "selection": "per KV group" if per_group else "per query head",
+            "selection": {None: "per KV group", "sum": "per KV group", "head": "per query head"}.get(
+                self.selection, f"per KV group ({self.selection})"),
             "scoring": "RULER string match: % of expected strings in the greedy answer",
         }
         self.data = {"settings": self.settings, "records": {}, "stats": {}, "timing": {}}
@@ -380,6 +382,8 @@ class Suite:
             return None
         b = Budget(heavy=budget, sink=self.sink, window=self.window)
         kw = {"page_size": self.page_size} if name == "quest" else {}
+        if name in ("hash", "simhash") and self.selection:
+            kw["selection"] = self.selection
         return make_policy(name, b, maps=self.maps, model_config=self.model.config, per_group=self.per_group, **kw)
 
     def configs(self, mode: str) -> list:

@@ -34,12 +34,13 @@ def make_policy(name: str, budget: Budget | None = None, maps=None, model_config
     ``model_config``."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; available: {', '.join(POLICIES)}")
+    selection = kwargs.pop("selection", None)  # hash and simhash: how a KV group's heads share a selection
     if name == "dense":
         return DensePolicy()
     if name == "hash" or name.startswith("hash-"):
         if maps is None:
             raise ValueError(f"policy {name!r} needs trained maps (hashattention.load_maps / load_default_maps)")
-        selection = name[5:] if name.startswith("hash-") else kwargs.get("selection")
+        selection = name[5:] if name.startswith("hash-") else selection
         return HashAttentionPolicy(maps, budget, per_group, selection=selection)
     if name == "simhash":
         if model_config is None:
@@ -47,5 +48,5 @@ def make_policy(name: str, budget: Budget | None = None, maps=None, model_config
         from ..core.maps import HashMaps
         from ..weights import maps_config_for
         maps = HashMaps.simhash(maps_config_for(model_config), seed=kwargs.get("seed", 0))
-        return HashAttentionPolicy(maps, budget, per_group, selection=kwargs.get("selection"))
+        return HashAttentionPolicy(maps, budget, per_group, selection=selection)
     return POLICIES[name](budget, per_group, **kwargs)
