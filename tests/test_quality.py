@@ -161,3 +161,62 @@ def test_quality_rows_pair_items_and_weigh_cells_equally(tmp_path):
     assert json.loads(path.read_text())[0]["delta_vs_dense"] == -50.0
     assert "-50.0 [-50.0, -50.0]" in path.with_suffix(".md").read_text()
     assert path.with_suffix(".png").stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------------------- residual sample
+def test_residual_sample_counts_weights_and_bad_input():
+    from hashattention.core.selection import residual_sample
+    keep = torch.zeros(2, 3, 4, 1000, dtype=torch.bool)
+    keep[..., :50] = True
+    valid = torch.ones(2, 1, 4, 1000, dtype=torch.bool)
+    valid[1, ..., :100] = False
+    sample, logw = residual_sample(keep, valid, ha.Budget(heavy=1 / 32, residual=64), salt=3)
+    assert bool((sample.sum(-1) == 64).all()) and not bool((sample & keep).any()) and not bool((sample & ~valid).any())
+    assert torch.allclose(logw[0].exp(), torch.full_like(logw[0], 950 / 64))
+    assert torch.allclose(logw[1].exp(), torch.full_like(logw[1], 900 / 64))
+    again, _ = residual_sample(keep, valid, ha.Budget(heavy=1 / 32, residual=64), salt=3)
+    assert torch.equal(sample, again)  # deterministic
+    for bad in (-1, 1.0, 1.5, "x"):
+        with pytest.raises(ValueError):
+            ha.Budget(residual=bad)
+    with pytest.raises(ValueError, match="residual sample of 500 tokens is larger than the context"):
+        ha.Budget(heavy=1 / 32, residual=500).check_fits(400)
+
+
+def test_residual_sample_estimates_the_dropped_mass():
+    """Keys beyond the top-k carry a flat share of the attention: dropping them biases the output toward
+    the kept keys; the weighted sample removes most of that error."""
+    g = torch.Generator().manual_seed(0)
+    b, h, n, d = 1, 2, 4096, 32
+    q = torch.randn(b, h, 8, d, generator=g)
+    k = torch.randn(b, h, n, d, generator=g) * 0.3
+    v = torch.randn(b, h, n, d, generator=g)
+    k[:, :, :40] += q.mean(2, keepdim=True) * 0.6  # a few heavy keys
+    valid = torch.ones(b, 1, 8, n, dtype=torch.bool)
+    dense = ha.sparse_attention(q, k, v, valid.expand(b, h, 8, n))
+    pol = ha.OracleTopKPolicy(ha.Budget(heavy=64, sink=0, window=0), per_group=False)
+    keep = pol.select(0, {}, q, k, v, valid, d ** -0.5)
+    plain = ha.sparse_attention(q, k, v, keep)
+    from hashattention.core.selection import residual_sample
+    sample, logw = residual_sample(keep, valid, ha.Budget(heavy=64, sink=0, window=0, residual=256), salt=1)
+    bias = torch.where(sample, logw, torch.zeros(()))
+    est = ha.sparse_attention(q, k, v, keep | sample, bias=bias)
+    err = lambda x: float((x - dense).norm() / dense.norm())  # noqa: E731
+    assert err(est) < 0.6 * err(plain), (err(est), err(plain))
+
+
+def test_residual_budget_through_the_integration_is_exact_at_full_budget():
+    model = tiny_model("llama")
+    ids, attn = _batch()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=attn).logits
+        pol = ha.OracleTopKPolicy(ha.Budget(heavy=10_000, sink=4, window=4, residual=8))
+        with ha.enable(model, pol, mode="everywhere", chunk=16):
+            out = model(input_ids=ids, attention_mask=attn).logits
+        pol = ha.OracleTopKPolicy(ha.Budget(heavy=3, sink=2, window=2, residual=10))
+        with ha.enable(model, pol, mode="everywhere", chunk=16) as h:
+            sparse = model(input_ids=ids, attention_mask=attn).logits
+            assert h.stats()["tokens_read"] <= 2 + 2 + 3 + 10
+    m = attn.bool()
+    assert torch.allclose(out[m], ref[m], atol=1e-4)
+    assert not torch.allclose(sparse[m], ref[m], atol=1e-3)

@@ -24,12 +24,13 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
-                     scale: float | None = None, return_probs: bool = False):
+                     scale: float | None = None, return_probs: bool = False, bias: torch.Tensor | None = None):
     """Attention of each query over the keys where ``keep`` is True.
 
     q: [B, Hq, Lq, D]; k, v: [B, Hkv, Lk, D]; keep: bool [B, Hq or Hkv or 1, Lq, Lk] (a KV-head mask is
-    shared by the query heads of its group). Softmax in fp32. Returns [B, Hq, Lq, D] in q's dtype (and the
-    probabilities [B, Hq, Lq, Lk] when ``return_probs``). A row with no kept key returns zeros.
+    shared by the query heads of its group); bias: float like keep, added to the kept logits (the log weight
+    of a sampled residual key). Softmax in fp32. Returns [B, Hq, Lq, D] in q's dtype (and the probabilities
+    [B, Hq, Lq, Lk] when ``return_probs``). A row with no kept key returns zeros.
     """
     check_qkv(q, k, v)
     if keep.dtype != torch.bool or keep.dim() != 4:
@@ -39,10 +40,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: to
     scale = d ** -0.5 if scale is None else scale
     qg = _group(q, hkv).float()  # [B, Hkv, G, Lq, D]
     s = torch.matmul(qg, k.float().unsqueeze(2).transpose(-1, -2)) * scale  # [B, Hkv, G, Lq, Lk]
-    if keep.shape[1] == hq and hq != hkv:
-        m = _group(keep, hkv)
-    else:
-        m = keep.unsqueeze(2)  # [B, Hkv or 1, 1, Lq, Lk]
+    grouped = keep.shape[1] == hq and hq != hkv
+    m = _group(keep, hkv) if grouped else keep.unsqueeze(2)  # [B, Hkv or 1, 1 or G, Lq, Lk]
+    if bias is not None:
+        s = s + (_group(bias, hkv) if grouped else bias.unsqueeze(2)).float()
     s = s.masked_fill(~m, float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
     out = torch.matmul(p, v.float().unsqueeze(2)).reshape(b, hq, lq, d).to(q.dtype)

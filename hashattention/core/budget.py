@@ -29,8 +29,17 @@ class Budget:
     heavy: int | float = 1 / 16
     sink: int = 128
     window: int = 128
+    #: residual: besides sink, window and heavy tokens, a systematic sample of this many of the other keys (a
+    #: count, or a fraction of the context) whose softmax terms are weighted by (keys left) / (sampled): an
+    #: unbiased estimate of the rest of the softmax sums instead of dropping them (vAttention, Desai et al. 2025)
+    residual: int | float = 0
 
     def __post_init__(self):
+        r = parse_heavy(self.residual)
+        object.__setattr__(self, "residual", r)
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or (isinstance(r, float) and not 0 <= r < 1) \
+                or (isinstance(r, int) and r < 0):
+            raise ValueError(f"residual sample must be a count >= 0 or a fraction in [0, 1), got {self.residual!r}")
         h = parse_heavy(self.heavy)
         object.__setattr__(self, "heavy", h)
         if isinstance(h, bool) or not isinstance(h, (int, float)):
@@ -52,16 +61,28 @@ class Budget:
             return int(context * self.heavy)
         return self.heavy if not isinstance(context, torch.Tensor) else torch.full_like(context, self.heavy)
 
+    def residual_count(self, context: torch.Tensor | int):
+        """Residual sample size at a context of ``context`` tokens (tensor or int)."""
+        r = self.residual
+        if isinstance(r, float):
+            if isinstance(context, torch.Tensor):
+                return torch.floor(context.to(torch.float64) * r).to(torch.int64)
+            return int(context * r)
+        return r if not isinstance(context, torch.Tensor) else torch.full_like(context, r)
+
     def total(self, context: int) -> int:
         """Tokens read by one query at this context length (never more than the context)."""
-        return min(context, self.sink + self.window + self.heavy_count(context))
+        return min(context, self.sink + self.window + self.heavy_count(context) + self.residual_count(context))
 
     def describe(self) -> str:
         h = self.heavy
         hs = (f"1/{round(1 / h)}" if isinstance(h, float) and abs(1 / h - round(1 / h)) < 1e-9 else str(h))
-        return f"heavy={hs} sink={self.sink} window={self.window}"
+        res = f" residual={self.residual}" if self.residual else ""
+        return f"heavy={hs} sink={self.sink} window={self.window}{res}"
 
     def check_fits(self, context: int):
         """Raise when an explicit heavy count cannot fit in a context of ``context`` tokens."""
         if isinstance(self.heavy, int) and self.heavy > context:
             raise ValueError(f"budget of {self.heavy} heavy tokens is larger than the context ({context} tokens)")
+        if isinstance(self.residual, int) and self.residual > context:
+            raise ValueError(f"residual sample of {self.residual} tokens is larger than the context ({context} tokens)")

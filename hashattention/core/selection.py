@@ -130,3 +130,29 @@ def causal_valid(batch: int, q_len: int, kv_len: int, device=None) -> torch.Tens
     qpos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
     kpos = torch.arange(kv_len, device=device)[None, :]
     return (kpos <= qpos).expand(batch, 1, q_len, kv_len)
+
+
+def residual_sample(keep: torch.Tensor, valid: torch.Tensor, budget: Budget, salt: int = 0):
+    """A systematic sample of the valid keys a query does not read (vAttention's residual), and the log of
+    their weight. keep bool [B, Hs, Lq, Lk], valid bool [B, 1 or Hs, Lq, Lk] -> (sample bool like keep,
+    log_weight float32 [B, Hs, Lq, 1]): n_rest / r, so that sum over the sample of w * exp(s) v estimates the
+    dropped part of the softmax sums without bias. The start of each row's stride comes from a hash of (salt,
+    query position), so the sample is deterministic and does not depend on padding or the batch."""
+    rest = valid & ~keep
+    n_rest = rest.sum(-1, keepdim=True)
+    n_valid = valid.sum(-1, keepdim=True).to(torch.int64)
+    r = torch.minimum(budget.residual_count(n_valid), n_rest)
+    rank = torch.cumsum(rest.to(torch.int32), -1) - 1  # 0-based rank among the rest
+    step = n_rest.to(torch.float64) / r.clamp_min(1).to(torch.float64)
+    x = n_valid * 0x9E3779B1 + (salt * 0x27D4EB2F + 0x85EBCA77)  # the query's position and the salt
+    x = x ^ (x >> 31)
+    x = x * 0x7FB5D329728EA185
+    x = x ^ (x >> 27)
+    u = (x & 0xFFFFFF).to(torch.float64) / float(1 << 24)  # [0, 1)
+    off = u * step
+    rk = rank.to(torch.float64)
+    hit = torch.floor((rk + 1 - off) / step) - torch.floor((rk - off) / step) > 0  # a point m * step + off in [j, j + 1)
+    sample = rest & hit & (r > 0)
+    logw = torch.where(r > 0, torch.log(n_rest.to(torch.float32) / r.clamp_min(1).to(torch.float32)),
+                       torch.zeros((), device=keep.device))
+    return sample, logw

@@ -45,7 +45,7 @@ def topk_select(scores: torch.Tensor | None, valid: torch.Tensor, budget: Budget
 
 
 def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
-                return_probs: bool = False) -> torch.Tensor:
+                return_probs: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of q [B, Hq, Lq, D] over the kept keys of k, v [B, Hkv, Lk, D]; keep bool
     [B, Hq or Hkv or 1, Lq, Lk]. Rows with nothing kept (padding queries) read every key instead of
     producing NaN (their output is never used, but NaN would leak through 0-weights later)."""
@@ -56,10 +56,13 @@ def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.T
     g = hq // hkv
     if keep.shape[1] == hkv and g > 1:
         keep = keep.repeat_interleave(g, dim=1)
+        bias = bias.repeat_interleave(g, dim=1) if bias is not None else None
     keep = keep | ~keep.any(-1, keepdim=True)
     if g > 1:
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
+    mask = keep if bias is None else torch.where(keep, bias.to(q.dtype), torch.full((), float("-inf"), dtype=q.dtype,
+                                                                                     device=q.device))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def accelerate(policy: SelectionPolicy) -> SelectionPolicy:

@@ -241,7 +241,23 @@ def dense_prefill(model, rows: list, pad: int, context: list | None = None) -> d
 
 # ------------------------------------------------------------------------------------------- the suite
 def budget_label(b) -> str:
-    return Budget(heavy=b).describe().split()[0].split("=")[1]
+    """'0.0625' -> '1/16'; '1/64+r1/64' (heavy 1/64 and a residual sample of 1/64) keeps its residual."""
+    heavy, _, res = str(b).partition("+r")
+    label = Budget(heavy=heavy).describe().split()[0].split("=")[1]
+    return label + (f"+r{Budget(heavy=res).describe().split()[0].split('=')[1]}" if res else "")
+
+
+def budget_from_label(label: str, sink: int = 128, window: int = 128) -> Budget:
+    heavy, _, res = label.partition("+r")
+    return Budget(heavy=heavy, sink=sink, window=window, residual=res or 0)
+
+
+def budget_fraction(label: str) -> float:
+    """Heavy (+ residual) tokens as a fraction of the context; 1 for dense."""
+    if label == DENSE_BUDGET:
+        return 1.0
+    b = budget_from_label(label)
+    return float(b.heavy) + float(b.residual)
 
 
 def check_policies(names, available=None) -> list:
@@ -380,7 +396,7 @@ class Suite:
         from ..policies import make_policy
         if name == "dense":
             return None
-        b = Budget(heavy=budget, sink=self.sink, window=self.window)
+        b = budget_from_label(budget, self.sink, self.window)
         kw = {"page_size": self.page_size} if name == "quest" else {}
         if name in ("hash", "simhash") and self.selection:
             kw["selection"] = self.selection
@@ -565,7 +581,7 @@ def summarize(data: dict) -> dict:
 def _sort_cfgs(cfgs):
     def key(c):
         pol, bud = c.split("@")
-        frac = 1.0 if bud == DENSE_BUDGET else float(Budget(heavy=bud).heavy)
+        frac = budget_fraction(bud)
         order = POLICY_ORDER.index(pol) if pol in POLICY_ORDER else len(POLICY_ORDER)
         return (-frac, order)
     return sorted(cfgs, key=key)
@@ -610,7 +626,7 @@ def plot(data: dict, summary: dict, path):
         cfgs = summary[mode]
         pols = sorted({c.split("@")[0] for c in cfgs}, key=lambda p: POLICY_ORDER.index(p) if p in POLICY_ORDER else 99)
         for pol in pols:
-            pts = sorted(((1 / float(Budget(heavy=c.split("@")[1]).heavy), e["average"]) for c, e in cfgs.items()
+            pts = sorted(((1 / budget_fraction(c.split("@")[1]), e["average"]) for c, e in cfgs.items()
                           if c.startswith(pol + "@") and c.split("@")[1] != DENSE_BUDGET and e["average"] is not None))
             if pol == "dense":
                 d = cfgs.get(f"dense@{DENSE_BUDGET}")

@@ -24,7 +24,7 @@ import weakref
 
 import torch
 
-from ..core.selection import causal_valid
+from ..core.selection import causal_valid, residual_sample
 from ..policies.base import SelectionPolicy, register_enabler
 from .families import (SUPPORTED_MODEL_TYPES, UnsupportedModelError, attention_modules, check_supported,  # noqa: F401
                        sparse_attention_modules)
@@ -194,11 +194,15 @@ class SparseAttentionHandle:
             keep = self.policy.select(layer, state, qc, key, value, vc, scale)
             if rows is not None:
                 keep = torch.where(rows[:, None, s:s + self.chunk, None], keep, vc)
+            bias = None
+            if self.policy.budget.residual:  # a weighted sample of the rest (Budget.residual)
+                sample, logw = residual_sample(keep, vc, self.policy.budget, layer)
+                keep, bias = keep | sample, torch.where(sample, logw, torch.zeros((), device=logw.device))
             if self.policy.wants_probs:
-                o, p = self.policy.attend(qc, key, value, keep, scale, return_probs=True)
+                o, p = self.policy.attend(qc, key, value, keep, scale, return_probs=True, bias=bias)
                 self.policy.observe(layer, state, p, keep)
             else:
-                o = self.policy.attend(qc, key, value, keep, scale)
+                o = self.policy.attend(qc, key, value, keep, scale, bias=bias)
             outs.append(o)
             if layer == self._stats_layer:  # counters stay on the device: no host sync per step
                 self._read = self._read.to(keep.device) + keep.sum(dtype=torch.float64) / keep.shape[1]

@@ -58,9 +58,10 @@ class SelectionPolicy:
         shared select + sparse_attention path."""
         return None
 
-    def attend(self, q, k, v, keep: torch.Tensor, scale: float, return_probs: bool = False):
-        """Aggregate the values of the kept tokens; softmax attention unless a policy says otherwise."""
-        return sparse_attention(q, k, v, keep, scale, return_probs=return_probs)
+    def attend(self, q, k, v, keep: torch.Tensor, scale: float, return_probs: bool = False, bias=None):
+        """Aggregate the values of the kept tokens; softmax attention unless a policy says otherwise. ``bias``
+        (float like keep): log weights of residual samples (Budget.residual)."""
+        return sparse_attention(q, k, v, keep, scale, return_probs=return_probs, bias=bias)
 
     def extra_bits_per_token(self, num_kv_heads: int, num_q_heads: int) -> int:
         """Extra memory this policy keeps per cached token per layer, in bits, all KV heads together."""

@@ -203,7 +203,9 @@ class BucketPolicy(SelectionPolicy):
             raise ValueError(f"projection for layer {layer} has shape {tuple(w.shape)}, expected {(hq, d + 1, d)}")
         return w.to(device=device, dtype=torch.float32)
 
-    def attend(self, q, k, v, keep, scale, return_probs=False):
+    def attend(self, q, k, v, keep, scale, return_probs=False, bias=None):
+        if bias is not None:
+            raise ValueError("bucket policies aggregate buckets: a residual sample (Budget.residual) does not apply")
         check_qkv(q, k, v)
         st = self._stash if self._stash is not None and self._stash["keep"] is keep else None
         if st is None:  # a mask from elsewhere: one round, every head bucketed

@@ -91,7 +91,7 @@ class HashAttentionPolicy(SelectionPolicy):
         do not take, or when the valid keys of a row are not one range [start, Lk) (left padding)."""
         from .. import kernels
         if not (q.is_cuda or self.kernels_on_cpu) or kernels.triton is None or not kernels.use_triton(q) \
-                or self.selection not in kernels.SELECTIONS:
+                or self.selection not in kernels.SELECTIONS or self.budget.residual:
             return None
         b, hq, lq, d = q.shape
         lk = k.shape[2]
