@@ -42,7 +42,7 @@ def _generate(model, seqs):
 
 
 def build(name, model, budget=SMALL):
-    maps = HashMaps.simhash(maps_config_for(model.config), seed=7) if name == "hash" else None
+    maps = HashMaps.simhash(maps_config_for(model.config), seed=7) if name.startswith("hash") else None
     return make_policy(name, budget, maps=maps, model_config=model.config)
 
 

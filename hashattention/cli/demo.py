@@ -38,7 +38,7 @@ def build_policies(names, budget, model, maps_path=None, per_group=True, quiet=F
     policies = {}
     for name in names:
         maps = None
-        if name == "hash":
+        if name == "hash" or name.startswith("hash-"):
             if maps_path:
                 maps = load_maps(maps_path, model.config, device=next(model.parameters()).device)
             elif has_default_maps():

@@ -34,12 +34,15 @@ def parse_pass(text: str) -> dict:
 
 
 def seed_dense(src: Path, dst: Path, mode: str):
-    """Start ``dst`` with the dense records of ``src`` (same prompts), so dense runs once per mode."""
-    if dst.exists() or not src.exists():
+    """Give ``dst`` the dense records of ``src`` it lacks (same prompts), so dense runs once per mode."""
+    if not src.exists():
         return
     data = json.loads(src.read_text())
-    keep = {k: v for k, v in data["records"].items() if k.split("|")[1] == "dense" and k.startswith(mode + "|")}
-    dst.write_text(json.dumps({"settings": data["settings"], "records": keep, "stats": {}, "timing": {}}))
+    dense = {k: v for k, v in data["records"].items() if k.split("|")[1] == "dense" and k.startswith(mode + "|")}
+    old = json.loads(dst.read_text()) if dst.exists() else {"settings": data["settings"], "records": {},
+                                                           "stats": {}, "timing": {}}
+    old["records"] = {**dense, **old["records"]}
+    dst.write_text(json.dumps(old))
 
 
 def run_passes(model, tok, passes: list, work, deadline: float, lengths: str = "2K,4K,8K", shipped=None,
