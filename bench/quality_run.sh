@@ -16,11 +16,11 @@ train() {  # name, extra args
 train long_group --target group
 train long_head --target head
 train task_group --target group --finetune-passkey 600
-P="policies=dense,oracle,hash-sum,hash-max,hash-union,hash-head;budgets=1/16,1/32,1/64;samples=6"
+P="policies=dense,oracle,hash-sum,hash-max,hash-union,hash-head;budgets=1/32,1/64,1/16;samples=12;round=4"
 python3 -m hashattention eval --work $W --deadline $((TRAIN + 30)) --pass "mode=context;$P" 2>&1 | tee $W/pass_a.log
 wait
 ls -la $T
-M="policies=hash-sum,hash-max,hash-union;budgets=1/32,1/64;samples=6"
+M="policies=dense,hash-sum,hash-max;budgets=1/32,1/64;samples=12;round=4"
 python3 -m hashattention eval --work $W --deadline $((DEADLINE - TRAIN - 60)) --pass "mode=context;$P" \
   --pass "mode=context;$M;maps=$T/long_group.safetensors;tag=long_group" \
   --pass "mode=context;$M;maps=$T/long_head.safetensors;tag=long_head" \
