@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hashattention.evaluation import readme_tables as rt
+from hashattention.benchmarks import readme_tables as rt
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -20,7 +20,7 @@ COMMANDS = ("bash scripts/setup.sh && .venv/bin/hashattention demo        # set 
 
 def test_tables_are_generated_from_the_results_files():
     stale = rt.update(check=True)
-    assert stale == [], f"{stale}: run `python -m hashattention.evaluation.readme_tables` and commit the result"
+    assert stale == [], f"{stale}: run `python -m hashattention.benchmarks.readme_tables` and commit the result"
     text = README.read_text()
     for name in ("quality", "kernels", "decode", "memory"):
         assert f"<!-- table:{name} -->" in text and f"<!-- /table:{name} -->" in text

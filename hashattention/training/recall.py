@@ -154,3 +154,81 @@ def table(result: dict, groups: int = 3) -> str:
                 cells = [f"{sum(vals[a:c]) / (c - a):.3f}" for a, c in spans]
                 lines.append(f"| {n} ({label}) | {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 64),
+                        selections=("sum", "max", "union", "head"), sink: int = 128, window: int = 128,
+                        layer_block: int = 10) -> dict:
+    """How much of each query head's true attention the tokens read hold, per group selection.
+
+    The queries are positions ``qstart..L-1`` of the captured sequence (a suite prompt's question: the
+    context mode's sparse queries). For each budget and selection (HashAttentionPolicy.selection, with
+    ``maps``; "oracle" = the group's summed softmax weights, "oracle-head" = each head's own weights) returns
+    {"mass": mean over layers, heads and queries of the attention weight on the tokens read,
+     "heavy_mass": the same over the heavy candidates only (sink and window are read by every selection),
+     "top1": how often a query head's heaviest candidate key is read (what retrieval needs),
+     "rel_error": mean relative error of the attention output, "read": mean rows read per KV head and query
+     (union and head selections read more than the budget's count per KV head; see the module docstring)}.
+    """
+    L = cap.length
+    if not 0 < qstart < L:
+        raise ValueError(f"query start {qstart} is outside the sequence of {L} tokens")
+    dev = cap.k.device
+    nl, hq, _, d = cap.q.shape
+    hkv = cap.k.shape[1]
+    g = hq // hkv
+    nq = L - qstart
+    names = list(selections) + ["oracle", "oracle-head"]
+    acc = {(n, _bstr(b)): {"mass": 0.0, "heavy_mass": 0.0, "top1": 0.0, "rel_error": 0.0, "read": 0.0}
+           for n in names for b in budgets}
+    qpos = torch.arange(qstart, L, device=dev)
+    valid = (torch.arange(L, device=dev)[None, :] <= qpos[:, None])  # [C, T]
+    bits = maps.config.bits
+    for l0 in range(0, nl, layer_block):
+        sl = slice(l0, min(nl, l0 + layer_block))
+        q = cap.q[sl, :, qstart:].float()
+        k, v = cap.k[sl].float(), cap.v[sl].float()
+        ly = q.shape[0]
+        vmask = valid.expand(ly, 1, nq, L)
+        dense = sparse_attention(q, k, v, vmask, cap.scale)
+        logits = group_similarity(q, k, hkv) * cap.scale  # [Ly, Hkv, G, C, T]
+        probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), -1)
+        dt = maps.q.weights[0].dtype
+        sq = torch.sign(project_all(maps.q, q.to(dt), sl).float())
+        sk = torch.sign(project_all(maps.k, key_input(maps, k, v).to(dt), sl).float())
+        sq[sq == 0] = -1
+        sk[sk == 0] = -1
+        match = ((group_similarity(sq, sk, hkv) + bits) / 2).round().to(torch.int64)  # [Ly, Hkv, G, C, T]
+        per_head = match.flatten(1, 2)  # [Ly, Hq, C, T]
+        for b in budgets:
+            bud = Budget(heavy=b, sink=sink, window=window)
+            _, cand, _ = forced_and_candidates(vmask, bud)  # [Ly, 1, C, T]
+            pc = probs * cand.unsqueeze(2)  # candidates' weights [Ly, Hkv, G, C, T]
+            cand_mass = pc.sum(-1).clamp_min(1e-12)
+            top1 = pc.argmax(-1, keepdim=True)
+            keeps = {
+                "sum": lambda: select(match.sum(2), vmask, bud, max_score=bits * g),
+                "max": lambda: select(match.amax(2), vmask, bud, max_score=bits),
+                "union": lambda: select(per_head, vmask, bud, max_score=bits, union=g),
+                "head": lambda: select(per_head, vmask, bud, max_score=bits),
+                "oracle": lambda: select(probs.sum(2), vmask, bud),
+                "oracle-head": lambda: select(probs.flatten(1, 2), vmask, bud),
+            }
+            for n in names:
+                keep = keeps[n]()  # [Ly, Hkv or Hq, C, T]
+                kh = keep.view(ly, hkv, g, nq, L) if keep.shape[1] == hq else keep.unsqueeze(2)
+                mass = (probs * kh).sum(-1).mean()
+                heavy_mass = ((pc * kh).sum(-1) / cand_mass).mean()
+                hit = torch.gather(kh.expand_as(pc), -1, top1).float().mean()
+                read = keep.view(ly, hkv, -1, nq, L).any(2).sum(-1).float().mean()  # rows per KV head
+                o = sparse_attention(q, k, v, keep, cap.scale)
+                err = ((o - dense).norm(dim=-1) / dense.norm(dim=-1).clamp_min(1e-6)).mean()
+                a = acc[(n, _bstr(b))]
+                a["mass"] += float(mass) * ly / nl
+                a["heavy_mass"] += float(heavy_mass) * ly / nl
+                a["top1"] += float(hit) * ly / nl
+                a["rel_error"] += float(err) * ly / nl
+                a["read"] += float(read) * ly / nl
+        del logits, probs, match, per_head
+    return {f"{n}@{b}": v for (n, b), v in acc.items()}

@@ -9,8 +9,8 @@ Each table sits between markers in a Markdown file::
 and is rendered by the function of that name in :data:`TABLES` from files in ``bench/results/``. Regenerate
 after a new results file lands (and commit both)::
 
-    python -m hashattention.evaluation.readme_tables            # rewrites README.md and docs/performance.md
-    python -m hashattention.evaluation.readme_tables --check    # exit 1 if a file differs (tests/test_readme.py)
+    python -m hashattention.benchmarks.readme_tables            # rewrites README.md and docs/performance.md
+    python -m hashattention.benchmarks.readme_tables --check    # exit 1 if a file differs (tests/test_readme.py)
 
 Quality: ``bench/results/quality_summary.json`` when it exists (rows ``{"mode", "budget", "policy", "score",
 "delta_vs_dense", "ci95": [lo, hi], "n_items", "device", "maps"}``), else rows derived the same way from the
@@ -55,7 +55,7 @@ def _load(root: Path, name: str) -> dict:
 
 def device_label(name: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'H100', 'NVIDIA H200' -> 'H200', 'cpu (x86_64, 2 cores)' -> 'CPU'."""
-    from ..benchmarks import device_tag
+    from . import device_tag
     return device_tag(name).upper()
 
 
@@ -337,7 +337,7 @@ def update(files=FILES, root: Path = ROOT, check: bool = False) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hashattention.evaluation.readme_tables",
+    ap = argparse.ArgumentParser(prog="python -m hashattention.benchmarks.readme_tables",
                                  description="Render the README's and docs' tables from bench/results.")
     ap.add_argument("files", nargs="*", default=list(FILES))
     ap.add_argument("--check", action="store_true", help="only report files whose tables are not up to date")
