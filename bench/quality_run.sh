@@ -37,8 +37,8 @@ echo "selection for the everywhere mode: $SEL" | tee $W/chosen.txt
 LEFT=$((DEADLINE - $(date +%s) + T0 - 25))
 M="policies=dense,hash-sum,hash-max;budgets=1/32,1/64;samples=12;round=4"
 python3 -m hashattention eval --work $W --deadline $LEFT --pass "mode=context;$A" \
-  --pass "mode=context;$M;maps=$T/long_group.safetensors;tag=long_group" \
   --pass "mode=everywhere;policies=dense,oracle,hash-$SEL;budgets=1/16,1/32;samples=2;round=2;ppl=2" \
+  --pass "mode=context;$M;maps=$T/long_group.safetensors;tag=long_group" \
   --pass "mode=context;$M;maps=$T/long_head.safetensors;tag=long_head" \
   --pass "mode=context;$M;maps=$T/task_group.safetensors;tag=task_group" 2>&1 | tee $W/pass_b.log
 cp $T/*.json $W/ 2>/dev/null
