@@ -156,6 +156,9 @@ def table(result: dict, groups: int = 3) -> str:
     return "\n".join(lines)
 
 
+SOFT_LEVELS = 2  # query weights per bit quantized to -2..2 ("qsoft" selections)
+
+
 @torch.no_grad()
 def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 64),
                         selections=("sum", "max", "union", "head"), sink: int = 128, window: int = 128,
@@ -201,6 +204,10 @@ def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 6
         sk[sk == 0] = -1
         match = ((group_similarity(sq, sk, hkv) + bits) / 2).round().to(torch.int64)  # [Ly, Hkv, G, C, T]
         per_head = match.flatten(1, 2)  # [Ly, Hq, C, T]
+        pq = torch.tanh(project_all(maps.q, q.to(dt), sl).float())  # the query side soft, the keys' bits
+        soft = group_similarity(pq, sk, hkv)  # [Ly, Hkv, G, C, T]
+        lv = SOFT_LEVELS
+        quant = group_similarity(torch.round(pq * lv), sk, hkv).round()  # integer weights in -lv..lv per bit
         for b in budgets:
             bud = Budget(heavy=b, sink=sink, window=window)
             _, cand, _ = forced_and_candidates(vmask, bud)  # [Ly, 1, C, T]
@@ -212,6 +219,10 @@ def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 6
                 "max": lambda: select(match.amax(2), vmask, bud, max_score=bits),
                 "union": lambda: select(per_head, vmask, bud, max_score=bits, union=g),
                 "head": lambda: select(per_head, vmask, bud, max_score=bits),
+                "soft-sum": lambda: select(soft.sum(2), vmask, bud),
+                "soft-head": lambda: select(soft.flatten(1, 2), vmask, bud),
+                "qsoft-sum": lambda: select((quant.sum(2) + bits * lv * g).to(torch.int64), vmask, bud,
+                                            max_score=2 * bits * lv * g),
                 "oracle": lambda: select(probs.sum(2), vmask, bud),
                 "oracle-head": lambda: select(probs.flatten(1, 2), vmask, bud),
             }
@@ -230,5 +241,5 @@ def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 6
                 a["top1"] += float(hit) * ly / nl
                 a["rel_error"] += float(err) * ly / nl
                 a["read"] += float(read) * ly / nl
-        del logits, probs, match, per_head
+        del logits, probs, match, per_head, soft, quant
     return {f"{n}@{b}": v for (n, b), v in acc.items()}
