@@ -11,6 +11,7 @@ OUT=${1:?out dir}; TRAIN=${2:-200}; DEADLINE=${3:-560}
 W=/tmp/quality; T=/tmp/train; mkdir -p $W $T
 T0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+timeout 120 python3 tests/gpu_generate_check.py > $W/gpu_generate_check.log 2>&1; tail -3 $W/gpu_generate_check.log
 train() {  # name, extra args
   local n=$1; shift
   python3 -m hashattention train --model default --data pydoc --context 8192 --score weight --epochs 4 \
