@@ -27,6 +27,12 @@ def add_parser(sub):
     p.add_argument("--no-simhash", action="store_true")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--selections", default=None, metavar="LIST",
+                   help="instead: compare group selections (sum,max,union,head,soft-sum,soft-head,qsoft-sum) on the "
+                        "questions of the suite's prompts (the context mode's sparse queries): attention mass, heavy "
+                        "mass, top-1 hits, output error, rows read; with --suite-length and --suite-samples")
+    p.add_argument("--suite-length", type=int, default=4096, help="prompt length for --selections")
+    p.add_argument("--suite-samples", type=int, default=1, help="prompts per task for --selections (indices 100+)")
     p.add_argument("--json", default=None, help="write every number to this JSON file")
     p.add_argument("--md", default=None, help="write the table to this Markdown file")
     p.set_defaults(func=run)
@@ -45,6 +51,8 @@ def run(args) -> int:
     from ..training.recall import evaluate_layers, merge_runs, table
     from ..weights import load_maps
 
+    if args.selections:
+        return run_selections(args)
     budgets = tuple(parse_heavy(b) for b in args.budgets.split(","))
     for b in budgets:
         if not isinstance(b, float):
@@ -91,4 +99,75 @@ def run(args) -> int:
                 "results": res}
         Path(args.json).write_text(json.dumps(info, indent=1))
     print(f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    return 0
+
+
+SELECTION_NAMES = ("sum", "max", "union", "head", "soft-sum", "soft-head", "qsoft-sum")
+
+
+def run_selections(args) -> int:
+    """``recall --selections``: the group selections side by side on the suite's questions."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..core.budget import parse_heavy
+    from ..evaluation import ruler
+    from ..models import load_model
+    from ..shipped import DEFAULT_MAPS
+    from ..training.capture import capture, check_capturable
+    from ..training.recall import evaluate_selections
+    from ..weights import load_maps
+
+    sels = [x.strip() for x in args.selections.split(",") if x.strip()]
+    bad = [x for x in sels if x not in SELECTION_NAMES]
+    if bad or not sels:
+        raise ValueError(f"unknown selection(s) {bad}; available: {', '.join(SELECTION_NAMES)}")
+    budgets = tuple(parse_heavy(b) for b in args.budgets.split(","))
+    if any(not isinstance(b, float) for b in budgets):
+        raise ValueError("--budgets must be fractions like 1/32")
+    if args.suite_samples <= 0:
+        raise ValueError("--suite-samples must be positive")
+    path = str(DEFAULT_MAPS) if args.maps == "default" else args.maps
+    model, tok, model_id = load_model(args.model, device=args.device)
+    check_capturable(model, args.suite_length)
+    dev = next(model.parameters()).device
+    maps = load_maps(path, model.config, device=dev)
+    res = ruler.Resources()
+    total, n = {}, 0
+    t0 = time.perf_counter()
+    with tqdm(total=len(ruler.TASKS) * args.suite_samples, unit="prompt", desc="selections") as bar:
+        for i in range(args.suite_samples):
+            for task in ruler.TASKS:
+                s = ruler.make_sample(tok, task, args.suite_length, 100 + i, args.seed, res)
+                cap = capture(model, torch.tensor([s.ids], device=dev))
+                r = evaluate_selections(maps, cap, s.context_len, budgets, sels, args.sink, args.window)
+                for k, v in r.items():
+                    t = total.setdefault(k, dict.fromkeys(v, 0.0))
+                    for m in v:
+                        t[m] += v[m]
+                n += 1
+                bar.update(1)
+    rows = {k: {m: x / n for m, x in v.items()} for k, v in total.items()}
+    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    lines = [f"Group selections on the questions of the suite's prompts ({n} prompts x {args.suite_length} tokens, "
+             f"{model_id}, maps {Path(path).stem}, sink {args.sink} + window {args.window}; device {dev_name}). "
+             "mass: attention weight on the tokens read, heavy: the same over the heavy candidates only (sink and "
+             "window excluded), top-1: a query head's heaviest candidate read, error: relative error of the "
+             "attention output, rows: rows read per KV head and query. Means over layers, heads and queries.", "",
+             "| selection | budget | mass | heavy | top-1 | error | rows |", "|---|---|---|---|---|---|---|"]
+    for k in sorted(rows, key=lambda x: (x.split("@")[1], x.split("@")[0])):
+        v = rows[k]
+        name, b = k.split("@")
+        lines.append(f"| {name} | {b} | {v['mass']:.3f} | {v['heavy_mass']:.3f} | {v['top1']:.3f} | "
+                     f"{v['rel_error']:.3f} | {v['read']:.0f} |")
+    md = "\n".join(lines) + "\n"
+    print(md)
+    if args.md:
+        Path(args.md).write_text(md)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": model_id, "maps": path, "length": args.suite_length,
+                                               "prompts": n, "device": dev_name, "sink": args.sink,
+                                               "window": args.window, "seconds": round(time.perf_counter() - t0, 1),
+                                               "command": "hashattention recall " + " ".join(sys.argv[2:]),
+                                               "rows": rows}, indent=1))
     return 0
