@@ -86,52 +86,33 @@ def test_bench_holds_no_one_off_scripts():
 
 
 ROWS = [
-    {"mode": "decode", "budget": "1/32", "policy": "quest", "score": 9.8, "delta_vs_dense": -27.6,
-     "ci95": [3.9, 15.7], "n_items": 66, "device": "H100", "maps": "-"},
-    {"mode": "everywhere", "budget": "1/16", "policy": "hash", "score": 33.3, "delta_vs_dense": -6.7,
-     "ci95": [23.6, 42.8], "n_items": 66, "device": "H200", "maps": "shipped"},
-    {"mode": "context", "budget": "1/16", "policy": "hash", "score": 35.0, "delta_vs_dense": -1.0,
-     "ci95": [25.0, 45.0], "n_items": 88, "device": "H200", "maps": "shipped"},
-    {"mode": "everywhere", "budget": "full", "policy": "dense", "score": 40.0, "delta_vs_dense": None,
-     "ci95": [29.3, 50.7], "n_items": 66, "device": "H200", "maps": "-"},
+    {"mode": "decode", "budget": "1/32", "policy": "quest", "score": 9.8, "dense": 37.4, "delta_vs_dense": -27.6,
+     "ci95": [-33.0, -22.1], "n_items": 66, "device": "NVIDIA H100 80GB HBM3", "maps": "-"},
+    {"mode": "everywhere", "budget": "1/16", "policy": "hash", "score": 33.3, "dense": 40.0, "delta_vs_dense": -6.7,
+     "ci95": [-10.2, -3.1], "n_items": 66, "device": "NVIDIA H200", "maps": "shipped"},
+    {"mode": "context", "budget": "1/16", "policy": "hash-max", "score": 35.0, "dense": 36.0, "delta_vs_dense": -1.0,
+     "ci95": [-2.5, 0.4], "n_items": 88, "device": "cpu (x86_64, 2 cores)", "maps": "shipped"},
 ]
 
 
 @pytest.mark.parametrize("wrap", [False, True])
 def test_quality_table_from_a_summary_file(tmp_path, wrap):
     (tmp_path / "bench/results").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="quality_summary.json is missing"):
+        rt.quality(tmp_path)
     (tmp_path / "bench/results/quality_summary.json").write_text(json.dumps({"rows": ROWS} if wrap else ROWS))
     md = rt.quality(tmp_path)
     rows = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| mode")]
-    assert rows == ["| everywhere | dense | - | full | 40.0 | 29.3-50.7 | - | 66 | H200 |",
-                    "| everywhere | **hash** | shipped | 1/16 | 33.3 | 23.6-42.8 | -6.7 | 66 | H200 |",
-                    "| context | **hash** | shipped | 1/16 | 35.0 | 25.0-45.0 | -1.0 | 88 | H200 |",
-                    "| decode | quest | - | 1/32 | 9.8 | 3.9-15.7 | -27.6 | 66 | H100 |"]
-    assert "quality_summary.json" in md and "Interim" not in md
+    assert rows == ["| context | **hash-max** | shipped | 1/16 | 35.0 | 36.0 | -1.0 [-2.5, +0.4] | 88 | CPU |",
+                    "| everywhere | **hash** | shipped | 1/16 | 33.3 | 40.0 | -6.7 [-10.2, -3.1] | 66 | H200 |",
+                    "| decode | quest | - | 1/32 | 9.8 | 37.4 | -27.6 [-33.0, -22.1] | 66 | H100 |"]
+    assert "quality_summary.json" in md
     readme = "# x\n\n<!-- table:quality -->\nold\n<!-- /table:quality -->\nend\n"
     out = rt.render(readme, tmp_path)
     assert out.startswith("# x\n\n<!-- table:quality -->\n| mode |") and out.endswith("<!-- /table:quality -->\nend\n")
     assert rt.render(out, tmp_path) == out  # stable
     with pytest.raises(ValueError, match="unknown table 'nope'"):
         rt.render("<!-- table:nope -->\n<!-- /table:nope -->\n", tmp_path)
-
-
-def test_interim_quality_rows_from_eval_records():
-    rec = {}
-    for i, (d, h) in enumerate([(100, 100), (0, 0), (100, 0), (100, 100)]):
-        task, idx = ("niah", i) if i < 2 else ("vt", i - 2)
-        rec[f"everywhere|dense|full|2048|{task}|{idx}"] = {"score": d}
-        rec[f"everywhere|hash|1/16|2048|{task}|{idx}"] = {"score": h}
-    rec["everywhere|hash|1/16|2048|vt|2"] = {"score": 100.0}  # an item dense did not run: left out
-    rec["everywhere|dense|full|2048|ppl|0"] = {"nll": 1.0, "tokens": 1}
-    data = {"settings": {"device": "NVIDIA H100 80GB HBM3", "maps": "/x/maps.safetensors"}, "records": rec}
-    rows = {r["policy"]: r for r in rt.quality_rows_from_eval(data)}
-    h, d = rows["hash"], rows["dense"]
-    assert (h["score"], d["score"], h["delta_vs_dense"], d["delta_vs_dense"]) == (50.0, 75.0, -25.0, None)
-    assert h["n_items"] == 4 and h["device"] == "H100" and h["maps"] == "maps" and d["maps"] == "-"
-    se = (4 * 50 ** 2 / 3) ** 0.5 / 2
-    assert h["ci95"] == pytest.approx([max(0, 50 - 1.96 * se), min(100, 50 + 1.96 * se)])
-    assert [r["policy"] for r in rt.quality_rows_from_eval(data, maps="shipped", policies=("hash",))] == ["hash"]
     assert rt.device_label("NVIDIA H200") == "H200" and rt.device_label("cpu (x86_64, 2 cores)") == "CPU"
 
 

@@ -12,9 +12,9 @@ after a new results file lands (and commit both)::
     python -m hashattention.benchmarks.readme_tables            # rewrites README.md and docs/performance.md
     python -m hashattention.benchmarks.readme_tables --check    # exit 1 if a file differs (tests/test_readme.py)
 
-Quality: ``bench/results/quality_summary.json`` when it exists (rows ``{"mode", "budget", "policy", "score",
-"delta_vs_dense", "ci95": [lo, hi], "n_items", "device", "maps"}``), else rows derived the same way from the
-per-item records of the committed ``eval_*.json`` files (:data:`QUALITY_FALLBACK`), labelled as such.
+Quality: ``bench/results/quality_summary.json`` (rows ``{"mode", "budget", "policy", "score", "dense",
+"delta_vs_dense", "ci95": [lo, hi] of the paired difference, "n_items", "device", "maps"}``), written by
+``hashattention eval --summarize`` / ``--pass`` (:mod:`hashattention.evaluation.quality`).
 """
 from __future__ import annotations
 
@@ -29,18 +29,10 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = "bench/results"
 FILES = ("README.md", "docs/performance.md")
 QUALITY_SUMMARY = "quality_summary.json"
-#: (eval results file, label of its maps for policy hash, policies to show) while there is no quality summary
-QUALITY_FALLBACK = (
-    ("eval_everywhere_h200.json", "shipped", None),
-    ("eval_everywhere_h100.json", None, ("dense", "oracle", "simhash", "quest")),
-    ("eval_decode_h200.json", "shipped", None),
-    ("eval_decode_h100.json", None, ("dense", "oracle", "simhash", "quest")),
-)
-QUALITY_BUDGETS = ("full", "1/16", "1/32")
 KERNEL_FILES = ("attention_h200.json", "attention_h100.json")
 DECODE_FILES = ("decode_h200.json", "decode_h100.json")
 MEMORY_FILE = "memory_h100.json"
-MODE_ORDER = ("everywhere", "context", "decode")
+MODE_ORDER = ("context", "everywhere", "decode")
 POLICY_ORDER = ("dense", "oracle", "hash", "simhash", "quest", "sink_window", "h2o", "random")
 MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
 
@@ -86,75 +78,40 @@ def _budget_key(b: str) -> float:
 
 
 # -- quality ------------------------------------------------------------------------------------------------
-def quality_rows_from_eval(data: dict, maps: str | None = None, policies=None, budgets=None) -> list[dict]:
-    """Rows of the quality-summary schema from one ``hashattention eval`` results file: per (mode, policy, budget)
-    the mean string-match score over the items every configuration of that mode finished, a 95% interval (mean
-    +- 1.96 standard errors over those items) and the difference to dense in the same file."""
-    s = data["settings"]
-    by = {}  # mode -> {(policy, budget): {(task, length, index): score}}
-    for k, v in data["records"].items():
-        mode, pol, bud, length, task, idx = k.split("|")
-        if task != "ppl":
-            by.setdefault(mode, {}).setdefault((pol, bud), {})[(task, length, idx)] = v["score"]
-    rows = []
-    for mode, cfgs in by.items():
-        common = set.intersection(*(set(d) for d in cfgs.values()))
-        if not common:
-            continue
-        means = {c: sum(d[i] for i in common) / len(common) for c, d in cfgs.items()}
-        dense = next((v for (p, _), v in means.items() if p == "dense"), None)
-        for (pol, bud), d in cfgs.items():
-            if (policies and pol not in policies) or (budgets and bud not in budgets):
-                continue
-            xs = [d[i] for i in common]
-            n, mean = len(xs), means[(pol, bud)]
-            se = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n) if n > 1 else float("nan")
-            rows.append({"mode": mode, "budget": bud, "policy": pol, "score": mean,
-                         "delta_vs_dense": None if dense is None or pol == "dense" else mean - dense,
-                         "ci95": [max(0.0, mean - 1.96 * se), min(100.0, mean + 1.96 * se)], "n_items": n,
-                         "device": device_label(s.get("device", "")),
-                         "maps": (maps or Path(str(s.get("maps") or "-")).stem) if pol == "hash" else "-"})
-    return rows
-
-
 def render_quality_rows(rows: list[dict]) -> str:
-    """The quality table from rows of the quality-summary schema."""
+    """The quality table from rows of the quality-summary schema (hashattention.evaluation.quality): the
+    score, dense's score on the same prompts, and the paired difference with its 95% bootstrap interval."""
     def key(r):
         mode = MODE_ORDER.index(r["mode"]) if r["mode"] in MODE_ORDER else len(MODE_ORDER)
-        pol = POLICY_ORDER.index(r["policy"]) if r["policy"] in POLICY_ORDER else len(POLICY_ORDER)
-        return (mode, str(r.get("device")), -_budget_key(r.get("budget")), pol, r["policy"])
+        base = r["policy"].split("-")[0]
+        pol = POLICY_ORDER.index(base) if base in POLICY_ORDER else len(POLICY_ORDER)
+        return (mode, str(r.get("device")), -_budget_key(r.get("budget")), str(r.get("maps")), pol, r["policy"])
 
-    def num(x, fmt="{:.1f}", signed=False):
+    def num(x, signed=False):
         if x is None or (isinstance(x, float) and math.isnan(x)):
             return "-"
-        return ("{:+.1f}" if signed else fmt).format(x)
+        return f"{x:+.1f}" if signed else f"{x:.1f}"
     out = []
     for r in sorted(rows, key=key):
-        ci = r.get("ci95")
-        ci_s = f"{num(ci[0])}-{num(ci[1])}" if ci and None not in ci else "-"
-        pol = f"**{r['policy']}**" if r["policy"] == "hash" else r["policy"]
-        out.append([r["mode"], pol, r.get("maps") or "-", r.get("budget") or "-", num(r.get("score")), ci_s,
-                    num(r.get("delta_vs_dense"), signed=True), r.get("n_items", "-"), r.get("device", "-")])
-    return _table(["mode", "policy", "maps", "budget", "score %", "95% interval", "vs dense", "items", "device"],
+        lo, hi = r.get("ci95") or (None, None)
+        delta = num(r.get("delta_vs_dense"), True)
+        if lo is not None and hi is not None:
+            delta += f" [{num(lo, True)}, {num(hi, True)}]"
+        pol = f"**{r['policy']}**" if r["policy"].startswith("hash") else r["policy"]
+        out.append([r["mode"], pol, r.get("maps") or "-", r.get("budget") or "-", num(r.get("score")),
+                    num(r.get("dense")), delta, r.get("n_items", "-"), device_label(str(r.get("device", "-")))])
+    return _table(["mode", "policy", "maps", "budget", "score %", "dense %", "vs dense [95% CI]", "items", "device"],
                   out)
 
 
 def quality(root: Path = ROOT) -> str:
     path = Path(root) / RESULTS / QUALITY_SUMMARY
-    if path.is_file():
-        data = json.loads(path.read_text())
-        rows = data["rows"] if isinstance(data, dict) else data
-        devices = ", ".join(sorted({str(r.get("device")) for r in rows}))
-        beside = [f"`{path.with_suffix(ext).name}`" for ext in (".md", ".png") if path.with_suffix(ext).is_file()]
-        return (render_quality_rows(rows) + f"\n\nFrom `{RESULTS}/{QUALITY_SUMMARY}` ({devices}"
-                + (f"; beside it {', '.join(beside)}" if beside else "") + ").")
-    rows, names = [], []
-    for name, maps, policies in QUALITY_FALLBACK:
-        rows += quality_rows_from_eval(_load(root, name), maps, policies, QUALITY_BUDGETS)
-        names.append(f"`{name}`")
-    return (render_quality_rows(rows) + "\n\n*Interim table* (until `" + QUALITY_SUMMARY + "`): from the "
-            "per-item records of " + ", ".join(names) + "; interval: mean +- 1.96 standard errors over items; "
-            "vs dense: dense of the same file (same device and prompts).")
+    data = _load(root, QUALITY_SUMMARY)
+    rows = data["rows"] if isinstance(data, dict) else data
+    devices = ", ".join(sorted({device_label(str(r.get("device"))) for r in rows}))
+    beside = [f"`{path.with_suffix(ext).name}`" for ext in (".md", ".png") if path.with_suffix(ext).is_file()]
+    return (render_quality_rows(rows) + f"\n\nFrom `{RESULTS}/{QUALITY_SUMMARY}` ({devices}"
+            + (f"; beside it {', '.join(beside)}" if beside else "") + ").")
 
 
 # -- kernels ------------------------------------------------------------------------------------------------

@@ -43,6 +43,9 @@ def add_parser(sub):
                         "'mode=context;policies=dense,hash-max;budgets=1/32;samples=12[;maps=FILE;tag=NAME]', then "
                         "write WORK/quality_summary.{json,md,png} (paired intervals against dense)")
     p.add_argument("--work", default="runs/quality", help="folder of the --pass results")
+    p.add_argument("--summarize", nargs="+", default=None, metavar="FILE[@MAPS[@SKIP+SKIP]]",
+                   help="only write the paired quality summary (--out's .json/.md/.png) of these results files: "
+                        "the label of each file's hash maps, policies to leave out")
     p.add_argument("--deadline", type=float, default=600, help="seconds for all --pass passes")
     p.add_argument("--report", default=None, metavar="JSON",
                    help="only render the table and plot of a results file (with --policies/--budgets/--lengths "
@@ -66,6 +69,13 @@ def run(args) -> int:
         out = None if args.out == REPORT_DEFAULT_OUT else args.out
         print(render(args.report, out, pick(args.policies), pick(args.budgets) if args.budgets != DEFAULT_BUDGETS
                      else None, pick(args.lengths) if args.lengths != DEFAULT_LENGTHS else None))
+        return 0
+    if args.summarize:
+        from ..evaluation.quality import parse_summary_spec, summarize_files
+        specs = [parse_summary_spec(x) for x in args.summarize]
+        out = Path(args.out if args.out != REPORT_DEFAULT_OUT else "bench/results/quality_summary.json")
+        path = summarize_files([s[0] for s in specs], out, [s[1] for s in specs], [s[2] for s in specs])
+        print(path.with_suffix(".md").read_text())
         return 0
     if args.passes:
         from ..evaluation.passes import parse_pass, run_passes

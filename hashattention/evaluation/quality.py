@@ -97,7 +97,8 @@ def quality_rows(data: dict, maps: str | None = None, reps: int = REPS) -> list[
         lo, hi = bootstrap_ci(d, cells, reps)
         row = {"mode": mode, "budget": bud, "policy": pol, "score": round(stratified_mean(ps, cells), 3),
                "dense": round(stratified_mean(ds, cells), 3), "delta_vs_dense": round(stratified_mean(d, cells), 3),
-               "ci95": [round(lo, 3), round(hi, 3)], "n_items": int(d.size), "device": device, "maps": maps}
+               "ci95": [round(lo, 3), round(hi, 3)], "n_items": int(d.size), "device": device,
+               "maps": maps if pol == "hash" or pol.startswith("hash-") else "-"}
         e = summary.get(mode, {}).get(f"{pol}@{bud}", {})
         dn = summary.get(mode, {}).get(f"{DENSE}@{FULL}", {})
         if e.get("ppl"):
@@ -178,11 +179,24 @@ def write_summary(rows: list[dict], out) -> Path:
     return out.with_suffix(".json")
 
 
-def summarize_files(files: list, out, maps_names: list | None = None) -> Path:
-    """Rows of several suite results files (``maps_names``: the maps label of each, default the file's
-    setting) into one summary."""
+def summarize_files(files: list, out, maps_names: list | None = None, skip: list | None = None) -> Path:
+    """Rows of several suite results files into one summary. ``maps_names``: the label of each file's hash
+    maps (default: the file's setting); ``skip``: per file, policies to leave out (e.g. hash rows of maps that
+    are no longer shipped)."""
     rows = []
     for i, f in enumerate(files):
         data = json.loads(Path(f).read_text())
-        rows += quality_rows(data, maps_names[i] if maps_names else None)
+        leave = set(skip[i]) if skip else set()
+        rows += [r for r in quality_rows(data, maps_names[i] if maps_names else None) if r["policy"] not in leave]
     return write_summary(rows, out)
+
+
+def parse_summary_spec(spec: str) -> tuple[str, str | None, set]:
+    """'results.json[@maps label[@policy+policy]]' -> (path, label or None, policies to leave out)."""
+    parts = spec.split("@")
+    if not parts[0] or len(parts) > 3:
+        raise ValueError(f"bad --summarize item {spec!r}: FILE[@MAPS_LABEL[@POLICY+POLICY]]")
+    if not Path(parts[0]).is_file():
+        raise FileNotFoundError(f"results file {parts[0]} does not exist")
+    return parts[0], (parts[1] or None) if len(parts) > 1 else None, set(filter(None, parts[2].split("+"))) \
+        if len(parts) > 2 else set()
