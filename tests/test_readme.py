@@ -86,7 +86,7 @@ def test_bench_holds_no_one_off_scripts():
 
 
 ROWS = [
-    {"mode": "decode", "budget": "1/32", "policy": "quest", "score": 9.8, "dense": 37.4, "delta_vs_dense": -27.6,
+    {"mode": "everywhere", "budget": "1/32", "policy": "quest", "score": 9.8, "dense": 37.4, "delta_vs_dense": -27.6,
      "ci95": [-33.0, -22.1], "n_items": 66, "device": "NVIDIA H100 80GB HBM3", "maps": "-"},
     {"mode": "everywhere", "budget": "1/16", "policy": "hash", "score": 33.3, "dense": 40.0, "delta_vs_dense": -6.7,
      "ci95": [-10.2, -3.1], "n_items": 66, "device": "NVIDIA H200", "maps": "shipped"},
@@ -104,8 +104,8 @@ def test_quality_table_from_a_summary_file(tmp_path, wrap):
     md = rt.quality(tmp_path)
     rows = [ln for ln in md.splitlines() if ln.startswith("| ") and not ln.startswith("| mode")]
     assert rows == ["| context | **hash-max** | shipped | 1/16 | 35.0 | 36.0 | -1.0 [-2.5, +0.4] | 88 | CPU |",
-                    "| everywhere | **hash** | shipped | 1/16 | 33.3 | 40.0 | -6.7 [-10.2, -3.1] | 66 | H200 |",
-                    "| decode | quest | - | 1/32 | 9.8 | 37.4 | -27.6 [-33.0, -22.1] | 66 | H100 |"]
+                    "| everywhere | quest | - | 1/32 | 9.8 | 37.4 | -27.6 [-33.0, -22.1] | 66 | H100 |",
+                    "| everywhere | **hash** | shipped | 1/16 | 33.3 | 40.0 | -6.7 [-10.2, -3.1] | 66 | H200 |"]
     assert "quality_summary.json" in md
     readme = "# x\n\n<!-- table:quality -->\nold\n<!-- /table:quality -->\nend\n"
     out = rt.render(readme, tmp_path)

@@ -27,11 +27,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = "bench/results"
-FILES = ("README.md", "docs/performance.md")
+FILES = ("README.md", "docs/performance.md", "docs/quality.md")
 QUALITY_SUMMARY = "quality_summary.json"
 KERNEL_FILES = ("attention_h200.json", "attention_h100.json")
 DECODE_FILES = ("decode_h200.json", "decode_h100.json")
 MEMORY_FILE = "memory_h100.json"
+SELECTION_FILE = "selection_cpu.json"
 MODE_ORDER = ("context", "everywhere", "decode")
 POLICY_ORDER = ("dense", "oracle", "hash", "simhash", "quest", "sink_window", "h2o", "random")
 MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
@@ -104,10 +105,16 @@ def render_quality_rows(rows: list[dict]) -> str:
                   out)
 
 
+#: what the README's quality table shows of the summary (the whole of it: quality_summary.md beside it)
+README_QUALITY = {"mode": ("context", "everywhere"), "budget": ("1/16", "1/32", "1/64"),
+                  "policy": ("oracle", "simhash", "quest", "hash", "hash-sum", "hash-max")}
+
+
 def quality(root: Path = ROOT) -> str:
     path = Path(root) / RESULTS / QUALITY_SUMMARY
     data = _load(root, QUALITY_SUMMARY)
-    rows = data["rows"] if isinstance(data, dict) else data
+    rows = [r for r in (data["rows"] if isinstance(data, dict) else data)
+            if all(r[k] in v for k, v in README_QUALITY.items())]
     devices = ", ".join(sorted({device_label(str(r.get("device"))) for r in rows}))
     beside = [f"`{path.with_suffix(ext).name}`" for ext in (".md", ".png") if path.with_suffix(ext).is_file()]
     return (render_quality_rows(rows) + f"\n\nFrom `{RESULTS}/{QUALITY_SUMMARY}` ({devices}"
@@ -262,9 +269,23 @@ def memory(root: Path = ROOT) -> str:
             + f"\n\nComputed from the model shapes (`hashattention memory`, `{MEMORY_FILE}`).")
 
 
+def group_selections(root: Path = ROOT) -> str:
+    """Attention-level comparison of the group selections on the suite's questions (``recall --selections``)."""
+    data = _load(root, SELECTION_FILE)
+    rows = []
+    for k, v in sorted(data["rows"].items(), key=lambda x: (-_budget_key(x[0].split("@")[1]), x[0])):
+        name, b = k.split("@")
+        rows.append([f"**{name}**" if name == "sum" else name, b, f"{v['heavy_mass']:.3f}", f"{v['top1']:.3f}",
+                     f"{v['mass']:.3f}", f"{v['rel_error']:.3f}", f"{v['read']:.0f}"])
+    return (_table(["selection", "budget", "heavy mass", "top-1 hit", "mass", "output error", "rows read"], rows)
+            + f"\n\n{data['prompts']} suite prompts x {_ctx(data['length'])} tokens (one per task), the question's "
+            f"tokens as queries, shipped maps, {device_label(data['device'])} (`{SELECTION_FILE}`, "
+            f"`{data['command']}`).")
+
+
 TABLES = {"quality": quality, "kernels": kernels, "decode": decode, "memory": memory,
           "decode-breakdown": decode_breakdown, "kernel-breakdown": kernel_breakdown,
-          "selection-floor": selection_floor}
+          "selection-floor": selection_floor, "group-selections": group_selections}
 
 
 # -- the files ----------------------------------------------------------------------------------------------
