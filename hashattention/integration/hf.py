@@ -154,8 +154,9 @@ class SparseAttentionHandle:
         if self.mode == "decode" and lq > 1:
             return _dense(module, query, key, value, mask, scaling, **kwargs)
         scale = scaling if scaling is not None else d ** -0.5
-        rows = self._sparse_rows(valid) if self.mode == "context" else None
-        if rows is not None and lq == 1 and not self._context_checked:  # once per sequence: one host sync
+        # context mode: which queries are past the context (decode steps are, once the first one checked it)
+        rows = self._sparse_rows(valid) if self.mode == "context" and (lq > 1 or not self._context_checked) else None
+        if rows is not None and lq == 1:  # the first decode step of a sequence: one host sync
             # the first decoded token follows the prompt: at least one question token after the context
             if not bool((valid[:, 0].sum(-1) > self.context.to(valid.device).view(-1, 1) + 1).all()):
                 raise ValueError("context_length reaches past the prompt: the question must start inside it "
