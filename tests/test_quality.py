@@ -220,3 +220,25 @@ def test_residual_budget_through_the_integration_is_exact_at_full_budget():
     m = attn.bool()
     assert torch.allclose(out[m], ref[m], atol=1e-4)
     assert not torch.allclose(sparse[m], ref[m], atol=1e-3)
+
+
+def test_evaluate_selections_on_a_tiny_model():
+    from hashattention.training.capture import capture
+    from hashattention.training.recall import evaluate_selections
+    model = tiny_model("llama", layers=2)
+    ids = torch.randint(3, 97, (1, 300), generator=torch.Generator().manual_seed(0))
+    cap = capture(model, ids)
+    maps = ha.HashMaps.simhash(ha.maps_config_for(model.config))
+    res = evaluate_selections(maps, cap, 280, budgets=(1 / 8,), selections=("sum", "max", "union", "head",
+                                                                          "soft-sum", "qsoft-sum"), sink=4, window=4)
+    assert set(res) == {f"{n}@1/8" for n in ("sum", "max", "union", "head", "soft-sum", "qsoft-sum", "oracle",
+                                               "oracle-head")}
+    assert res["oracle-head@1/8"]["top1"] == 1.0  # each head's own top-k holds its heaviest candidate
+    for n, r in res.items():
+        assert 0 < r["heavy_mass"] <= res["oracle-head@1/8"]["heavy_mass"] + 1e-6 or n == "oracle", n
+        assert 0 < r["mass"] <= 1 and r["rel_error"] >= 0
+    budget_rows = sum(8 + (281 + i) // 8 for i in range(20)) / 20  # sink + window + 1/8 of each query's context
+    assert res["oracle@1/8"]["read"] == pytest.approx(budget_rows) and res["sum@1/8"]["read"] == pytest.approx(budget_rows)
+    assert res["head@1/8"]["read"] >= res["sum@1/8"]["read"]
+    with pytest.raises(ValueError, match="outside the sequence"):
+        evaluate_selections(maps, cap, 300)

@@ -84,19 +84,10 @@ def evaluate_layers(maps_by_name: dict, cap, budgets=(1 / 8, 1 / 16, 1 / 32), qu
     hkv = cap.k.shape[1]
     names = list(maps_by_name) + ["oracle"]
     out = {n: {_bstr(b): {"recall": [], "rel_error": []} for b in budgets} for n in names}
-    qpos = torch.arange(L - queries, L, device=dev)
-    valid = (torch.arange(L, device=dev)[None, :] <= qpos[:, None])  # [C, T]
-    for l0 in range(0, nl, layer_block):  # blocks of layers bound the memory; heads are never looped
-        sl = slice(l0, min(nl, l0 + layer_block))
-        q = cap.q[sl, :, L - queries:].float()
-        k, v = cap.k[sl].float(), cap.v[sl].float()
+    for sl, q, k, v, vmask, dense, probs in _layer_blocks(cap, L - queries, layer_block):
         ly = q.shape[0]
-        vmask = valid.expand(ly, 1, queries, L)
-        dense = sparse_attention(q, k, v, vmask, cap.scale)
-        logits = group_similarity(q, k, hkv) * cap.scale  # [Ly, Hkv, G, C, T]
-        probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), -1)
         oracle = probs.sum(2)
-        del logits, probs
+        del probs
         hashed = {n: hash_group_scores(m, q, k, v, sl) for n, m in maps_by_name.items()}
         for b in budgets:
             bud = Budget(heavy=b, sink=sink, window=window)
@@ -116,6 +107,23 @@ def evaluate_layers(maps_by_name: dict, cap, budgets=(1 / 8, 1 / 16, 1 / 32), qu
                 out[n][_bstr(b)]["recall"] += rec.tolist()
                 out[n][_bstr(b)]["rel_error"] += err.tolist()
     return out
+
+
+def _layer_blocks(cap, qstart: int, layer_block: int):
+    """Blocks of layers (they bound the memory; heads are never looped) of the captured attention for the
+    queries at ``qstart..L-1``: yields (layers slice, q [Ly, Hq, C, D], k, v [Ly, Hkv, T, D] fp32, the causal
+    mask [Ly, 1, C, T], the dense output [Ly, Hq, C, D] and the probabilities [Ly, Hkv, G, C, T])."""
+    L, nl, hkv = cap.length, cap.q.shape[0], cap.k.shape[1]
+    qpos = torch.arange(qstart, L, device=cap.k.device)
+    valid = torch.arange(L, device=cap.k.device)[None, :] <= qpos[:, None]  # [C, T]
+    for l0 in range(0, nl, layer_block):
+        sl = slice(l0, min(nl, l0 + layer_block))
+        q = cap.q[sl, :, qstart:].float()
+        k, v = cap.k[sl].float(), cap.v[sl].float()
+        vmask = valid.expand(q.shape[0], 1, L - qstart, L)
+        logits = group_similarity(q, k, hkv) * cap.scale  # [Ly, Hkv, G, C, T]
+        probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), -1)
+        yield sl, q, k, v, vmask, sparse_attention(q, k, v, vmask, cap.scale), probs
 
 
 def _bstr(b) -> str:
@@ -177,7 +185,6 @@ def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 6
     L = cap.length
     if not 0 < qstart < L:
         raise ValueError(f"query start {qstart} is outside the sequence of {L} tokens")
-    dev = cap.k.device
     nl, hq, _, d = cap.q.shape
     hkv = cap.k.shape[1]
     g = hq // hkv
@@ -185,26 +192,18 @@ def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 6
     names = list(selections) + ["oracle", "oracle-head"]
     acc = {(n, _bstr(b)): {"mass": 0.0, "heavy_mass": 0.0, "top1": 0.0, "rel_error": 0.0, "read": 0.0}
            for n in names for b in budgets}
-    qpos = torch.arange(qstart, L, device=dev)
-    valid = (torch.arange(L, device=dev)[None, :] <= qpos[:, None])  # [C, T]
     bits = maps.config.bits
-    for l0 in range(0, nl, layer_block):
-        sl = slice(l0, min(nl, l0 + layer_block))
-        q = cap.q[sl, :, qstart:].float()
-        k, v = cap.k[sl].float(), cap.v[sl].float()
+    for sl, q, k, v, vmask, dense, probs in _layer_blocks(cap, qstart, layer_block):
         ly = q.shape[0]
-        vmask = valid.expand(ly, 1, nq, L)
-        dense = sparse_attention(q, k, v, vmask, cap.scale)
-        logits = group_similarity(q, k, hkv) * cap.scale  # [Ly, Hkv, G, C, T]
-        probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), -1)
         dt = maps.q.weights[0].dtype
-        sq = torch.sign(project_all(maps.q, q.to(dt), sl).float())
+        pre = project_all(maps.q, q.to(dt), sl).float()
+        sq = torch.sign(pre)
         sk = torch.sign(project_all(maps.k, key_input(maps, k, v).to(dt), sl).float())
         sq[sq == 0] = -1
         sk[sk == 0] = -1
         match = ((group_similarity(sq, sk, hkv) + bits) / 2).round().to(torch.int64)  # [Ly, Hkv, G, C, T]
         per_head = match.flatten(1, 2)  # [Ly, Hq, C, T]
-        pq = torch.tanh(project_all(maps.q, q.to(dt), sl).float())  # the query side soft, the keys' bits
+        pq = torch.tanh(pre)  # the query side soft, the keys' bits
         soft = group_similarity(pq, sk, hkv)  # [Ly, Hkv, G, C, T]
         lv = SOFT_LEVELS
         quant = group_similarity(torch.round(pq * lv), sk, hkv).round()  # integer weights in -lv..lv per bit
@@ -241,5 +240,4 @@ def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 6
                 a["top1"] += float(hit) * ly / nl
                 a["rel_error"] += float(err) * ly / nl
                 a["read"] += float(read) * ly / nl
-        del logits, probs, match, per_head, soft, quant
     return {f"{n}@{b}": v for (n, b), v in acc.items()}
