@@ -86,3 +86,9 @@ class Budget:
             raise ValueError(f"budget of {self.heavy} heavy tokens is larger than the context ({context} tokens)")
         if isinstance(self.residual, int) and self.residual > context:
             raise ValueError(f"residual sample of {self.residual} tokens is larger than the context ({context} tokens)")
+
+
+def parse_label(label: str) -> tuple:
+    """A suite budget label -> (heavy, residual): '1/32' -> (0.03125, 0), '1/64+r1/64' -> (0.015625, 0.015625)."""
+    heavy, _, res = str(label).partition("+r")
+    return parse_heavy(heavy), parse_heavy(res) if res else 0

@@ -132,6 +132,15 @@ def causal_valid(batch: int, q_len: int, kv_len: int, device=None) -> torch.Tens
     return (kpos <= qpos).expand(batch, 1, q_len, kv_len)
 
 
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64-style integer mixing (int64 arithmetic wraps identically on every device)."""
+    x = x ^ (x >> 31)
+    x = x * 0x7FB5D329728EA185
+    x = x ^ (x >> 27)
+    x = x * 0x1B873593CC9E2D51
+    return x ^ (x >> 33)
+
+
 def residual_sample(keep: torch.Tensor, valid: torch.Tensor, budget: Budget, salt: int = 0):
     """A systematic sample of the valid keys a query does not read (vAttention's residual), and the log of
     their weight. keep bool [B, Hs, Lq, Lk], valid bool [B, 1 or Hs, Lq, Lk] -> (sample bool like keep,
@@ -144,10 +153,7 @@ def residual_sample(keep: torch.Tensor, valid: torch.Tensor, budget: Budget, sal
     r = torch.minimum(budget.residual_count(n_valid), n_rest)
     rank = torch.cumsum(rest.to(torch.int32), -1) - 1  # 0-based rank among the rest
     step = n_rest.to(torch.float64) / r.clamp_min(1).to(torch.float64)
-    x = n_valid * 0x9E3779B1 + (salt * 0x27D4EB2F + 0x85EBCA77)  # the query's position and the salt
-    x = x ^ (x >> 31)
-    x = x * 0x7FB5D329728EA185
-    x = x ^ (x >> 27)
+    x = mix64(n_valid * 0x9E3779B1 + (salt * 0x27D4EB2F + 0x85EBCA77))  # the query's position and the salt
     u = (x & 0xFFFFFF).to(torch.float64) / float(1 << 24)  # [0, 1)
     off = u * step
     rk = rank.to(torch.float64)

@@ -73,11 +73,8 @@ def bootstrap_ci(x: np.ndarray, cells: np.ndarray, reps: int = REPS, seed: int =
 
 def _budget_key(b: str) -> float:
     """Tokens read beyond sink and window as a fraction of the context ('1/64+r1/64': heavy + residual)."""
-    if b == FULL:
-        return 1.0
-    from ..core.budget import parse_heavy
-    heavy, _, res = b.partition("+r")
-    return float(parse_heavy(heavy)) + (float(parse_heavy(res)) if res else 0.0)
+    from ..core.budget import parse_label
+    return 1.0 if b == FULL else float(sum(parse_label(b)))
 
 
 def quality_rows(data: dict, maps: str | None = None, reps: int = REPS) -> list[dict]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.budget import Budget
+from ..core.budget import Budget, parse_label
 from ..integration.compat import cache_kwarg, output_cache
 from ..integration.hf import enable
 from . import ruler
@@ -242,22 +242,19 @@ def dense_prefill(model, rows: list, pad: int, context: list | None = None) -> d
 # ------------------------------------------------------------------------------------------- the suite
 def budget_label(b) -> str:
     """'0.0625' -> '1/16'; '1/64+r1/64' (heavy 1/64 and a residual sample of 1/64) keeps its residual."""
-    heavy, _, res = str(b).partition("+r")
-    label = Budget(heavy=heavy).describe().split()[0].split("=")[1]
-    return label + (f"+r{Budget(heavy=res).describe().split()[0].split('=')[1]}" if res else "")
+    heavy, res = parse_label(b)
+    short = lambda x: Budget(heavy=x).describe().split()[0].split("=")[1]  # noqa: E731
+    return short(heavy) + (f"+r{short(res)}" if res else "")
 
 
 def budget_from_label(label: str, sink: int = 128, window: int = 128) -> Budget:
-    heavy, _, res = label.partition("+r")
-    return Budget(heavy=heavy, sink=sink, window=window, residual=res or 0)
+    heavy, res = parse_label(label)
+    return Budget(heavy=heavy, sink=sink, window=window, residual=res)
 
 
 def budget_fraction(label: str) -> float:
     """Heavy (+ residual) tokens as a fraction of the context; 1 for dense."""
-    if label == DENSE_BUDGET:
-        return 1.0
-    b = budget_from_label(label)
-    return float(b.heavy) + float(b.residual)
+    return 1.0 if label == DENSE_BUDGET else float(sum(parse_label(label)))
 
 
 def check_policies(names, available=None) -> list:

@@ -7,16 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..core.selection import mix64
 from .base import SelectionPolicy, key_ranks
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64-style integer mixing (int64 arithmetic wraps identically on every device)."""
-    x = x ^ (x >> 31)
-    x = x * 0x7FB5D329728EA185
-    x = x ^ (x >> 27)
-    x = x * 0x1B873593CC9E2D51
-    return x ^ (x >> 33)
 
 
 class RandomPolicy(SelectionPolicy):
@@ -31,5 +23,5 @@ class RandomPolicy(SelectionPolicy):
         kr = key_ranks(valid)  # [B, 1, Lq, Lk]
         qr = valid.sum(-1, keepdim=True).to(torch.int64)  # query's context length
         h = torch.arange(heads, device=q.device, dtype=torch.int64).view(1, -1, 1, 1)
-        x = _mix(kr * 0x9E3779B1 + qr * 0x85EBCA77 + h * 0xC2B2AE3D + (layer * 0x27D4EB2F + self.seed))
+        x = mix64(kr * 0x9E3779B1 + qr * 0x85EBCA77 + h * 0xC2B2AE3D + (layer * 0x27D4EB2F + self.seed))
         return (x & 0xFFFFFF).to(torch.float32)  # 24 bits: exact in float32
