@@ -242,3 +242,11 @@ def test_evaluate_selections_on_a_tiny_model():
     assert res["head@1/8"]["read"] >= res["sum@1/8"]["read"]
     with pytest.raises(ValueError, match="outside the sequence"):
         evaluate_selections(maps, cap, 300)
+
+
+def test_suite_refuses_a_residual_sample_larger_than_its_contexts_before_running():
+    from hashattention.evaluation.runner import Suite
+    model, tok, _ = ha.load_model()
+    with pytest.raises(ValueError, match="residual sample of 5000 tokens is larger than the context"):
+        Suite(model, tok, tasks="vt", lengths="2K", policies="dense,oracle", budgets=["1/32+r5000"],
+              modes=["context"], samples=1, progress=False, ppl_samples=0)

@@ -323,6 +323,8 @@ class Suite:
         self.budgets = [budget_label(b) for b in budgets]
         self.decode_budgets = [budget_label(b) for b in decode_budgets]
         self.context_budgets = [budget_label(b) for b in (context_budgets or budgets)]
+        for b in set(self.budgets + self.decode_budgets + self.context_budgets):  # before any long work
+            budget_from_label(b, sink, window).check_fits(min(self.lengths))
         self.decode_policies = check_policies(decode_policies or self.policies, POLICIES)
         self.maps = maps
         needs = [p for p in self.policies + self.decode_policies if p == "hash" or p.startswith("hash-")]
