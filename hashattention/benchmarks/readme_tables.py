@@ -107,18 +107,27 @@ def render_quality_rows(rows: list[dict]) -> str:
 
 #: what the README's quality table shows of the summary (the whole of it: quality_summary.md beside it)
 README_QUALITY = {"mode": ("context", "everywhere"), "budget": ("1/16", "1/32", "1/64"),
-                  "policy": ("oracle", "simhash", "quest", "hash", "hash-sum", "hash-max")}
+                  "policy": ("oracle", "simhash", "quest", "hash", "hash-sum", "hash-max", "hash-head"),
+                  "maps": (None, "-", "shipped")}
 
 
 def quality(root: Path = ROOT) -> str:
     path = Path(root) / RESULTS / QUALITY_SUMMARY
     data = _load(root, QUALITY_SUMMARY)
     rows = [r for r in (data["rows"] if isinstance(data, dict) else data)
-            if all(r[k] in v for k, v in README_QUALITY.items())]
+            if all(r.get(k) in v for k, v in README_QUALITY.items())]
     devices = ", ".join(sorted({device_label(str(r.get("device"))) for r in rows}))
     beside = [f"`{path.with_suffix(ext).name}`" for ext in (".md", ".png") if path.with_suffix(ext).is_file()]
     return (render_quality_rows(rows) + f"\n\nFrom `{RESULTS}/{QUALITY_SUMMARY}` ({devices}"
             + (f"; beside it {', '.join(beside)}" if beside else "") + ").")
+
+
+def quality_maps(root: Path = ROOT) -> str:
+    """The context mode's rows of every maps file measured (shipped and trained further; docs/quality.md)."""
+    data = _load(root, QUALITY_SUMMARY)
+    rows = [r for r in (data["rows"] if isinstance(data, dict) else data)
+            if r["mode"] == "context" and r["policy"] in ("oracle", "hash-sum")]
+    return render_quality_rows(rows) + f"\n\nFrom `{RESULTS}/{QUALITY_SUMMARY}`."
 
 
 # -- kernels ------------------------------------------------------------------------------------------------
@@ -229,8 +238,8 @@ def kernel_breakdown(root: Path = ROOT) -> str:
                      f"{r['group']['total_ms'] * 1e3:.1f}" if r else "-"])
     return (_table(["device", "kernels at 512K x 1, 1/32 (µs, profiler, eager, L2 flushed)", "sum",
                     "one call (CUDA graph)"], rows)
-            + f"\n\nFrom the `tune.kernels_us` of `{RESULTS}/attention_h200.json` and `attention_h100.json` "
-              "(the H100 run is of an older selection with a separate refine pass).")
+            + f"\n\nFrom the `tune.kernels_us` of `{RESULTS}/" + "` and `".join(
+                n for n in KERNEL_FILES if (_load(root, n).get("tune") or {}).get("kernels_us")) + "`.")
 
 
 def selection_floor(root: Path = ROOT) -> str:
@@ -285,7 +294,7 @@ def group_selections(root: Path = ROOT) -> str:
 
 TABLES = {"quality": quality, "kernels": kernels, "decode": decode, "memory": memory,
           "decode-breakdown": decode_breakdown, "kernel-breakdown": kernel_breakdown,
-          "selection-floor": selection_floor, "group-selections": group_selections}
+          "selection-floor": selection_floor, "group-selections": group_selections, "quality-maps": quality_maps}
 
 
 # -- the files ----------------------------------------------------------------------------------------------
