@@ -1,50 +1,61 @@
 #!/usr/bin/env bash
-# Issue 24's GPU run, one call: the default model's maps trained further in the background while the group
-# selections are compared in the context mode (shipped maps); then the kernel-backed selection (sum or max)
-# that held dense quality best is measured sparse everywhere with perplexity, and the trained maps in the
-# context mode, on the same prompts. On the device machine:
-#   . bench/gpu_env.sh && bash bench/quality_run.sh $OUT [train_seconds] [deadline]
-# Writes $OUT/quality.tgz (results JSON/MD/PNG, logs, the trained maps' .json) and each trained maps file in
-# two parts ($OUT/<name>.safetensors.part_a[a|b], joined with `cat`).
+# Issue 24's GPU run of maps variants, one call: two maps trained side by side in the background, then each
+# measured in the context mode (dense context, sparse question and answer) on the suite's prompts, paired with
+# dense. At most two trainings at once: three of them and the suite ran an 80 GB card out of memory.
+# On the device machine:
+#   . bench/gpu_env.sh && bash bench/quality_run.sh $OUT [train_seconds] [deadline] [corpus.tar.xz]
+# The variants: `varied` (from the shipped maps, on pydoc + vim's manual + /usr/share/doc text: the corpus
+# tarball, made here first by `bash bench/quality_run.sh --corpus`, carried as `.corpus.tar.xz`), `bits64`
+# (64-bit signatures from scratch on pydoc).
+# Writes $OUT/quality.tgz (results JSON/MD/PNG, logs, the maps' .json) and each maps file in two parts
+# ($OUT/<name>.safetensors.part_a[a|b], joined with `cat`).
 set -u
-OUT=${1:?out dir}; TRAIN=${2:-200}; DEADLINE=${3:-560}
-W=/tmp/quality; T=/tmp/train; mkdir -p $W $T
+if [ "${1:-}" = "--corpus" ]; then  # on the developer's machine: ~5 MB each of pydoc (train split), vim, docs
+  D=$(mktemp -d)/varied; mkdir -p $D
+  ${PYTHON:-.venv/bin/python} - "$D" <<'PY'
+import glob, os, random, sys
+from hashattention.training.corpus import pydoc_documents
+out, cap = sys.argv[1], 5_000_000
+def dump(name, texts):
+    n = 0
+    with open(f"{out}/{name}.txt", "w") as f:
+        for t in texts:
+            if n > cap:
+                break
+            f.write(t + "\n\n"); n += len(t)
+    print(name, n, "characters")
+dump("pydoc", (t for _, t in pydoc_documents("train", limit_chars=cap)))
+dump("vim", (open(p, errors="ignore").read() for p in sorted(glob.glob("/usr/share/vim/vim*/doc/*.txt"))))
+docs = [p for p in glob.glob("/usr/share/doc/**/*", recursive=True) if os.path.isfile(p)
+        and (os.path.basename(p).startswith("README") or p.endswith((".txt", ".md", ".rst")))]
+random.Random(0).shuffle(docs)
+dump("docs", (t for t in (open(p, errors="ignore").read() for p in docs) if len(t) >= 2000))
+PY
+  tar cJf .corpus.tar.xz -C $(dirname $D) varied && ls -la .corpus.tar.xz; exit
+fi
+OUT=${1:?out dir}; TRAIN=${2:-200}; DEADLINE=${3:-460}; CORPUS=${4:-.corpus.tar.xz}
+W=/tmp/quality; T=/tmp/train; mkdir -p $W $T /tmp/corpus
 T0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+DATA=pydoc
+if [ -f "$CORPUS" ]; then tar xJf "$CORPUS" -C /tmp/corpus && DATA=$(ls -d /tmp/corpus/*/ | head -1); fi
 train() {  # name, extra args
   local n=$1; shift
-  python3 -m hashattention train --model default --data pydoc --context 8192 --score weight --epochs 4 \
-    --max-seconds $TRAIN --dtype bfloat16 --init shipped --seed 1 --quiet --out $T/$n "$@" > $W/train_$n.log 2>&1 &
+  python3 -m hashattention train --model default --context 8192 --score weight --epochs 4 --max-seconds $TRAIN \
+    --dtype bfloat16 --seed 1 --quiet --out $T/$n "$@" > $W/train_$n.log 2>&1 &
 }
-train long_group --target group
-train long_head --target head
-train task_group --target group --finetune-passkey 600
-timeout 200 python3 tests/gpu_generate_check.py > $W/gpu_generate_check.log 2>&1 &   # issue 26: generate on the GPU
-A="policies=dense,oracle,hash-sum,hash-max,hash-union,hash-head;budgets=1/32,1/64,1/16;samples=12;round=4"
-python3 -m hashattention eval --work $W --deadline $((TRAIN + 15)) --pass "mode=context;$A" 2>&1 | tee $W/pass_a.log
+train varied --data "$DATA" --init shipped --target group
+train bits64 --data pydoc --bits 64 --target group
 wait
 ls -la $T
-SEL=$(python3 - <<'PY'
-import json
-rows = json.load(open("/tmp/quality/quality_summary.json"))
-def mean(sel):  # the context mode's delta at 1/32 and 1/64
-    d = [r["delta_vs_dense"] for r in rows if r["mode"] == "context" and r["policy"] == f"hash-{sel}"
-         and r["budget"] in ("1/32", "1/64")]
-    return sum(d) / len(d) if d else float("-inf")
-print(max(("sum", "max"), key=mean))
-PY
-)
-echo "selection for the everywhere mode: $SEL" | tee $W/chosen.txt
-LEFT=$((DEADLINE - $(date +%s) + T0 - 25))
-M="policies=dense,hash-sum,hash-max;budgets=1/32,1/64;samples=12;round=4"
-python3 -m hashattention eval --work $W --deadline $LEFT --pass "mode=context;$A" \
-  --pass "mode=everywhere;policies=dense,oracle,hash-$SEL;budgets=1/16,1/32;samples=2;round=2;ppl=2" \
-  --pass "mode=context;$M;maps=$T/long_group.safetensors;tag=long_group" \
-  --pass "mode=context;$M;maps=$T/long_head.safetensors;tag=long_head" \
-  --pass "mode=context;$M;maps=$T/task_group.safetensors;tag=task_group" 2>&1 | tee $W/pass_b.log
+LEFT=$((DEADLINE - $(date +%s) + T0 - 20))
+M="policies=dense,hash-sum;budgets=1/32,1/64;samples=8;round=4"
+python3 -m hashattention eval --work $W --deadline $LEFT \
+  --pass "mode=context;$M;maps=$T/varied.safetensors;tag=varied" \
+  --pass "mode=context;$M;maps=$T/bits64.safetensors;tag=bits64" 2>&1 | grep -v Convert | tee $W/eval.log
 cp $T/*.json $W/ 2>/dev/null
 tar czf $OUT/quality.tgz -C $W .
-for n in long_group long_head task_group; do
+for n in varied bits64; do
   [ -f $T/$n.safetensors ] && (cd $T && split -n 2 $n.safetensors $OUT/$n.safetensors.part_)
 done
 ls -la $OUT
