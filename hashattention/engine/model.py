@@ -250,7 +250,7 @@ class Transformer(nn.Module):
                       dense_baseline, host_device, gpu_fixed, check_memory):
         """Checks of an offload request and its placement: (GPU layers, heavy-row cache slots, GPU bytes of the
         K/V placement). Raises before anything is allocated."""
-        from .memory import GIB, RESERVE_BYTES
+        from .memory import RESERVE_BYTES
         from .offload import host_available_bytes, offload_bytes
         c = self.c
         if offload != "host":
@@ -292,8 +292,8 @@ class Transformer(nn.Module):
         avail = host_memory if host_memory is not None else host_available_bytes()
         if check_memory and host > avail:
             raise CacheError(f"K/V in host memory for batch {batch} x {seq} tokens ({c.num_layers - gpu_layers} of "
-                             f"{c.num_layers} layers) needs {host / GIB:.2f} GiB of host memory, "
-                             f"{avail / GIB:.2f} GiB are available: use a smaller batch or context")
+                             f"{c.num_layers} layers) needs {_size(host)} of host memory, {_size(avail)} are "
+                             "available: use a smaller batch or context, or more layers on the GPU")
         return gpu_layers, slots, gpu
 
     def offload_stats(self) -> dict:
@@ -553,6 +553,10 @@ class Transformer(nn.Module):
 
     def index_slots(self) -> int:
         return self.budget.sink + self.budget.window + self.heavy_slots
+
+
+def _size(n: int) -> str:
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 / 100 else f"{n / 2 ** 20:.2f} MiB"
 
 
 def _sparse_attention(q, k_cache, v_cache, idx, counts):

@@ -1,0 +1,203 @@
+"""Issue 25: K/V in host memory, signatures on the GPU (engine offload="host"), on the CPU.
+
+A plain CPU tensor stands in for pinned memory (the private ``_host_device`` hook); the Triton gather kernel and
+the engine's Triton path run under TRITON_INTERPRET=1 in a fresh process (tests/offload_triton_check.py);
+tests/gpu_offload_check.py repeats the checks on CUDA with pinned memory.
+"""
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from hashattention.core.budget import Budget
+from hashattention.core.maps import HashMaps
+from hashattention.engine import CacheError, Generator, Transformer
+from hashattention.engine.offload import HostKV
+from hashattention.weights import maps_config_for
+
+HERE = os.path.dirname(__file__)
+
+
+@torch.no_grad()
+def _greedy(m, ids, n, mode="hash"):
+    """Greedy decoding step by step: (tokens [B, n], logits [n, B, V])."""
+    logits = m.prefill(ids, chunk=512)
+    pos = torch.tensor([ids.shape[1]])
+    toks, lg = [], []
+    tok = logits.argmax(-1)
+    for _ in range(n):
+        toks.append(tok)
+        logits = m.decode_step(tok, pos, mode)
+        lg.append(logits)
+        tok = logits.argmax(-1)
+        pos += 1
+    return torch.stack(toks, 1), torch.stack(lg)
+
+
+def test_default_model_offload_equals_gpu_path():
+    """Default model, maps, hash mode, a 1K-token prompt and a small heavy budget: the all-host offload path
+    gives the on-GPU path's tokens, and its logits within float rounding (the working set sums in another order)."""
+    import hashattention as ha
+    model, tok, _ = ha.load_model()
+    maps = ha.load_default_maps(model)
+    text = ("The pass key is 71. Remember it. The grass is green and the sky is blue; the river flows to the sea. "
+            * 80)
+    ids = tok(text, return_tensors="pt").input_ids[:, :1024]
+    assert ids.shape[1] == 1024
+    m = Transformer.from_hf(model)
+    bud = Budget(heavy=24, sink=16, window=16)
+    m.setup_caches(1, 1060, maps=maps, budget=bud)
+    ref, ref_logits = _greedy(m, ids, 16)
+    dense, _ = _greedy(m, ids, 16, mode="dense")
+    assert not torch.equal(ref, dense)  # the heavy selection matters at this budget
+    m.setup_caches(1, 1060, maps=maps, budget=bud, offload="host", gpu_layers=0, _host_device="cpu")
+    assert m.k_cache.shape[0] == 0 and len(m.host_kv.host_layers) == m.c.num_layers
+    got, got_logits = _greedy(m, ids, 16)
+    assert torch.equal(got, ref)
+    assert (got_logits - ref_logits).abs().max() < 1e-3
+    st = m.offload_stats()
+    assert st["lookups"] == 16 * m.c.num_layers * m.c.num_kv_heads * 24  # every step reads 24 heavy rows per head
+    assert 0 < st["hits"] < st["lookups"] and st["bytes_fetched"] == st["rows_fetched"] * 2 * m.c.head_dim * 4
+
+
+@pytest.mark.parametrize("gpu_layers", [0, 1, 2])
+def test_tiered_placement_equals_all_gpu(gpu_layers):
+    """Some layers on the GPU, the rest on the host: the same tokens as all-GPU, hash and dense, through the
+    Generator, with prefill in chunks (the later chunks attend over host memory)."""
+    hf = tiny_model("llama", layers=3)
+    torch.manual_seed(3)
+    ids = torch.randint(3, 97, (2, 120))
+    bud = Budget(heavy=1 / 8, sink=4, window=4)
+    maps = HashMaps(maps_config_for(hf.config))
+    m = Transformer.from_hf(hf)
+    m.setup_caches(2, 160, maps=maps, budget=bud)
+    ref = {mode: Generator(m).generate(ids, 24, mode=mode, prefill_chunk=50) for mode in ("hash", "dense")}
+    m.setup_caches(2, 160, maps=maps, budget=bud, offload="host", gpu_layers=gpu_layers, _host_device="cpu",
+                   row_cache=40)
+    assert m.k_cache.shape[0] == gpu_layers and m.host_kv.host_layers == list(range(gpu_layers, 3))
+    for mode in ("hash", "dense"):
+        assert torch.equal(Generator(m).generate(ids, 24, mode=mode, prefill_chunk=50), ref[mode]), mode
+
+
+class BruteCache:
+    """The row cache of one (layer, sequence, KV head) in plain Python: C slots; a step's heavy tokens that are
+    resident are hits; misses (in ascending token order) take the slots not selected this step, least recently
+    selected first (ties: the lower slot)."""
+
+    def __init__(self, c):
+        self.tok, self.last = [-1] * c, [-1] * c
+
+    def step(self, heavy, t):
+        hits = [p for p in heavy if p in self.tok]
+        used = {self.tok.index(p) for p in hits}
+        free = sorted((s for s in range(len(self.tok)) if s not in used), key=lambda s: (self.last[s], s))
+        for p, s in zip([p for p in heavy if p not in self.tok], free):
+            self.tok[s] = p
+        for p in heavy:
+            self.last[self.tok.index(p)] = t
+        return len(hits)
+
+
+@pytest.mark.parametrize("factor", [1, 2])
+def test_row_cache_bookkeeping_against_brute_force(factor):
+    """Random selections step after step: the working set holds exactly the selected tokens (their rows), the hit
+    counts and the slot contents equal a brute-force model of the cache, the residency map is its inverse."""
+    b, h, s, d, sink, window, heavy = 2, 3, 300, 8, 4, 8, 12
+    c = factor * heavy
+    hk = HostKV(1, [0], b, s, h, d, torch.float32, "cpu", sink, window, c, hash_mode=True)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(b, h, s, d, generator=g)
+    start = 100
+    hk.write_chunk(0, 0, rows[:, :, :start], rows[:, :, :start] * 2)
+    brute = [[BruteCache(c) for _ in range(h)] for _ in range(b)]
+    rng = random.Random(0)
+    k = sink + window + heavy
+    total_hits = 0
+    for step in range(40):
+        pos = start + step
+        length = torch.tensor([pos + 1])
+        hk.write_token(0, rows[:, :, pos], rows[:, :, pos] * 2, torch.tensor([pos]), hk.ring_slot(torch.tensor([pos])))
+        idx = torch.full((b, h, k), -1, dtype=torch.int32)
+        for bi in range(b):
+            for hj in range(h):
+                pool = list(range(sink, sink + 30)) + rng.sample(range(sink, pos + 1 - window), 20)
+                n = rng.randint(0, heavy)
+                hv = sorted(set(rng.sample(pool, n)))
+                sel = sorted(set(range(sink)) | set(range(pos + 1 - window, pos + 1)) | set(hv))
+                idx[bi, hj, :len(sel)] = torch.tensor(sel, dtype=torch.int32)
+                total_hits += brute[bi][hj].step(hv, pos + 1)
+        widx = hk.fetch(0, idx, length)
+        assert torch.equal(hk.working_tokens(0, widx, length), idx.long())
+        live = idx >= 0
+        wk = hk.ws_k[0].gather(2, widx.long().clamp_min(0)[..., None].expand(-1, -1, -1, d))
+        want = rows.gather(2, idx.long().clamp_min(0)[..., None].expand(-1, -1, -1, d))
+        assert torch.equal(wk[live], want[live])
+        wv = hk.ws_v[0].gather(2, widx.long().clamp_min(0)[..., None].expand(-1, -1, -1, d))
+        assert torch.equal(wv[live], 2 * want[live])
+        assert hk.stats[1].item() == total_hits
+        assert [[x.tok for x in r] for r in brute] == hk.slot_tok[0, :, :, :c].tolist()
+        res = hk.res[0, :, :, :s].long()
+        for bi in range(b):
+            for hj in range(h):
+                st = hk.slot_tok[0, bi, hj, :c]
+                assert torch.equal(res[bi, hj][st[st >= 0].long()], torch.nonzero(st >= 0)[:, 0])
+                assert int((res[bi, hj] >= 0).sum()) == int((st >= 0).sum())
+    assert 0 < total_hits < hk.stats[0].item()
+
+
+def test_offload_triton_path_in_interpreter():
+    """The gather kernel against its reference on random inputs, and the engine's Triton path with offload,
+    under TRITON_INTERPRET=1 in a fresh process (compiled on the GPU: tests/gpu_offload_check.py)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "offload_triton_check.py")], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=os.path.dirname(HERE))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "ALL OK" in r.stdout
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+def _model():
+    hf = tiny_model("llama", layers=2)
+    return Transformer.from_hf(hf), HashMaps(maps_config_for(hf.config))
+
+
+def test_offload_refuses_bad_input_before_allocating():
+    m, maps = _model()
+    bud = Budget(heavy=1 / 4, sink=4, window=4)
+    with pytest.raises(CacheError, match="needs a CUDA device"):  # the public API without CUDA
+        m.setup_caches(1, 64, maps=maps, budget=bud, offload="host")
+    with pytest.raises(CacheError, match=r"needs 0\.03 MiB of host memory, 0\.00 MiB are available"):
+        m.setup_caches(1, 64, maps=maps, budget=bud, offload="host", host_memory=1000, _host_device="cpu")
+    with pytest.raises(CacheError, match="more than the GPU row cache stages"):
+        m.setup_caches(1, 64, maps=maps, budget=bud, offload="host", row_cache=8, _host_device="cpu")
+    with pytest.raises(ValueError, match="needs maps"):
+        m.setup_caches(1, 64, offload="host", _host_device="cpu")
+    with pytest.raises(ValueError, match="offload must be None or 'host'"):
+        m.setup_caches(1, 64, maps=maps, budget=bud, offload="disk", _host_device="cpu")
+    with pytest.raises(ValueError, match="gpu_layers"):
+        m.setup_caches(1, 64, maps=maps, budget=bud, offload="host", gpu_layers=5, _host_device="cpu")
+    assert m.k_cache is None and m.host_kv is None  # nothing half-allocated
+    # the exact need in the message: 2 layers x 2 (K, V) x 2 KV heads x 1M tokens x 16 dims x 4 bytes = 0.5 GiB
+    with pytest.raises(CacheError, match=r"needs 0\.50 GiB of host memory, 0\.25 GiB are available"):
+        m.setup_caches(1, 2 ** 20, maps=maps, budget=bud, offload="host", host_memory=2 ** 28, _host_device="cpu")
+    assert m.k_cache is None and m.host_kv is None
+    m.setup_caches(1, 64, maps=maps, budget=bud, offload="host", _host_device="cpu")
+    with pytest.raises(CacheError, match="needs setup_caches again"):  # a larger heavy budget than staged
+        m.set_budget(Budget(heavy=1 / 2, sink=4, window=4))
+
+
+def test_dense_baseline_streams_host_rows():
+    """Without maps offload is the dense baseline only: dense_baseline=True, mode dense, the on-GPU tokens."""
+    m, _ = _model()
+    ids = torch.randint(3, 97, (1, 40), generator=torch.Generator().manual_seed(1))
+    m.setup_caches(1, 64)
+    ref = Generator(m).generate(ids, 10)
+    m.setup_caches(1, 64, offload="host", dense_baseline=True, _host_device="cpu")
+    assert m.host_kv is not None and not m.host_kv.hash_mode and m.offload_stats() == {}
+    assert torch.equal(Generator(m).generate(ids, 10), ref)
+    with pytest.raises(ValueError, match="needs maps"):
+        Generator(m).generate(ids, 10, mode="hash")
