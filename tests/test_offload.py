@@ -201,3 +201,28 @@ def test_dense_baseline_streams_host_rows():
     assert torch.equal(Generator(m).generate(ids, 10), ref)
     with pytest.raises(ValueError, match="needs maps"):
         Generator(m).generate(ids, 10, mode="hash")
+
+
+# -- memory report ----------------------------------------------------------------------------------------
+def test_memory_report_offload(capsys):
+    from hashattention.cli.main import main
+    from hashattention.engine.memory import GIB, memory_report, offload_plan, resolve_shape
+    r = memory_report("llama-3.1-8b", "128K", 8, gpu_memory=80 * GIB, host_memory=128 * GIB)
+    p = r["placements"]
+    assert not p["dense"]["fits"] and not p["hash_gpu"]["fits"] and p["hash_offload"]["fits"]
+    assert r["max_batch_dense"] == 3 and r["max_batch_offload"] >= 2 * r["max_batch_dense"]
+    off = p["hash_offload"]
+    # the host holds exactly the K/V of the layers that are not on the GPU: 128 KiB per token over 32 layers
+    assert off["host_bytes"] == (32 - off["gpu_layers"]) * 4096 * 131072 * 8 and 0 < off["gpu_layers"] < 32
+    assert off["row_cache"] == 4096  # 1/32 of 128K
+    r = memory_report("llama-3.1-8b", "512K", 1, gpu_memory=80 * GIB, host_memory=128 * GIB)
+    assert not r["placements"]["hash_gpu"]["fits"] and r["placements"]["hash_offload"]["fits"]
+    # no GPU room for K/V at all: everything on the host, and too little host memory is said so
+    c = resolve_shape("llama-3.1-8b")
+    plan = offload_plan(c, 1, 524288, gpu_free=18 * GIB, host_free=60 * GIB, weights=15 * GIB, row_cache=2048)
+    assert plan["gpu_layers"] == 0 and plan["host_bytes"] == 64 * GIB and not plan["fits"]
+    assert main(["memory", "llama-3.1-8b", "--context", "512K", "--gpu-memory", "80GiB", "--host-memory",
+                 "128GiB", "--heavy", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert "HashAttention, K/V offloaded   fits" in out and "2048 heavy-row slots" in out
+    assert "HashAttention on the GPU       does NOT fit" in out
