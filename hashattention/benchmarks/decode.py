@@ -13,6 +13,8 @@ so the step time splits into: rest of the model (none), dense attention (dense -
 random-weight model has no meaningful text, and the time of a step does not depend on the values); the
 default model's tokens are compared with Hugging Face's on a real prompt first.
 
+``--offload host`` runs :mod:`hashattention.benchmarks.offload` instead (K/V in host memory).
+
 Optionally (``--hf-baseline 16K``) transformers' own static-cache ``generate`` (auto-compiled with
 torch.compile) is timed on the same weights at batch 1, and the engine's dense path beside it.
 """
@@ -66,6 +68,8 @@ def add_arguments(p):
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--replot", default="", help="only redraw table and plot from this JSON file")
     p.add_argument("--device", default="cuda")
+    from .offload import add_arguments as offload_arguments
+    offload_arguments(p)  # --offload host: K/V in host memory (hashattention.benchmarks.offload)
 
 
 def _device_name(dev) -> str:
@@ -231,6 +235,9 @@ def run(args) -> int:
             res = json.load(f)
         _write(res, os.path.dirname(args.replot) or ".", os.path.basename(args.replot)[:-5])
         return 0
+    if args.offload:
+        from .offload import run as run_offload
+        return run_offload(args)
     dev = torch.device(args.device)
     if dev.type != "cuda" or not torch.cuda.is_available():
         raise ValueError("bench decode measures CUDA graphs on a GPU: run it on a CUDA device")
