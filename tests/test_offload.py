@@ -226,3 +226,37 @@ def test_memory_report_offload(capsys):
     out = capsys.readouterr().out
     assert "HashAttention, K/V offloaded   fits" in out and "2048 heavy-row slots" in out
     assert "HashAttention on the GPU       does NOT fit" in out
+
+
+# -- the benchmark's report (CPU, tiny sizes: the numbers mean nothing, the format and the counting do) -------
+def test_bench_offload_report_format(tmp_path, monkeypatch):
+    import json
+
+    from hashattention.cli import main as cli
+    from hashattention.engine import config
+    monkeypatch.setitem(config.PRESETS, "tiny-test", dict(
+        model_type="llama", vocab_size=97, hidden_size=96, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=4096,
+        tie_word_embeddings=False, rope_theta=10000.0))
+    monkeypatch.delenv("OUT", raising=False)
+    assert cli.main(["bench", "decode", "--offload", "host", "--device", "cpu", "--models", "tiny-test",
+                     "--contexts", "200", "--batches", "1", "--heavy", "16", "--steps", "2", "--warmup", "1",
+                     "--sink", "8", "--window", "8", "--gpu-layers", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "offload_cpu.json").read_text())
+    keys = {"context", "batch", "mode", "heavy", "tok_s", "pcie_bytes_per_step", "hit_rate", "gpu_peak_gib",
+            "host_gib", "device"}
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert set(rows) == {"hash-offload", "dense-offload", "dense-gpu", "hash-gpu"}
+    for r in rows.values():
+        assert keys <= set(r) and r["context"] == 200 and r["batch"] == 1 and r["tok_s"] > 0, r
+    off, dense = rows["hash-offload"], rows["dense-offload"]
+    # 1 of 2 layers on the host, 2 KV heads, 16 dims, fp32 on the CPU: a row is 128 bytes (K and V)
+    assert off["gpu_layers"] == 1 and off["host_gib"] == 2 * 1 * 2 * (200 + 2 + 1 + 8) * 16 * 4 / 2 ** 30
+    assert dense["pcie_bytes_per_step"] == 1 * 2 * (200 + 1) * 128  # every host row, every step
+    assert off["heavy_rows_per_step"] == 1 * 2 * 16 and 0 <= off["hit_rate"] <= 1
+    assert off["pcie_bytes_per_step"] == pytest.approx((1 - off["hit_rate"]) * off["heavy_rows_per_step"] * 128)
+    assert set(off["breakdown_ms"]) == {"rest_of_model", "attention_working_set", "selection_and_transfer"}
+    md = (tmp_path / "offload_cpu.md").read_text()
+    assert "| 200 | 1 | hash-offload | 16 | 16 | 1 |" in md and "dense-offload" in md and "format check only" in md
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "offload_cpu.png").stat().st_size > 0

@@ -134,7 +134,7 @@ def _free(m):
 
 
 def _case(m, maps, budget, heavy_label, context, batch, mode, args, slots, gpu_layers, bw, device_name) -> dict:
-    from .decode import _fixed_index
+    from .engine_setup import _fixed_index
     dev = m.device
     steps, warmup = args.steps, args.warmup
     s = context + steps + warmup + 8
@@ -193,7 +193,7 @@ def _real_text(args, dev, dtype, device_name, heavies, factors) -> list:
     """The default model on held-out text at ``--real-text`` tokens, every layer's K/V on the host: hit rate and
     bytes per step of real decoding, and its tokens against the on-GPU HashAttention path."""
     from ..evaluation.perplexity import perplexity_rows
-    from .decode import _load, _maps_for
+    from .engine_setup import _load, _maps_for
     ctx = parse_tokens(args.real_text)
     m, _, tok, _ = _load("default", dev, dtype, keep_hf=False)
     maps, _ = _maps_for(m, "default", dev)
@@ -238,7 +238,7 @@ def _real_text(args, dev, dtype, device_name, heavies, factors) -> list:
 
 def run(args) -> int:
     from . import device_tag
-    from .decode import _device_name, _load, _maps_for
+    from .engine_setup import _device_name, _load, _maps_for
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("bench decode --offload host needs CUDA (or --device cpu for a format check at tiny sizes)")
@@ -252,7 +252,7 @@ def run(args) -> int:
     contexts = [parse_tokens(x) for x in args.contexts.split(",") if x.strip()]
     host_total = parse_bytes(args.host_memory) if args.host_memory else host_available_bytes()
     args.host_bytes = host_total
-    dtype = torch.bfloat16
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32  # CPU matmuls are slow in bf16
     t_start = time.perf_counter()
     name_dev = _device_name(dev)
     res = {"device": name_dev, "torch": torch.__version__, "steps": args.steps, "sink": args.sink,
