@@ -27,7 +27,7 @@ import torch
 
 from ..core.budget import Budget, parse_heavy
 from ..engine.generate import Generator
-from ..engine.memory import GIB, largest_batch, largest_offload_batch, parse_bytes, parse_tokens
+from ..engine.memory import GIB, largest_batch, largest_offload_batch, offload_plan, parse_bytes, parse_tokens
 from ..engine.offload import host_available_bytes
 
 OFFLOAD_MODES = ("hash-offload", "dense-offload", "dense-gpu", "hash-gpu")
@@ -143,6 +143,13 @@ def _case(m, maps, budget, heavy_label, context, batch, mode, args, slots, gpu_l
     offload = mode.endswith("offload")
     hashed = mode.startswith("hash")
     kw = {}
+    if offload and gpu_layers is None and dev.type == "cuda":
+        # as many layers on the GPU as fit with the benchmark's spare room (graph pools, kernels' temporaries)
+        torch.cuda.empty_cache()
+        gpu_layers = offload_plan(m.c, batch, s, torch.cuda.mem_get_info(dev)[0], args.host_bytes, dtype=m.dtype,
+                                  maps_config=maps.config if hashed else None, sink=args.sink, window=args.window,
+                                  row_cache=slots if hashed else 0, reserve=int(args.reserve_gib * GIB),
+                                  host_reserve=0)["gpu_layers"]
     if offload:
         kw = dict(offload="host", gpu_layers=gpu_layers, row_cache=slots if hashed else None,
                   dense_baseline=not hashed, host_memory=args.host_bytes)
