@@ -260,3 +260,13 @@ def test_bench_offload_report_format(tmp_path, monkeypatch):
     assert "| 200 | 1 | hash-offload | 16 | 16 | 1 |" in md and "dense-offload" in md and "format check only" in md
     pytest.importorskip("matplotlib")
     assert (tmp_path / "offload_cpu.png").stat().st_size > 0
+
+
+def test_generate_offload_needs_cuda(capsys, monkeypatch):
+    from hashattention.cli import generate as gen_cli
+    from hashattention.cli import main as cli
+    for name in ("load_model", "load_tokenizer"):
+        monkeypatch.setattr(gen_cli, name, lambda *a: pytest.fail("loaded the model before refusing"))
+    assert cli.main(["generate", "--prompt", "hi", "--offload", "host", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--offload host" in err and "needs CUDA" in err
