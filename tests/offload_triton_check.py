@@ -48,11 +48,11 @@ m = Transformer.from_hf(hf)
 assert use_triton(torch.empty(1, 16, device=DEV))
 m.setup_caches(2, 64, maps=maps, budget=bud)
 ref = {mode: Generator(m).generate(ids, 6, mode=mode, prefill_chunk=32) for mode in ("hash", "dense")}
-for gl in (0, 1):
+for gl, read in ((0, "gather"), (1, "gather"), (0, "direct")):
     kw = {} if CUDA else {"_host_device": "cpu"}
-    m.setup_caches(2, 64, maps=maps, budget=bud, offload="host", gpu_layers=gl, **kw)
+    m.setup_caches(2, 64, maps=maps, budget=bud, offload="host", gpu_layers=gl, offload_read=read, **kw)
     assert not CUDA or m.host_kv.k_host.is_pinned()
-    for mode in ("hash", "dense") if gl == 0 else ("hash",):
+    for mode in ("hash", "dense") if (gl, read) == (0, "gather") else ("hash",):
         got = Generator(m).generate(ids, 6, mode=mode, prefill_chunk=32)
         assert torch.equal(got, ref[mode]), (gl, mode, got, ref[mode])
         st = m.offload_stats()  # counted since the prefill: heavy rows looked up in hash mode only

@@ -64,10 +64,11 @@ def test_default_model_offload_equals_gpu_path():
     assert 0 < st["hits"] < st["lookups"] and st["bytes_fetched"] == st["rows_fetched"] * 2 * m.c.head_dim * 4
 
 
-@pytest.mark.parametrize("gpu_layers", [0, 1, 2])
-def test_tiered_placement_equals_all_gpu(gpu_layers):
+@pytest.mark.parametrize("gpu_layers,read", [(0, "gather"), (1, "gather"), (2, "gather"), (1, "direct")])
+def test_tiered_placement_equals_all_gpu(gpu_layers, read):
     """Some layers on the GPU, the rest on the host: the same tokens as all-GPU, hash and dense, through the
-    Generator, with prefill in chunks (the later chunks attend over host memory)."""
+    Generator, with prefill in chunks (the later chunks attend over host memory). read="direct": no row cache,
+    attention reads the selected host rows where they are."""
     hf = tiny_model("llama", layers=3)
     torch.manual_seed(3)
     ids = torch.randint(3, 97, (2, 120))
@@ -77,10 +78,16 @@ def test_tiered_placement_equals_all_gpu(gpu_layers):
     m.setup_caches(2, 160, maps=maps, budget=bud)
     ref = {mode: Generator(m).generate(ids, 24, mode=mode, prefill_chunk=50) for mode in ("hash", "dense")}
     m.setup_caches(2, 160, maps=maps, budget=bud, offload="host", gpu_layers=gpu_layers, _host_device="cpu",
-                   row_cache=40)
+                   row_cache=40, offload_read=read)
     assert m.k_cache.shape[0] == gpu_layers and m.host_kv.host_layers == list(range(gpu_layers, 3))
-    for mode in ("hash", "dense"):
+    for mode in ("dense", "hash"):
         assert torch.equal(Generator(m).generate(ids, 24, mode=mode, prefill_chunk=50), ref[mode]), mode
+    st = m.offload_stats()
+    if read == "direct":  # every selected row of every host layer crossed: sink + window + heavy(length) each
+        want = sum(min(L, 8 + L // 8) for L in range(121, 121 + 23)) * 2 * 2 * (3 - gpu_layers)
+        assert not hasattr(m.host_kv, "ws_k") and st["hits"] == 0 and st["lookups"] == want
+    elif gpu_layers < 3:
+        assert 0 < st["hits"] < st["lookups"]
 
 
 class BruteCache:
@@ -187,7 +194,7 @@ def test_offload_refuses_bad_input_before_allocating():
     assert m.k_cache is None and m.host_kv is None
     m.setup_caches(1, 64, maps=maps, budget=bud, offload="host", _host_device="cpu")
     with pytest.raises(CacheError, match="needs setup_caches again"):  # a larger heavy budget than staged
-        m.set_budget(Budget(heavy=1 / 2, sink=4, window=4))
+        m.set_budget(Budget(heavy=1.0, sink=4, window=4))  # 64 heavy rows, 2 x 16 slots
 
 
 def test_dense_baseline_streams_host_rows():
@@ -214,7 +221,7 @@ def test_memory_report_offload(capsys):
     off = p["hash_offload"]
     # the host holds exactly the K/V of the layers that are not on the GPU: 128 KiB per token over 32 layers
     assert off["host_bytes"] == (32 - off["gpu_layers"]) * 4096 * 131072 * 8 and 0 < off["gpu_layers"] < 32
-    assert off["row_cache"] == 4096  # 1/32 of 128K
+    assert off["row_cache"] == 2 * 4096  # twice 1/32 of 128K
     r = memory_report("llama-3.1-8b", "512K", 1, gpu_memory=80 * GIB, host_memory=128 * GIB)
     assert not r["placements"]["hash_gpu"]["fits"] and r["placements"]["hash_offload"]["fits"]
     # no GPU room for K/V at all: everything on the host, and too little host memory is said so
@@ -224,7 +231,7 @@ def test_memory_report_offload(capsys):
     assert main(["memory", "llama-3.1-8b", "--context", "512K", "--gpu-memory", "80GiB", "--host-memory",
                  "128GiB", "--heavy", "2048"]) == 0
     out = capsys.readouterr().out
-    assert "HashAttention, K/V offloaded   fits" in out and "2048 heavy-row slots" in out
+    assert "HashAttention, K/V offloaded   fits" in out and "4096 heavy-row slots" in out
     assert "HashAttention on the GPU       does NOT fit" in out
 
 
@@ -257,7 +264,7 @@ def test_bench_offload_report_format(tmp_path, monkeypatch):
     assert off["pcie_bytes_per_step"] == pytest.approx((1 - off["hit_rate"]) * off["heavy_rows_per_step"] * 128)
     assert set(off["breakdown_ms"]) == {"rest_of_model", "attention_working_set", "selection_and_transfer"}
     md = (tmp_path / "offload_cpu.md").read_text()
-    assert "| 200 | 1 | hash-offload | 16 | 16 | 1 |" in md and "dense-offload" in md and "format check only" in md
+    assert "| 200 | 1 | hash-offload | 16 | 32 | 1 |" in md and "dense-offload" in md and "format check only" in md
     pytest.importorskip("matplotlib")
     assert (tmp_path / "offload_cpu.png").stat().st_size > 0
 

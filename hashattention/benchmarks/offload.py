@@ -40,7 +40,7 @@ def add_arguments(p):
                    + ", ".join(OFFLOAD_MODES))
     p.add_argument("--gpu-layers", default="auto", help="with --offload: layers whose K/V stay on the GPU "
                    "(auto: as many as fit; 0: every layer's K/V in host memory)")
-    p.add_argument("--row-cache", default="1", help="with --offload: GPU heavy-row cache per KV head, in "
+    p.add_argument("--row-cache", default="2", help="with --offload: GPU heavy-row cache per KV head, in "
                    "multiples of the heavy budget (comma list to compare, e.g. 1,2)")
     p.add_argument("--host-memory", default="", help="with --offload: host memory to use (default: available)")
     p.add_argument("--host-reserve-gib", type=float, default=8.0, help="host memory left free when sizing 'max'")

@@ -23,7 +23,7 @@ def add_parser(sub):
     p.add_argument("--heavy", default="1/32", help="heavy budget for the offload's GPU row cache (fraction or count)")
     p.add_argument("--sink", type=int, default=128)
     p.add_argument("--window", type=int, default=128)
-    p.add_argument("--row-cache", type=float, default=1.0, help="GPU heavy-row cache, in multiples of the heavy "
+    p.add_argument("--row-cache", type=float, default=2.0, help="GPU heavy-row cache, in multiples of the heavy "
                    "budget")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.add_argument("--out", default=None, help="also write every report, with the command, to this JSON file")

@@ -233,7 +233,7 @@ def largest_offload_batch(c, seq: int, gpu_free: int, host_free: int, limit: int
 
 def memory_report(spec, context: int, batch: int = 1, dtype="bfloat16", bits: int = 32,
                   key_heads: str = "kv", gpu_memory: int | None = None, host_memory: int | None = None,
-                  heavy=1 / 32, sink: int = 128, window: int = 128, row_cache: float = 1.0) -> dict:
+                  heavy=1 / 32, sink: int = 128, window: int = 128, row_cache: float = 2.0) -> dict:
     """KV bytes, signature bytes and their ratio for ``batch`` sequences of ``context`` tokens.
 
     spec: a model spec for :func:`resolve_shape` or a config. key_heads: "kv" (default maps) or "q"

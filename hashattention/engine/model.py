@@ -47,6 +47,8 @@ from .config import (PRESET_ALIASES, PRESETS, SUPPORTED_MODEL_TYPES, CacheError,
                      UnsupportedModelError, preset_config, preset_names)
 
 ATTENTION_MODES = ("dense", "hash", "none", "hash-fixed")
+#: offload: the GPU heavy-row cache holds this many times the heavy budget per KV head unless told otherwise
+ROW_CACHE_FACTOR = 2
 
 
 def rotary_tables(hf_config, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,14 +185,18 @@ class Transformer(nn.Module):
     def setup_caches(self, batch: int, max_seq_len: int, maps: HashMaps | None = None,
                      budget: Budget | None = None, check_memory: bool = True, selection: str | None = None,
                      offload: str | None = None, gpu_layers: int | None = None, row_cache: int | None = None,
-                     host_memory: int | None = None, dense_baseline: bool = False, _host_device=None):
+                     host_memory: int | None = None, dense_baseline: bool = False, offload_read: str = "gather",
+                     _host_device=None):
         """Allocate the static caches for ``batch`` sequences of up to ``max_seq_len`` tokens (prompt plus
         generated), and the signature cache when ``maps`` are given. Checks the memory *before* allocating.
 
         offload="host" (CUDA only): the K/V of layers ``gpu_layers``.. live in pinned host memory, with the
-        signatures, sink, window and a cache of ``row_cache`` heavy rows per KV head (default: the heavy budget)
-        on the GPU (:mod:`hashattention.engine.offload`). gpu_layers: None = as many as the card's free memory
-        holds. host_memory: bytes of host memory to allow (default: what the OS reports available). Offload
+        signatures, sink, window and a cache of ``row_cache`` heavy rows per KV head (default ROW_CACHE_FACTOR x
+        the heavy budget) on the GPU (:mod:`hashattention.engine.offload`). gpu_layers: None = as many as the
+        card's free memory holds. offload_read: "gather" (the heavy-row cache above) or "direct" (no GPU copy
+        of host rows at all: kernel 2 reads every selected row of a host layer from pinned memory, zero-copy;
+        for measurements).
+        host_memory: bytes of host memory to allow (default: what the OS reports available). Offload
         needs maps (HashAttention); ``dense_baseline=True`` allows it without them, for the FlexGen-style dense
         baseline (mode "dense" streams every host row every step). ``_host_device``: test hook only (a plain
         CPU tensor stands in for pinned memory, no CUDA needed).
@@ -217,8 +223,12 @@ class Transformer(nn.Module):
         need = cache_bytes(c, batch, max_seq_len, self.dtype, mcfg)
         n_gpu, slots = c.num_layers, 0
         if offload is not None:  # every check before anything is allocated
-            n_gpu, slots, gpu_kv = self._plan_offload(batch, max_seq_len, maps, budget, offload, gpu_layers,
-                                                      row_cache, host_memory, dense_baseline, _host_device,
+            if offload_read not in ("gather", "direct"):
+                raise ValueError(f"offload_read must be 'gather' or 'direct', got {offload_read!r}")
+            direct = offload_read == "direct"
+            n_gpu, slots, gpu_kv = self._plan_offload(batch, max_seq_len, maps if not direct else None, budget,
+                                                      offload, gpu_layers, row_cache, host_memory,
+                                                      dense_baseline or (direct and maps is not None), _host_device,
                                                       need - kv_bytes_per_token(c, self.dtype) * batch * max_seq_len,
                                                       check_memory)
             need = need - kv_bytes_per_token(c, self.dtype) * batch * max_seq_len + gpu_kv
@@ -232,7 +242,8 @@ class Transformer(nn.Module):
             b = budget if budget is not None else Budget()
             self.host_kv = HostKV(c.num_layers, list(range(n_gpu, c.num_layers)), batch, max_seq_len,
                                   c.num_kv_heads, c.head_dim, self.dtype, self.device, b.sink, b.window, slots,
-                                  hash_mode=maps is not None)
+                                  hash_mode=maps is not None and offload_read == "gather")
+            self.host_kv.direct = maps is not None and offload_read == "direct"
         self.batch, self.max_seq_len = batch, max_seq_len
         cos, sin = rotary_tables(self.hf_config, max_seq_len, self.device)
         self.register_buffer("cos", cos, persistent=False)
@@ -268,7 +279,9 @@ class Transformer(nn.Module):
             if b.residual:
                 raise ValueError("offload does not support a residual sample (Budget(residual=...))")
             heavy = int(min(max(b.heavy_count(seq), 0), seq))
-            slots = heavy if row_cache is None else int(row_cache)
+            # default 2x heavy: on real text (8K, 1/32) 81% of the heavy rows hit against 64% at 1x, half the
+            # transfers for a few GiB of GPU memory at most (docs/performance.md)
+            slots = ROW_CACHE_FACTOR * heavy if row_cache is None else int(row_cache)
             if slots < heavy:
                 raise CacheError(f"the heavy budget selects up to {heavy} rows per KV head, more than the GPU row "
                                  f"cache stages ({slots} slots): use row_cache >= {heavy} or a smaller heavy budget")
@@ -300,7 +313,7 @@ class Transformer(nn.Module):
         """Heavy-row cache counters since the last prefill (one device sync): lookups, hits, hit rate, rows and
         bytes fetched from host memory (K and V)."""
         hk = self.host_kv
-        if hk is None or not hk.hash_mode:
+        if hk is None or not (hk.hash_mode or hk.direct):
             return {}
         lookups, hits = (int(x) for x in hk.stats.tolist())
         misses = lookups - hits
@@ -549,6 +562,9 @@ class Transformer(nn.Module):
         if hi < 0:
             return _sparse_attention(q, kc, vc, idx, counts)
         hk = self.host_kv
+        if hk.direct:  # every selected row straight from pinned memory (zero-copy): all of them cross PCIe
+            hk.stats[0] += (idx >= 0).sum()
+            return _sparse_attention(q, kc, vc, idx, counts)
         return _sparse_attention(q, hk.ws_k[hi], hk.ws_v[hi], hk.fetch(hi, idx, length), counts)
 
     def index_slots(self) -> int:

@@ -171,6 +171,7 @@ class HostKV:
         else:
             self.k_host, self.v_host = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
         self.hash_mode = hash_mode
+        self.direct = False  # the engine's offload_read="direct": no working set, kernel 2 reads host rows
         self.stats = torch.zeros(2, dtype=torch.int64, device=device)  # heavy lookups, hits
         if hash_mode:
             p = self.base + cache_slots + 1
