@@ -248,12 +248,15 @@ def test_bench_offload_report_format(tmp_path, monkeypatch):
     monkeypatch.delenv("OUT", raising=False)
     assert cli.main(["bench", "decode", "--offload", "host", "--device", "cpu", "--models", "tiny-test",
                      "--contexts", "200", "--batches", "1", "--heavy", "16", "--steps", "2", "--warmup", "1",
-                     "--sink", "8", "--window", "8", "--gpu-layers", "1", "--out", str(tmp_path)]) == 0
+                     "--sink", "8", "--window", "8", "--gpu-layers", "1", "--offload-read", "gather,direct",
+                     "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "offload_cpu.json").read_text())
     keys = {"context", "batch", "mode", "heavy", "tok_s", "pcie_bytes_per_step", "hit_rate", "gpu_peak_gib",
             "host_gib", "device"}
-    rows = {r["mode"]: r for r in res["rows"]}
-    assert set(rows) == {"hash-offload", "dense-offload", "dense-gpu", "hash-gpu"}
+    rows = {r["mode"] + ("-direct" if r.get("read") == "direct" else ""): r for r in res["rows"]}
+    assert set(rows) == {"hash-offload", "hash-offload-direct", "dense-offload", "dense-gpu", "hash-gpu"}
+    direct = rows.pop("hash-offload-direct")  # every selected row of the host layer, every step, no hits
+    assert direct["hit_rate"] == 0 and direct["pcie_bytes_per_step"] == 2 * (8 + 8 + 16) * 128
     for r in rows.values():
         assert keys <= set(r) and r["context"] == 200 and r["batch"] == 1 and r["tok_s"] > 0, r
     off, dense = rows["hash-offload"], rows["dense-offload"]

@@ -42,6 +42,9 @@ def add_arguments(p):
                    "(auto: as many as fit; 0: every layer's K/V in host memory)")
     p.add_argument("--row-cache", default="2", help="with --offload: GPU heavy-row cache per KV head, in "
                    "multiples of the heavy budget (comma list to compare, e.g. 1,2)")
+    p.add_argument("--offload-read", default="gather", help="with --offload: how hash-offload reads the host rows: "
+                   "gather (misses copied into the GPU row cache) and/or direct (attention reads every selected "
+                   "host row zero-copy, no cache); a comma list to compare")
     p.add_argument("--host-memory", default="", help="with --offload: host memory to use (default: available)")
     p.add_argument("--host-reserve-gib", type=float, default=8.0, help="host memory left free when sizing 'max'")
     p.add_argument("--dense-offload-batches", default="1", help="with --offload: batches ('1', 'max') at which "
@@ -133,7 +136,8 @@ def _free(m):
         torch.cuda.empty_cache()
 
 
-def _case(m, maps, budget, heavy_label, context, batch, mode, args, slots, gpu_layers, bw, device_name) -> dict:
+def _case(m, maps, budget, heavy_label, context, batch, mode, args, slots, gpu_layers, bw, device_name,
+          read="gather") -> dict:
     from .engine_setup import _fixed_index
     dev = m.device
     steps, warmup = args.steps, args.warmup
@@ -152,11 +156,13 @@ def _case(m, maps, budget, heavy_label, context, batch, mode, args, slots, gpu_l
                                   host_reserve=0)["gpu_layers"]
     if offload:
         kw = dict(offload="host", gpu_layers=gpu_layers, row_cache=slots if hashed else None,
-                  dense_baseline=not hashed, host_memory=args.host_bytes)
+                  dense_baseline=not hashed, host_memory=args.host_bytes, offload_read=read)
         if dev.type != "cuda":
             kw["_host_device"] = "cpu"  # the CPU run checks the report's format only
     m.setup_caches(batch, s, maps=maps if hashed else None, budget=budget, **kw)
     row = {"context": context, "batch": batch, "mode": mode, "heavy": heavy_label, "device": device_name}
+    if offload and hashed:
+        row["read"] = read
     try:
         _synthetic(m, context)
         gen = Generator(m, max_new_tokens=max(steps, warmup) + 2)
@@ -176,10 +182,10 @@ def _case(m, maps, budget, heavy_label, context, batch, mode, args, slots, gpu_l
         row.update(pcie_bytes_per_step=pcie, hit_rate=hit)
         if offload:
             row["gpu_layers"] = m.c.num_layers - len(hk.host_layers)
-            row["row_cache"] = hk.slots if hashed else 0
+            row["row_cache"] = hk.slots if hashed and read == "gather" else 0
         if bw and pcie:
             row["bw_fraction"] = pcie / (ms / 1e3) / bw
-        if offload and hashed and args.offload_breakdown == "on":
+        if offload and hashed and read == "gather" and args.offload_breakdown == "on":
             # rest of the model (no attention) and attention over a fixed, resident selection (no transfer,
             # no selection): the step = rest + attention + (selection + transfer)
             gen.fixed_index = _fixed_index(m, context)
@@ -300,8 +306,12 @@ def run(args) -> int:
                     fit_dense = min(args.max_batch, largest_batch(m.c, s, free, dtype, None, reserve=reserve))
                     fit_hash = min(args.max_batch, largest_batch(m.c, s, free, dtype, maps.config, reserve=reserve))
                     plan = []
+                    reads = [x.strip() for x in args.offload_read.split(",") if x.strip()]
                     for bs in [x.strip() for x in args.batches.split(",") if x.strip()]:
-                        for mode in modes:
+                        for mode, read in [(md, rd) for md in modes
+                                           for rd in (reads if md == "hash-offload" else ["gather"])]:
+                            if read == "direct" and f != factors[0]:
+                                continue  # no row cache to vary
                             fit = {"hash-offload": fit_off, "dense-offload": fit_off, "dense-gpu": fit_dense,
                                    "hash-gpu": fit_hash}[mode]
                             if mode == "dense-offload" and bs not in args.dense_offload_batches.split(","):
@@ -312,10 +322,10 @@ def run(args) -> int:
                                 continue  # nor the heavy budget: dense runs once per context
                             b = fit if bs == "max" else int(bs)
                             if b < 1 or b > fit:
-                                plan.append((mode, bs, None))
-                            elif (mode, b) not in [(p[0], p[2]) for p in plan]:
-                                plan.append((mode, bs, b))
-                    for mode, bs, b in plan:
+                                plan.append((mode, bs, None, read))
+                            elif (mode, b, read) not in [(p[0], p[2], p[3]) for p in plan]:
+                                plan.append((mode, bs, b, read))
+                    for mode, bs, b, read in plan:
                         if args.time_limit and time.perf_counter() - t_start > args.time_limit:
                             print(f"time limit reached: skipping {mode} {ctx} x {bs}", flush=True)
                             continue
@@ -326,7 +336,7 @@ def run(args) -> int:
                             continue
                         try:
                             row = _case(m, maps, budget, hl, ctx, b, mode, args, slots, gpu_layers,
-                                        res["h2d_bandwidth_Bps"], name_dev)
+                                        res["h2d_bandwidth_Bps"], name_dev, read)
                         except Exception as e:  # keep the other cases; the error is recorded with the case
                             row = {"context": ctx, "batch": b, "mode": mode, "heavy": hl, "device": name_dev,
                                    "error": f"{type(e).__name__}: {e}"[:500]}
@@ -356,7 +366,8 @@ def summary(res: dict) -> list[str]:
             continue
         for d in rows:
             if (d["mode"], d["context"], d["batch"]) == ("dense-offload", r["context"], r["batch"]):
-                out.append(f"- {r['context']:,} x {r['batch']}, heavy {r['heavy']}, row cache {r.get('row_cache')}: "
+                out.append(f"- {r['context']:,} x {r['batch']}, heavy {r['heavy']}, "
+                           f"{'direct reads' if r.get('read') == 'direct' else 'row cache ' + str(r.get('row_cache'))}: "
                            f"hash-offload {r['tok_s']:.1f} tok/s, dense-offload {d['tok_s']:.2f} tok/s: "
                            f"**{r['tok_s'] / d['tok_s']:.1f}x**")
     for ctx in sorted({r["context"] for r in rows}):
@@ -389,7 +400,8 @@ def table(res: dict) -> str:
             continue
         f = lambda v, fmt: "-" if v is None else format(v, fmt)
         lines.append(
-            f"| {r['context']:,} | {r['batch']} | {r['mode']} | {r['heavy']} | {r.get('row_cache', '-')} | "
+            f"| {r['context']:,} | {r['batch']} | {r['mode']}{' (direct)' if r.get('read') == 'direct' else ''} | "
+            f"{r['heavy']} | {r.get('row_cache', '-')} | "
             f"{r.get('gpu_layers', '-')} | {r['tok_s']:.2f} | {r['ms_per_step']:.2f} | "
             f"{r['pcie_bytes_per_step'] / 1e6:.2f} | {f(r.get('hit_rate'), '.3f')} | "
             f"{f(r.get('bw_fraction') and 100 * r['bw_fraction'], '.0f')} | {f(r.get('gpu_peak_gib'), '.2f')} | "
