@@ -73,13 +73,26 @@ def pinned_empty(shape, dtype) -> torch.Tensor:
     return t
 
 
-def check_device_can_read(t: torch.Tensor):
-    """A clear error when the GPU cannot address the host tensor ``t`` (not page-locked, or no unified
-    addressing): Triton would fail with "cannot be accessed from Triton (cpu tensor?)"."""
-    if t.is_cuda:
+def check_device_can_read(t: torch.Tensor, device):
+    """A clear error when the GPU cannot address the host tensor ``t`` [..., D] (not page-locked, or no unified
+    addressing; Triton would say "cannot be accessed from Triton (cpu tensor?)" at the first decode step): one
+    row read by the gather kernel at set-up, compared with the host's copy."""
+    if t.is_cuda or t.numel() == 0:
         return
     if not t.is_pinned():
         raise CacheError("the host K/V are not page-locked: the GPU cannot read them directly")
+    row = t.view(-1, t.shape[-1])[:1].view(1, 1, 1, -1)
+    got = torch.zeros(1, 1, 1, t.shape[-1], dtype=t.dtype, device=device)
+    one = torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
+    try:
+        row.view(-1)[0] = 1.5  # a known value (the cache is still empty)
+        gather_rows(row, row, got, got, one, one)
+        torch.cuda.synchronize(device)
+    except Exception as e:
+        raise CacheError(f"the GPU cannot read pinned host memory directly on this machine ({type(e).__name__}: "
+                         f"{e}); offload='host' needs unified virtual addressing (64-bit Linux, CUDA)") from None
+    if float(got.view(-1)[0]) != 1.5:
+        raise CacheError("the GPU read wrong values from pinned host memory: offload='host' cannot run here")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,6 +181,8 @@ class HostKV:
         shape = (lh, batch, num_kv_heads, seq, head_dim)
         if self.device.type == "cuda":
             self.k_host, self.v_host = pinned_empty(shape, dtype), pinned_empty(shape, dtype)
+            if use_triton(torch.empty(1, head_dim, device=self.device)):  # the step will read it with Triton
+                check_device_can_read(self.k_host, self.device)
         else:
             self.k_host, self.v_host = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
         self.hash_mode = hash_mode
