@@ -60,7 +60,7 @@ def measure_h2d(dev, nbytes: int = GIB, reps: int = 5) -> float | None:
     """Bytes/s of a pinned host -> GPU copy (the best of ``reps``)."""
     if dev.type != "cuda":
         return None
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     best = float("inf")
     for _ in range(reps):

@@ -60,7 +60,7 @@ def pinned_empty(shape, dtype) -> torch.Tensor:
     """An uninitialized CPU tensor page-locked with cudaHostRegister (mapped, portable): the device reads it over
     unified addressing at its own address. Not ``pin_memory=True``: PyTorch's caching host allocator rounds
     every block up to a power of two (a 40 GiB cache would hold 64 GiB)."""
-    t = torch.empty(shape, dtype=dtype)
+    t = torch.empty(shape, dtype=dtype, device="cpu")
     if t.numel() == 0:
         return t
     rt = torch.cuda.cudart()
@@ -184,7 +184,8 @@ class HostKV:
             if use_triton(torch.empty(1, head_dim, device=self.device)):  # the step will read it with Triton
                 check_device_can_read(self.k_host, self.device)
         else:
-            self.k_host, self.v_host = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+            self.k_host = torch.zeros(shape, dtype=dtype, device="cpu")
+            self.v_host = torch.zeros(shape, dtype=dtype, device="cpu")
         self.hash_mode = hash_mode
         self.direct = False  # the engine's offload_read="direct": no working set, kernel 2 reads host rows
         self.stats = torch.zeros(2, dtype=torch.int64, device=device)  # heavy lookups, hits
