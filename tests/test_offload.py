@@ -23,9 +23,11 @@ HERE = os.path.dirname(__file__)
 
 
 @torch.no_grad()
-def _greedy(m, ids, n, mode="hash"):
-    """Greedy decoding step by step: (tokens [B, n], logits [n, B, V])."""
-    logits = m.prefill(ids, chunk=512)
+def _greedy(m, ids, n, mode="hash", prefill=True):
+    """Greedy decoding step by step: (tokens [B, n], logits [n, B, V]). prefill=False: the caches already hold
+    the prompt (from an earlier call; its decoded positions are overwritten)."""
+    logits = m.prefill(ids, chunk=512) if prefill else m._prompt_logits
+    m._prompt_logits = logits
     pos = torch.tensor([ids.shape[1]])
     toks, lg = [], []
     tok = logits.argmax(-1)
@@ -52,7 +54,7 @@ def test_default_model_offload_equals_gpu_path():
     bud = Budget(heavy=24, sink=16, window=16)
     m.setup_caches(1, 1060, maps=maps, budget=bud)
     ref, ref_logits = _greedy(m, ids, 16)
-    dense, _ = _greedy(m, ids, 16, mode="dense")
+    dense, _ = _greedy(m, ids, 16, mode="dense", prefill=False)  # same prompt in the caches: no second prefill
     assert not torch.equal(ref, dense)  # the heavy selection matters at this budget
     m.setup_caches(1, 1060, maps=maps, budget=bud, offload="host", gpu_layers=0, _host_device="cpu")
     assert m.k_cache.shape[0] == 0 and len(m.host_kv.host_layers) == m.c.num_layers

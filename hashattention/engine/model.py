@@ -269,6 +269,9 @@ class Transformer(nn.Module):
         if host_device is None and self.device.type != "cuda":
             raise CacheError("offload='host' keeps the K/V in pinned host memory read by the GPU: it needs a CUDA "
                              f"device, the model is on {self.device}")
+        if self.device.type == "cuda" and not kernels.use_triton(torch.empty(1, device=self.device)):
+            raise CacheError("offload='host' on CUDA runs on the Triton kernels (they read pinned memory inside the "
+                             "CUDA graph): unset HASHATTENTION_ENGINE_KERNELS=torch")
         if maps is None and not dense_baseline:
             raise ValueError("offload='host' reads only the selected rows over PCIe: it needs maps (HashAttention); "
                              "dense attention with offloaded K/V is the FlexGen-style baseline only "
