@@ -13,6 +13,8 @@ so the step time splits into: rest of the model (none), dense attention (dense -
 random-weight model has no meaningful text, and the time of a step does not depend on the values); the
 default model's tokens are compared with Hugging Face's on a real prompt first.
 
+``--offload host`` runs :mod:`hashattention.benchmarks.offload` instead (K/V in host memory).
+
 Optionally (``--hf-baseline 16K``) transformers' own static-cache ``generate`` (auto-compiled with
 torch.compile) is timed on the same weights at batch 1, and the engine's dense path beside it.
 """
@@ -20,17 +22,15 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 
 import torch
 
 from ..core.budget import Budget, parse_heavy
-from ..core.maps import HashMaps
 from ..engine.memory import GIB, largest_batch, parse_tokens
-from ..engine.model import ATTENTION_MODES, Transformer, preset_config
+from ..engine.model import ATTENTION_MODES, Transformer
 from ..engine.generate import Generator
-from ..weights import maps_config_for
+from .engine_setup import _device_name, _fixed_index, _load, _maps_for
 
 MODES = ATTENTION_MODES  # all four by default: the time breakdown needs the two ablations
 
@@ -66,49 +66,8 @@ def add_arguments(p):
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--replot", default="", help="only redraw table and plot from this JSON file")
     p.add_argument("--device", default="cuda")
-
-
-def _device_name(dev) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return platform.processor() or "cpu"
-
-
-def _maps_for(model: Transformer, spec: str, dev):
-    """Shipped maps for the default model when they exist, else SimHash; random-init maps otherwise."""
-    if spec == "default":
-        from ..shipped import has_default_maps
-        if has_default_maps():
-            from ..weights import load_maps
-            from ..shipped import DEFAULT_MAPS
-            return load_maps(DEFAULT_MAPS, model.hf_config, allow_other_model=True, device=dev), "shipped"
-        return HashMaps.simhash(maps_config_for(model.hf_config)).to(dev), "simhash"
-    torch.manual_seed(0)
-    return HashMaps(maps_config_for(model.hf_config)).to(dev), "random-init"
-
-
-def _load(spec: str, dev, dtype, keep_hf: bool):
-    """(engine model, hf model or None, tokenizer or None, description)."""
-    if spec == "default" or os.path.isdir(spec):
-        from ..models import load_model
-        hf, tok, model_id = load_model(spec, device=dev, dtype=dtype)
-        m = Transformer.from_hf(hf)
-        return m, (hf if keep_hf else None), tok, f"{model_id} (real weights)"
-    cfg = preset_config(spec)
-    if keep_hf:
-        import transformers
-        cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-               "qwen2": transformers.Qwen2ForCausalLM}[cfg.model_type]
-        cfg._attn_implementation = "sdpa"
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)  # initialise in bf16 directly (an fp32 8B model would need 32 GB)
-        try:
-            with torch.device(dev):
-                hf = cls(cfg).eval()
-        finally:
-            torch.set_default_dtype(prev)
-        return Transformer.from_hf(hf), hf, None, f"{spec} shape, random weights (HF init)"
-    return Transformer.random(cfg, device=dev, dtype=dtype), None, None, f"{spec} shape, random weights"
+    from .offload import add_arguments as offload_arguments
+    offload_arguments(p)  # --offload host: K/V in host memory (hashattention.benchmarks.offload)
 
 
 def _synthetic_fill(m: Transformer, context: int, seed: int = 0):
@@ -117,14 +76,6 @@ def _synthetic_fill(m: Transformer, context: int, seed: int = 0):
     m.v_cache[:, :, :, :context].normal_(generator=g)
     if m.sig_cache is not None:
         m.sig_cache[:, :, :, :context].random_(-2 ** 31, 2 ** 31 - 1, generator=g)
-
-
-def _fixed_index(m: Transformer, context: int) -> tuple:
-    """A realistic index list (what the selection picks for a random query at this context)."""
-    c, mc = m.c, m.maps.config
-    q_sig = torch.randint(-2 ** 31, 2 ** 31 - 1, (m.batch, c.num_heads, mc.words), device=m.device,
-                          dtype=torch.int32)
-    return m.select(q_sig, m.sig_cache[0], torch.tensor([context + 1], device=m.device))
 
 
 def _bench_case(m, maps, budget, context, batch, args, modes):
@@ -231,6 +182,9 @@ def run(args) -> int:
             res = json.load(f)
         _write(res, os.path.dirname(args.replot) or ".", os.path.basename(args.replot)[:-5])
         return 0
+    if args.offload:
+        from .offload import run as run_offload
+        return run_offload(args)
     dev = torch.device(args.device)
     if dev.type != "cuda" or not torch.cuda.is_available():
         raise ValueError("bench decode measures CUDA graphs on a GPU: run it on a CUDA device")

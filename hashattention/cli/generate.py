@@ -54,6 +54,9 @@ def add_parser(sub):
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed gives the same text)")
     p.add_argument("--engine", choices=["auto", "on", "off"], default="auto",
                    help="auto: the engine on CUDA where it applies; on: always (a CPU runs it slowly); off: never")
+    p.add_argument("--offload", choices=["", "host"], default="",
+                   help="host: the engine keeps the K/V beyond the card's memory in pinned host memory (CUDA; "
+                        "implies --engine on)")
     p.add_argument("--cache-len", type=int, default=None,
                    help="tokens the engine's static cache holds (default: prompt + new tokens)")
     p.add_argument("--device", default=None)
@@ -268,6 +271,12 @@ def run(args) -> int:
     check_options(args)
     budget = parse_budget(args)
     err = sys.stderr
+    if getattr(args, "offload", ""):  # refused before anything loads
+        from ..models import pick_device
+        if args.engine == "off":
+            raise ValueError("--offload host runs in the engine: drop --engine off")
+        if pick_device(args.device).type != "cuda":
+            raise ValueError("--offload host keeps the K/V in pinned host memory read by the GPU: it needs CUDA")
     tok, cfg = load_tokenizer(args.model)
     if args.chat:
         if not getattr(tok, "chat_template", None):
@@ -300,6 +309,8 @@ def run(args) -> int:
     from ..models import pick_device
     dev = pick_device(args.device)
     reason = engine_reason(args, model_type)
+    if args.offload:
+        args.engine = "on"
     if args.engine == "on" and reason:
         raise ValueError(f"--engine on: {reason}")
     use_engine = args.engine == "on" or (args.engine == "auto" and dev.type == "cuda" and reason is None)
@@ -318,7 +329,7 @@ def run(args) -> int:
     stream = TextStream(tok)
     eos = _eos_ids(model, tok)
     if use_engine:
-        fit = _engine_fits(model.config, cache_len)
+        fit = None if args.offload else _engine_fits(model.config, cache_len)  # offload: setup_caches checks
         if fit and args.engine == "on":
             raise ValueError(f"--engine on: {fit}")
         if fit:
@@ -413,7 +424,8 @@ def _run_engine(em, policy, ids, n, budget, cache_len, args, stream, eos, dev) -
     from ..engine import Generator
     mode = "dense" if args.policy == "dense" else "hash"
     maps = getattr(policy, "maps", None) if mode == "hash" else None
-    em.setup_caches(1, cache_len, maps=maps, budget=budget)
+    off = {"offload": "host", "dense_baseline": mode == "dense"} if getattr(args, "offload", "") else {}
+    em.setup_caches(1, cache_len, maps=maps, budget=budget, **off)
     gen = Generator(em, max_new_tokens=n, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     gen.capture(mode)  # compile the kernels and record the step before the clock starts (no-op without CUDA)
     t0 = time.perf_counter()

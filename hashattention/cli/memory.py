@@ -16,7 +16,15 @@ def add_parser(sub):
     p.add_argument("--bits", type=int, default=32, help="signature bits per token per head")
     p.add_argument("--key-heads", choices=["kv", "q"], default="kv",
                    help="signature heads: one per KV head (default maps) or per query head (authors' layout)")
-    p.add_argument("--gpu-memory", default="", help="GPU size (e.g. 80GiB) to say how many sequences fit")
+    p.add_argument("--gpu-memory", default="", help="GPU size (e.g. 80GiB) to say how many sequences fit "
+                   "(default: this machine's GPU, if it has one)")
+    p.add_argument("--host-memory", default="", help="host memory (e.g. 128GiB) to say whether HashAttention with "
+                   "the K/V offloaded to host memory fits (default: what this machine has available)")
+    p.add_argument("--heavy", default="1/32", help="heavy budget for the offload's GPU row cache (fraction or count)")
+    p.add_argument("--sink", type=int, default=128)
+    p.add_argument("--window", type=int, default=128)
+    p.add_argument("--row-cache", type=float, default=2.0, help="GPU heavy-row cache, in multiples of the heavy "
+                   "budget")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.add_argument("--out", default=None, help="also write every report, with the command, to this JSON file")
     p.set_defaults(func=run)
@@ -29,11 +37,24 @@ def _items(text: str) -> list[str]:
     return items
 
 
+def _machine_gpu():
+    """Total memory of this machine's GPU 0, or None without CUDA."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory
+
+
 def run(args) -> int:
+    from ..core.budget import parse_heavy
     from ..engine.memory import format_report, memory_report, parse_bytes
-    gpu = parse_bytes(args.gpu_memory) if args.gpu_memory else None
+    from ..engine.offload import host_available_bytes
+    gpu = parse_bytes(args.gpu_memory) if args.gpu_memory else _machine_gpu()
+    host = parse_bytes(args.host_memory) if args.host_memory else (host_available_bytes() if gpu else None)
     reps = [memory_report(m, c, args.batch, dtype=args.dtype, bits=args.bits, key_heads=args.key_heads,
-                          gpu_memory=gpu) for m in _items(args.model) for c in _items(args.context)]
+                          gpu_memory=gpu, host_memory=host, heavy=parse_heavy(args.heavy), sink=args.sink,
+                          window=args.window, row_cache=args.row_cache)
+            for m in _items(args.model) for c in _items(args.context)]
     if args.json:
         print(json.dumps(reps[0] if len(reps) == 1 else reps, indent=1))
     else:
@@ -41,8 +62,11 @@ def run(args) -> int:
     if args.out:
         cmd = ["hashattention memory", ",".join(_items(args.model)), "--context", args.context, "--batch",
                str(args.batch), "--dtype", args.dtype, "--bits", str(args.bits), "--key-heads", args.key_heads]
-        if args.gpu_memory:
-            cmd += ["--gpu-memory", args.gpu_memory]
+        if gpu:
+            cmd += ["--gpu-memory", f"{gpu / 2 ** 30:.2f}GiB"]
+        if host:
+            cmd += ["--host-memory", f"{host / 2 ** 30:.2f}GiB", "--heavy", args.heavy, "--sink", str(args.sink),
+                    "--window", str(args.window), "--row-cache", str(args.row_cache)]
         with open(args.out, "w") as f:
             json.dump({"command": " ".join(cmd), "computed": "from the model shapes (no device needed)",
                        "reports": reps}, f, indent=1)

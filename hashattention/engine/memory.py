@@ -197,12 +197,50 @@ def largest_batch(c, seq: int, free_bytes: int, dtype="bfloat16", maps_config=No
     return best
 
 
+#: host memory left to the OS and the process when sizing K/V in host memory
+HOST_RESERVE_BYTES = 8 * GIB
+
+
+def offload_plan(c, batch: int, seq: int, gpu_free: int, host_free: int, dtype="bfloat16", maps_config=None,
+                 sink: int = 128, window: int = 128, row_cache: int = 0, reserve: int = RESERVE_BYTES,
+                 host_reserve: int = HOST_RESERVE_BYTES, weights: int = 0) -> dict:
+    """Tiered placement of ``batch`` x ``seq`` (engine ``offload="host"``): the most layers whose K/V fit on
+    the GPU beside ``weights`` and everything else the step needs, the others in host memory. Returns
+    {gpu_layers, gpu_bytes, host_bytes, fits}; ``row_cache``: heavy-row slots per KV head (0 = dense baseline,
+    no working sets)."""
+    from .offload import offload_bytes
+    s = _shape(c)
+    fixed = cache_bytes(s, batch, seq, dtype, maps_config) - kv_bytes_per_token(s, dtype) * batch * seq + weights
+    args = (s.num_layers, batch, seq, s.num_kv_heads, s.head_dim, dtype_bytes(dtype), sink, window,
+            max(row_cache, 1), row_cache > 0)
+    g = 0
+    while g < s.num_layers and fixed + offload_bytes(args[0], g + 1, *args[1:])[0] + reserve <= gpu_free:
+        g += 1
+    gpu, host = offload_bytes(args[0], g, *args[1:])
+    fits = fixed + gpu + reserve <= gpu_free and host + host_reserve <= host_free
+    return {"gpu_layers": g, "gpu_bytes": fixed + gpu, "host_bytes": host, "fits": fits}
+
+
+def largest_offload_batch(c, seq: int, gpu_free: int, host_free: int, limit: int = 256, **kw) -> int:
+    """The largest batch :func:`offload_plan` fits in card plus host memory (0 if none)."""
+    best = 0
+    for b in range(1, limit + 1):
+        if not offload_plan(c, b, seq, gpu_free, host_free, **kw)["fits"]:
+            break
+        best = b
+    return best
+
+
 def memory_report(spec, context: int, batch: int = 1, dtype="bfloat16", bits: int = 32,
-                  key_heads: str = "kv", gpu_memory: int | None = None) -> dict:
+                  key_heads: str = "kv", gpu_memory: int | None = None, host_memory: int | None = None,
+                  heavy=1 / 32, sink: int = 128, window: int = 128, row_cache: float = 2.0) -> dict:
     """KV bytes, signature bytes and their ratio for ``batch`` sequences of ``context`` tokens.
 
     spec: a model spec for :func:`resolve_shape` or a config. key_heads: "kv" (default maps) or "q"
     (authors' layout). gpu_memory: bytes of one GPU, to say how many sequences fit next to the weights.
+    host_memory (with gpu_memory): bytes of host memory, to say whether dense, HashAttention on the GPU and
+    HashAttention with the K/V tiered over card and host (offload; ``heavy``, ``sink``, ``window`` the budget,
+    ``row_cache`` the heavy-row cache in multiples of the heavy budget) fit, with the numbers.
     """
     s = spec if isinstance(spec, Shape) else (resolve_shape(spec) if isinstance(spec, str) else _shape(spec))
     context, batch = parse_tokens(context), parse_tokens(batch)
@@ -230,6 +268,24 @@ def memory_report(spec, context: int, batch: int = 1, dtype="bfloat16", bits: in
         rep["max_batch_dense"] = max(0, room // (kv_tok * context))
         rep["max_batch_hash"] = max(0, room // per_seq)
         rep["fits"] = room >= per_seq * batch
+        if host_memory:
+            from ..core.budget import Budget
+            from ..core.maps import MapsConfig
+            mc = MapsConfig(num_layers=s.num_layers, num_q_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
+                            head_dim=s.head_dim, bits=bits, key_heads=kh)
+            slots = max(1, int(round(row_cache * Budget(heavy=heavy, sink=sink, window=window).heavy_count(context))))
+            kw = dict(dtype=dtype, weights=weights, sink=sink, window=window)
+            dense = cache_bytes(s, batch, context, dtype) + weights
+            hash_gpu = cache_bytes(s, batch, context, dtype, mc) + weights
+            off = offload_plan(s, batch, context, gpu_memory, host_memory, maps_config=mc, row_cache=slots, **kw)
+            rep["host_memory"] = host_memory
+            rep["placements"] = {
+                "dense": {"gpu_bytes": dense, "host_bytes": 0, "fits": dense + RESERVE_BYTES <= gpu_memory},
+                "hash_gpu": {"gpu_bytes": hash_gpu, "host_bytes": 0, "fits": hash_gpu + RESERVE_BYTES <= gpu_memory},
+                "hash_offload": dict(off, row_cache=slots, layers=s.num_layers),
+            }
+            rep["max_batch_offload"] = largest_offload_batch(s, context, gpu_memory, host_memory, maps_config=mc,
+                                                             row_cache=slots, **kw)
     return rep
 
 
@@ -256,4 +312,17 @@ def format_report(r: dict) -> str:
         lines.append(f"on a {_fmt(r['gpu_memory'])} GPU next to the weights: up to {r['max_batch_dense']} "
                      f"sequences dense, {r['max_batch_hash']} with signatures"
                      + ("" if r["fits"] else f" -- batch {r['batch']} does NOT fit"))
+    if "placements" in r:
+        p = r["placements"]
+        lines.append(f"batch {r['batch']} on a {_fmt(r['gpu_memory'])} GPU with {_fmt(r['host_memory'])} of host "
+                     "memory (GPU: weights, caches, step temporaries and 1.5 GiB spare; host: 8 GiB spare):")
+        for key, label in (("dense", "dense, all on the GPU"), ("hash_gpu", "HashAttention on the GPU"),
+                           ("hash_offload", "HashAttention, K/V offloaded")):
+            q = p[key]
+            extra = ""
+            if key == "hash_offload":
+                extra = (f"  ({q['gpu_layers']} of {q['layers']} layers' K/V on the GPU, the rest in host memory; "
+                         f"{q['row_cache']} heavy-row slots per KV head; up to batch {r['max_batch_offload']})")
+            lines.append(f"  {label:<30} {'fits' if q['fits'] else 'does NOT fit':<13} GPU {_fmt(q['gpu_bytes']):>12}"
+                         f"  host {_fmt(q['host_bytes']):>12}{extra}")
     return "\n".join(lines)

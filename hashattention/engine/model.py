@@ -47,6 +47,8 @@ from .config import (PRESET_ALIASES, PRESETS, SUPPORTED_MODEL_TYPES, CacheError,
                      UnsupportedModelError, preset_config, preset_names)
 
 ATTENTION_MODES = ("dense", "hash", "none", "hash-fixed")
+#: offload: the GPU heavy-row cache holds this many times the heavy budget per KV head unless told otherwise
+ROW_CACHE_FACTOR = 2
 
 
 def rotary_tables(hf_config, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +118,7 @@ class Transformer(nn.Module):
         self.batch = self.max_seq_len = 0
         self.maps = None
         self.budget = None
-        self.k_cache = self.v_cache = self.sig_cache = None
+        self.k_cache = self.v_cache = self.sig_cache = self.host_kv = None
 
     # -- construction --------------------------------------------------------------------------------
     @classmethod
@@ -181,10 +183,26 @@ class Transformer(nn.Module):
 
     # -- caches --------------------------------------------------------------------------------------
     def setup_caches(self, batch: int, max_seq_len: int, maps: HashMaps | None = None,
-                     budget: Budget | None = None, check_memory: bool = True, selection: str | None = None):
+                     budget: Budget | None = None, check_memory: bool = True, selection: str | None = None,
+                     offload: str | None = None, gpu_layers: int | None = None, row_cache: int | None = None,
+                     host_memory: int | None = None, dense_baseline: bool = False, offload_read: str = "gather",
+                     _host_device=None):
         """Allocate the static caches for ``batch`` sequences of up to ``max_seq_len`` tokens (prompt plus
-        generated), and the signature cache when ``maps`` are given. Checks the memory *before* allocating."""
-        from .memory import cache_bytes, check_fits
+        generated), and the signature cache when ``maps`` are given. Checks the memory *before* allocating.
+
+        offload="host" (CUDA only): the K/V of layers ``gpu_layers``.. live in pinned host memory, with the
+        signatures, sink, window and a cache of ``row_cache`` heavy rows per KV head (default ROW_CACHE_FACTOR x
+        the heavy budget) on the GPU (:mod:`hashattention.engine.offload`). gpu_layers: None = as many as the
+        card's free memory holds. offload_read: "gather" (the heavy-row cache above) or "direct" (no GPU copy
+        of host rows at all: kernel 2 reads every selected row of a host layer from pinned memory, zero-copy;
+        for measurements).
+        host_memory: bytes of host memory to allow (default: what the OS reports available). Offload
+        needs maps (HashAttention); ``dense_baseline=True`` allows it without them, for the FlexGen-style dense
+        baseline (mode "dense" streams every host row every step). ``_host_device``: test hook only (a plain
+        CPU tensor stands in for pinned memory, no CUDA needed).
+        """
+        from .memory import cache_bytes, check_fits, kv_bytes_per_token
+        from .offload import HostKV
         c = self.c
         if not isinstance(batch, int) or batch < 1:
             raise CacheError(f"batch must be a positive integer, got {batch!r}")
@@ -200,13 +218,32 @@ class Transformer(nn.Module):
             raise UnsupportedModelError(f"this {c.model_type} model attends through a sliding window of "
                                         f"{c.sliding_window} tokens; the engine has none: use max_seq_len <= "
                                         f"{c.sliding_window}")
-        self.k_cache = self.v_cache = self.sig_cache = None  # free the old caches before sizing the new
+        self.k_cache = self.v_cache = self.sig_cache = self.host_kv = None  # free the old caches first
+        mcfg = maps.config if maps is not None else None
+        need = cache_bytes(c, batch, max_seq_len, self.dtype, mcfg)
+        n_gpu, slots = c.num_layers, 0
+        if offload is not None:  # every check before anything is allocated
+            if offload_read not in ("gather", "direct"):
+                raise ValueError(f"offload_read must be 'gather' or 'direct', got {offload_read!r}")
+            direct = offload_read == "direct"
+            n_gpu, slots, gpu_kv = self._plan_offload(batch, max_seq_len, maps if not direct else None, budget,
+                                                      offload, gpu_layers, row_cache, host_memory,
+                                                      dense_baseline or (direct and maps is not None), _host_device,
+                                                      need - kv_bytes_per_token(c, self.dtype) * batch * max_seq_len,
+                                                      check_memory)
+            need = need - kv_bytes_per_token(c, self.dtype) * batch * max_seq_len + gpu_kv
         if check_memory and self.device.type == "cuda":
-            need = cache_bytes(c, batch, max_seq_len, self.dtype, maps.config if maps is not None else None)
-            check_fits(need, self.device, what=f"caches for batch {batch} x {max_seq_len} tokens")
-        kv_shape = (c.num_layers, batch, c.num_kv_heads, max_seq_len, c.head_dim)
+            check_fits(need, self.device, what=f"caches for batch {batch} x {max_seq_len} tokens"
+                       + (f" ({n_gpu} of {c.num_layers} layers' K/V on the GPU)" if offload is not None else ""))
+        kv_shape = (n_gpu, batch, c.num_kv_heads, max_seq_len, c.head_dim)
         self.k_cache = torch.zeros(kv_shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(kv_shape, device=self.device, dtype=self.dtype)
+        if offload is not None:
+            b = budget if budget is not None else Budget()
+            self.host_kv = HostKV(c.num_layers, list(range(n_gpu, c.num_layers)), batch, max_seq_len,
+                                  c.num_kv_heads, c.head_dim, self.dtype, self.device, b.sink, b.window, slots,
+                                  hash_mode=maps is not None and offload_read == "gather")
+            self.host_kv.direct = maps is not None and offload_read == "direct"
         self.batch, self.max_seq_len = batch, max_seq_len
         cos, sin = rotary_tables(self.hf_config, max_seq_len, self.device)
         self.register_buffer("cos", cos, persistent=False)
@@ -220,6 +257,74 @@ class Transformer(nn.Module):
             self.set_budget(budget if budget is not None else Budget(), selection)
         self._stack_maps()
 
+    def _plan_offload(self, batch, seq, maps, budget, offload, gpu_layers, row_cache, host_memory,
+                      dense_baseline, host_device, gpu_fixed, check_memory):
+        """Checks of an offload request and its placement: (GPU layers, heavy-row cache slots, GPU bytes of the
+        K/V placement). Raises before anything is allocated."""
+        from .memory import RESERVE_BYTES
+        from .offload import host_available_bytes, offload_bytes
+        c = self.c
+        if offload != "host":
+            raise ValueError(f"offload must be None or 'host', got {offload!r}")
+        if host_device is None and self.device.type != "cuda":
+            raise CacheError("offload='host' keeps the K/V in pinned host memory read by the GPU: it needs a CUDA "
+                             f"device, the model is on {self.device}")
+        if self.device.type == "cuda" and not kernels.use_triton(torch.empty(1, device=self.device)):
+            raise CacheError("offload='host' on CUDA runs on the Triton kernels (they read pinned memory inside the "
+                             "CUDA graph): unset HASHATTENTION_ENGINE_KERNELS=torch")
+        if maps is None and not dense_baseline:
+            raise ValueError("offload='host' reads only the selected rows over PCIe: it needs maps (HashAttention); "
+                             "dense attention with offloaded K/V is the FlexGen-style baseline only "
+                             "(dense_baseline=True)")
+        b = budget if budget is not None else Budget()
+        slots = 0
+        if maps is not None:
+            if b.residual:
+                raise ValueError("offload does not support a residual sample (Budget(residual=...))")
+            heavy = int(min(max(b.heavy_count(seq), 0), seq))
+            # default 2x heavy: on real text (8K, 1/32) 81% of the heavy rows hit against 64% at 1x, half the
+            # transfers for a few GiB of GPU memory at most (docs/performance.md)
+            slots = ROW_CACHE_FACTOR * heavy if row_cache is None else int(row_cache)
+            if slots < heavy:
+                raise CacheError(f"the heavy budget selects up to {heavy} rows per KV head, more than the GPU row "
+                                 f"cache stages ({slots} slots): use row_cache >= {heavy} or a smaller heavy budget")
+            slots = max(slots, 1)
+        elt = self.dtype.itemsize
+        args = (c.num_layers, batch, seq, c.num_kv_heads, c.head_dim, elt, b.sink, b.window, slots, maps is not None)
+
+        def split(g):
+            return offload_bytes(args[0], g, *args[1:])
+        if gpu_layers is None:
+            gpu_layers = 0
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+                while gpu_layers < c.num_layers and \
+                        gpu_fixed + split(gpu_layers + 1)[0] + RESERVE_BYTES <= free:
+                    gpu_layers += 1
+        if not isinstance(gpu_layers, int) or not 0 <= gpu_layers <= c.num_layers:
+            raise ValueError(f"gpu_layers must be an integer in 0..{c.num_layers}, got {gpu_layers!r}")
+        gpu, host = split(gpu_layers)
+        avail = host_memory if host_memory is not None else host_available_bytes()
+        if check_memory and host > avail:
+            raise CacheError(f"K/V in host memory for batch {batch} x {seq} tokens ({c.num_layers - gpu_layers} of "
+                             f"{c.num_layers} layers) needs {_size(host)} of host memory, {_size(avail)} are "
+                             "available: use a smaller batch or context, or more layers on the GPU")
+        return gpu_layers, slots, gpu
+
+    def offload_stats(self) -> dict:
+        """Heavy-row cache counters since the last prefill (one device sync): lookups, hits, hit rate, rows and
+        bytes fetched from host memory (K and V)."""
+        hk = self.host_kv
+        if hk is None or not (hk.hash_mode or hk.direct):
+            return {}
+        lookups, hits = (int(x) for x in hk.stats.tolist())
+        misses = lookups - hits
+        return {"lookups": lookups, "hits": hits, "hit_rate": hits / lookups if lookups else float("nan"),
+                "rows_fetched": misses, "bytes_fetched": misses * 2 * self.c.head_dim * self.dtype.itemsize,
+                "host_layers": len(hk.host_layers), "gpu_layers": self.c.num_layers - len(hk.host_layers),
+                "row_cache": hk.slots}
+
     def set_budget(self, budget: Budget, selection: str | None = None):
         """The HashAttention budget; K = sink + window + heavy(max_seq_len) index slots per KV head.
         ``selection``: how a KV group's query heads share one selection ("sum" or "max" of their bit matches;
@@ -232,7 +337,13 @@ class Transformer(nn.Module):
                              f"got {selection!r}")
         self.budget, self.selection = budget, selection
         s = self.max_seq_len
-        self.heavy_slots = int(min(max(budget.heavy_count(s), 0), s))
+        heavy = int(min(max(budget.heavy_count(s), 0), s))
+        hk = getattr(self, "host_kv", None)
+        if hk is not None and hk.hash_mode and (heavy > hk.slots or budget.sink != hk.sink
+                                                or budget.window != hk.window):
+            raise CacheError(f"the offload working set was sized for sink {hk.sink}, window {hk.window} and "
+                             f"{hk.slots} heavy rows: budget {budget.describe()} needs setup_caches again")
+        self.heavy_slots = heavy
 
     def _stack_maps(self):
         """phi_q and phi_kv weights of each layer stacked over heads, so one batched matmul per Linear signs
@@ -324,20 +435,28 @@ class Transformer(nn.Module):
                              "(max_seq_len counts the prompt and the generated tokens)")
         c = self.c
         ids = input_ids.to(self.device)
+        hk = self.host_kv
+        if hk is not None:
+            hk.reset()
         for s in range(0, t, chunk):
             e = min(t, s + chunk)
             x = self.embed(ids[:, s:e])
             for li, blk in enumerate(self.layers):
                 q, k, v = self._qkv(blk, x, self.cos[s:e].to(x.dtype), self.sin[s:e].to(x.dtype))
-                self.k_cache[li, :, :, s:e] = k
-                self.v_cache[li, :, :, s:e] = v
+                hi = hk.index[li] if hk is not None else -1
+                if hi >= 0:  # a host layer: the chunk goes to host memory (and the sink / window on the GPU)
+                    hk.write_chunk(hi, s, k, v)
+                else:
+                    self.k_cache[li, :, :, s:e] = k
+                    self.v_cache[li, :, :, s:e] = v
                 if self.maps is not None:
                     self.sig_cache[li, :, :, s:e] = self._signatures(li, q, k, v)[1]
                 if s == 0:
                     o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=c.group > 1)
                 else:  # later chunks: queries s..e-1 against keys 0..e-1, a boolean causal mask
-                    kk = self.k_cache[li, :, :, :e].repeat_interleave(c.group, 1)
-                    vv = self.v_cache[li, :, :, :e].repeat_interleave(c.group, 1)
+                    kc, vc = (hk.k_host[hi], hk.v_host[hi]) if hi >= 0 else (self.k_cache[li], self.v_cache[li])
+                    kk = kc[:, :, :e].to(self.device).repeat_interleave(c.group, 1)  # host: one copy per chunk
+                    vv = vc[:, :, :e].to(self.device).repeat_interleave(c.group, 1)
                     mask = (torch.arange(e, device=self.device)[None, :]
                             <= torch.arange(s, e, device=self.device)[:, None])
                     o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
@@ -365,18 +484,29 @@ class Transformer(nn.Module):
         rows = self._select_rows(length, x.shape[0]) if mode == "hash" else None  # shared by all layers
         eps = c.rms_norm_eps
         h = kernels.rms_norm(x, self.layers[0].attention_norm, eps) if fast else None
+        hk = self.host_kv
+        ring = hk.ring_slot(pos) if hk is not None else None  # the new token's place in the working sets
         for li, blk in enumerate(self.layers):
-            kc, vc = self.k_cache[li], self.v_cache[li]
-            if fast:
-                qk = kernels.rope_and_cache(blk.attention.wqkv(h), cos, sin, kc, vc, pos, c.num_heads,
-                                            c.num_kv_heads)  # [B, Hq + Hkv, D]
+            hi = hk.index[li] if hk is not None else -1
+            kc, vc = (hk.k_host[hi], hk.v_host[hi]) if hi >= 0 else (self.k_cache[li], self.v_cache[li])
+            if fast:  # on a host layer the rotary kernel writes the new K/V row into pinned memory (zero-copy)
+                qkv = blk.attention.wqkv(h)
+                qk = kernels.rope_and_cache(qkv, cos, sin, kc, vc, pos, c.num_heads, c.num_kv_heads)  # [B, Hq + Hkv, D]
                 q, k = qk[:, :c.num_heads], qk[:, c.num_heads:]
+                v = qkv[:, (c.num_heads + c.num_kv_heads) * c.head_dim:].view(-1, c.num_kv_heads, c.head_dim)
+                if hi >= 0:
+                    hk.write_token(hi, k, v, pos, ring, to_host=False)
             else:
                 q4, k4, v4 = self._qkv(blk, x[:, None], cos, sin)  # [B, H*, 1, D]
-                kc.index_copy_(2, pos, k4)
-                vc.index_copy_(2, pos, v4)
-                q, k = q4[:, :, 0], k4[:, :, 0]
+                if hi >= 0:
+                    hk.write_token(hi, k4[:, :, 0], v4[:, :, 0], pos, ring, to_host=True)
+                else:
+                    kc.index_copy_(2, pos, k4)
+                    vc.index_copy_(2, pos, v4)
+                q, k, v = q4[:, :, 0], k4[:, :, 0], v4[:, :, 0]
             if mode == "dense":
+                if kc.device != q.device and not kernels.use_triton(q):  # reference path: a full copy
+                    kc, vc = kc.to(q.device), vc.to(q.device)
                 o = kernels.decode_attention(q, kc, vc, length=length)
             elif mode == "none":
                 o = q
@@ -388,13 +518,13 @@ class Transformer(nn.Module):
                     ws, bs = self._fused_maps
                     q_sig = kernels.fused_signatures(x_maps, ws, bs, li, c.num_heads, self.sig_cache[li], pos)
                 else:
-                    v = vc.index_select(2, pos)
-                    q_sig, k_sig = self._signatures(li, q[:, :, None], k[:, :, None], v)
+                    q_sig, k_sig = self._signatures(li, q[:, :, None], k[:, :, None], v[:, :, None])
                     self.sig_cache[li].index_copy_(2, pos, k_sig)
                     q_sig = q_sig[:, :, 0]
-                o = _sparse_attention(q, kc, vc, *self.select(q_sig, self.sig_cache[li], length, rows))
+                sel = self.select(q_sig, self.sig_cache[li], length, rows)
+                o = self._attend_selected(q, kc, vc, sel, hi, length)
             else:  # "hash-fixed": sparse attention over a fixed selection, no signing or selection
-                o = _sparse_attention(q, kc, vc, *fixed_index)
+                o = self._attend_selected(q, kc, vc, fixed_index, hi, length)
             if fast:
                 a = blk.attention.wo(o.reshape(o.shape[0], -1))
                 x, h = kernels.rms_norm(a, blk.ffn_norm, eps, residual=x)
@@ -428,8 +558,24 @@ class Transformer(nn.Module):
         return score_select_reference(q_sig, sig_cache, starts, lengths, self.budget, self.c.num_kv_heads, True,
                                       self.selection)
 
+    def _attend_selected(self, q, kc, vc, sel, hi: int, length):
+        """Sparse attention over the selection ``sel`` = (idx [B, Hkv, K], counts [B]); on a host layer over its
+        GPU working set, after fetching the heavy rows it lacks from host memory."""
+        idx, counts = sel
+        if hi < 0:
+            return _sparse_attention(q, kc, vc, idx, counts)
+        hk = self.host_kv
+        if hk.direct:  # every selected row straight from pinned memory (zero-copy): all of them cross PCIe
+            hk.stats[0] += (idx >= 0).sum()
+            return _sparse_attention(q, kc, vc, idx, counts)
+        return _sparse_attention(q, hk.ws_k[hi], hk.ws_v[hi], hk.fetch(hi, idx, length), counts)
+
     def index_slots(self) -> int:
         return self.budget.sink + self.budget.window + self.heavy_slots
+
+
+def _size(n: int) -> str:
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 / 100 else f"{n / 2 ** 20:.2f} MiB"
 
 
 def _sparse_attention(q, k_cache, v_cache, idx, counts):

@@ -1,0 +1,292 @@
+"""KV cache in host memory, signatures on the GPU (issue 25): the engine's ``offload="host"`` placement.
+
+Tiered by layer: the first ``gpu_layers`` layers keep K/V on the GPU as before; every other ("host") layer keeps
+its K/V in pinned host memory and, on the GPU, a small *working set* per (layer, sequence, KV head):
+
+    k_host, v_host  [Lh, B, Hkv, S, D]        pinned host memory (a plain CPU tensor in the CPU reference path)
+    ws_k, ws_v      [Lh, B, Hkv, P + 1, D]    GPU; P = sink + ring + C slots, then one trash slot:
+                        [0, sink)             the sink tokens 0..sink-1
+                        [sink, sink + ring)   the recent window: token p at sink + p % ring (ring = max(window, 1))
+                        [sink + ring, P)      the heavy-row cache: C slots of rows fetched from the host
+    res             [Lh, B, Hkv, S + 1]       token -> heavy slot or -1 (int16 when C < 32767; column S: a dump
+                                              target for masked scatters)
+    slot_tok        [Lh, B, Hkv, C + 1]       int32 heavy slot -> token or -1 (slot C: dump)
+    last_used       [Lh, B, Hkv, C + 1]       int64 length at the step that last selected the slot (-1 never)
+    stats           int64 [2]                 heavy lookups and hits over all host layers (read at the end)
+
+A decode step of a host layer (:meth:`HostKV.fetch`): the selection (score_select on the GPU signatures) gives
+idx [B, Hkv, K]; each selected token is classified by position (sink: p < sink; window: p >= length - window;
+heavy: the rest, at most heavy_slots <= C per row by the shared selection rule). Heavy tokens resident in a slot
+are hits; misses take the slots whose token was not selected this step, least recently selected first (LRU by
+the step that last selected it), and are copied from host memory by :func:`gather_rows` (a Triton kernel
+reading the pinned tensor directly over unified addressing). The indices are remapped into the working set and
+the usual sparse attention runs over it: exactly the tokens the on-GPU step reads. All of it is torch ops and
+Triton kernels on static shapes (no host sync): capturable in a CUDA graph.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+
+from .config import CacheError
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover
+    triton = None
+
+GIB = 1024 ** 3
+_BIG = 2 ** 62  # the LRU key of a slot selected this step: never a victim
+
+
+# ---------------------------------------------------------------------------------------------------------
+# host memory
+def host_available_bytes() -> int:
+    """MemAvailable of /proc/meminfo (what can be allocated without swapping), else total physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def pinned_empty(shape, dtype) -> torch.Tensor:
+    """An uninitialized CPU tensor page-locked with cudaHostRegister (mapped, portable): the device reads it over
+    unified addressing at its own address. Not ``pin_memory=True``: PyTorch's caching host allocator rounds
+    every block up to a power of two (a 40 GiB cache would hold 64 GiB)."""
+    t = torch.empty(shape, dtype=dtype, device="cpu")
+    if t.numel() == 0:
+        return t
+    rt = torch.cuda.cudart()
+    err = rt.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 3)  # portable | mapped
+    if int(err) != 0:
+        raise CacheError(f"could not page-lock {t.numel() * t.element_size() / GIB:.2f} GiB of host memory "
+                         f"(cudaHostRegister error {int(err)}): raise the locked-memory limit (ulimit -l) or "
+                         "use a smaller batch or context")
+    weakref.finalize(t, rt.cudaHostUnregister, t.data_ptr())
+    return t
+
+
+def check_device_can_read(t: torch.Tensor, device):
+    """A clear error when the GPU cannot address the host tensor ``t`` [..., D] (not page-locked, or no unified
+    addressing; Triton would say "cannot be accessed from Triton (cpu tensor?)" at the first decode step): one
+    row read by the gather kernel at set-up, compared with the host's copy."""
+    if t.is_cuda or t.numel() == 0:
+        return
+    if not t.is_pinned():
+        raise CacheError("the host K/V are not page-locked: the GPU cannot read them directly")
+    row = t.view(-1, t.shape[-1])[:1].view(1, 1, 1, -1)
+    got = torch.zeros(1, 1, 1, t.shape[-1], dtype=t.dtype, device=device)
+    one = torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
+    try:
+        row.view(-1)[0] = 1.5  # a known value (the cache is still empty)
+        gather_rows(row, row, got, got, one, one)
+        torch.cuda.synchronize(device)
+    except Exception as e:
+        raise CacheError(f"the GPU cannot read pinned host memory directly on this machine ({type(e).__name__}: "
+                         f"{e}); offload='host' needs unified virtual addressing (64-bit Linux, CUDA)") from None
+    if float(got.view(-1)[0]) != 1.5:
+        raise CacheError("the GPU read wrong values from pinned host memory: offload='host' cannot run here")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the gather: rows of the host cache into GPU slots
+def gather_rows_reference(k_src, v_src, k_dst, v_dst, src, dst):
+    """For every (b, h, j) with src[b, h, j] >= 0: k_dst[b, h, dst[b, h, j]] = k_src[b, h, src[b, h, j]] (and v).
+    k_src, v_src [B, Hkv, S, D] (host); k_dst, v_dst [B, Hkv, P, D]; src, dst int [B, Hkv, K]."""
+    live = src >= 0
+    b, h, _ = torch.nonzero(live, as_tuple=True)
+    s, d = src[live].long(), dst[live].long()
+    dev = k_dst.device
+    k_dst[b.to(dev), h.to(dev), d.to(dev)] = k_src[b.to(k_src.device), h.to(k_src.device), s.to(k_src.device)].to(dev)
+    v_dst[b.to(dev), h.to(dev), d.to(dev)] = v_src[b.to(v_src.device), h.to(v_src.device), s.to(v_src.device)].to(dev)
+
+
+def gather_rows(k_src, v_src, k_dst, v_dst, src, dst, block: int = 16):
+    """:func:`gather_rows_reference` as one Triton launch (program per (sequence, KV head, ``block`` entries)):
+    the loads read k_src / v_src where they live, pinned host memory included (zero-copy over PCIe)."""
+    b, h, k = src.shape
+    d = k_src.shape[-1]
+    src, dst = src.contiguous(), dst.contiguous()
+    grid = (b * h, triton.cdiv(k, block))
+    _gather_kernel[grid](k_src, v_src, k_dst, v_dst, src, dst,
+                         k_src.stride(0), k_src.stride(1), k_src.stride(2),
+                         k_dst.stride(0), k_dst.stride(1), k_dst.stride(2), h, k,
+                         D=d, BLOCK=block, num_warps=4)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    from . import kernels
+    return kernels.use_triton(t) and kernels.head_dim_ok(t.shape[-1])
+
+
+if triton is not None:
+    @triton.jit
+    def _gather_kernel(KS, VS, KD, VD, SRC, DST, ss_b, ss_h, ss_n, sd_b, sd_h, sd_n, H, K,
+                       D: tl.constexpr, BLOCK: tl.constexpr):
+        bh = tl.program_id(0)
+        b = bh // H
+        h = bh % H
+        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = j < K
+        src = tl.load(SRC + bh * K + j, mask=m, other=-1).to(tl.int64)
+        dst = tl.load(DST + bh * K + j, mask=m, other=-1).to(tl.int64)
+        live = (src >= 0)[:, None]
+        d = tl.arange(0, D)[None, :]
+        so = b.to(tl.int64) * ss_b + h.to(tl.int64) * ss_h + src[:, None] * ss_n + d  # int64: host caches > 2^31
+        do = b.to(tl.int64) * sd_b + h.to(tl.int64) * sd_h + dst[:, None] * sd_n + d
+        tl.store(KD + do, tl.load(KS + so, mask=live, other=0.0), mask=live)
+        tl.store(VD + do, tl.load(VS + so, mask=live, other=0.0), mask=live)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sizes
+def offload_bytes(num_layers: int, gpu_layers: int, batch: int, seq: int, num_kv_heads: int, head_dim: int,
+                  elt: int, sink: int, window: int, cache_slots: int, hash_mode: bool = True) -> tuple[int, int]:
+    """(GPU bytes, host bytes) of the K/V placement: gpu_layers layers on the GPU, the rest on the host with their
+    working sets, residency maps and slot tables on the GPU (signatures, weights etc. not counted)."""
+    row = head_dim * elt
+    lh = num_layers - gpu_layers
+    per = batch * num_kv_heads
+    gpu = 2 * gpu_layers * per * seq * row
+    host = 2 * lh * per * seq * row
+    if hash_mode and lh:
+        p = sink + max(window, 1) + cache_slots + 1
+        gpu += lh * per * (2 * p * row + (seq + 1) * (2 if cache_slots < 32767 else 4) + (cache_slots + 1) * 12)
+    return gpu, host
+
+
+class HostKV:
+    """The host layers' K/V and their GPU working sets (see the module docstring). ``host_layers``: the engine's
+    layer numbers kept on the host (sorted); ``host_device``: "cpu" = pinned when the GPU is CUDA, a plain CPU
+    tensor in the CPU reference path."""
+
+    def __init__(self, num_layers: int, host_layers: list[int], batch: int, seq: int, num_kv_heads: int,
+                 head_dim: int, dtype, device, sink: int, window: int, cache_slots: int, hash_mode: bool):
+        self.host_layers = list(host_layers)
+        self.index = [-1] * num_layers  # engine layer -> host layer or -1
+        for i, li in enumerate(self.host_layers):
+            self.index[li] = i
+        lh = len(self.host_layers)
+        self.device = torch.device(device)
+        self.sink, self.window, self.ring, self.slots = sink, window, max(window, 1), cache_slots
+        self.base = sink + self.ring  # first heavy slot
+        self.seq = seq
+        shape = (lh, batch, num_kv_heads, seq, head_dim)
+        if self.device.type == "cuda":
+            self.k_host, self.v_host = pinned_empty(shape, dtype), pinned_empty(shape, dtype)
+            if use_triton(torch.empty(1, head_dim, device=self.device)):  # the step will read it with Triton
+                check_device_can_read(self.k_host, self.device)
+        else:
+            self.k_host = torch.zeros(shape, dtype=dtype, device="cpu")
+            self.v_host = torch.zeros(shape, dtype=dtype, device="cpu")
+        self.hash_mode = hash_mode
+        self.direct = False  # the engine's offload_read="direct": no working set, kernel 2 reads host rows
+        self.stats = torch.zeros(2, dtype=torch.int64, device=device)  # heavy lookups, hits
+        if hash_mode:
+            p = self.base + cache_slots + 1
+            dev = self.device
+            self.ws_k = torch.zeros(lh, batch, num_kv_heads, p, head_dim, dtype=dtype, device=dev)
+            self.ws_v = torch.zeros_like(self.ws_k)
+            mdt = torch.int16 if cache_slots < 32767 else torch.int32
+            self.res = torch.full((lh, batch, num_kv_heads, seq + 1), -1, dtype=mdt, device=dev)
+            self.slot_tok = torch.full((lh, batch, num_kv_heads, cache_slots + 1), -1, dtype=torch.int32, device=dev)
+            self.last_used = torch.full((lh, batch, num_kv_heads, cache_slots + 1), -1, dtype=torch.int64, device=dev)
+
+    def host_bytes(self) -> int:
+        return 2 * self.k_host.numel() * self.k_host.element_size()
+
+    def reset(self):
+        """Empty the heavy-row caches and the counters (a new prompt)."""
+        self.stats.zero_()
+        if self.hash_mode:
+            self.res.fill_(-1)
+            self.slot_tok.fill_(-1)
+            self.last_used.fill_(-1)
+
+    # -- writes ----------------------------------------------------------------------------------------
+    def write_chunk(self, hi: int, s: int, k: torch.Tensor, v: torch.Tensor):
+        """Prefill: k, v [B, Hkv, T, D] of positions s..s+T-1 to the host, the sink and the ring."""
+        e = s + k.shape[2]
+        self.k_host[hi, :, :, s:e].copy_(k)
+        self.v_host[hi, :, :, s:e].copy_(v)
+        if not self.hash_mode:
+            return
+        if s < self.sink:
+            n = min(e, self.sink)
+            self.ws_k[hi, :, :, s:n] = k[:, :, :n - s]
+            self.ws_v[hi, :, :, s:n] = v[:, :, :n - s]
+        lo = max(s, e - self.ring)  # only the last `ring` positions of the chunk survive in the ring
+        slots = self.sink + torch.arange(lo, e, device=k.device) % self.ring
+        self.ws_k[hi].index_copy_(2, slots, k[:, :, lo - s:])
+        self.ws_v[hi].index_copy_(2, slots, v[:, :, lo - s:])
+
+    def ring_slot(self, pos: torch.Tensor) -> torch.Tensor:
+        """int64 [1]: where the token at ``pos`` lives in the working set (a sink slot or its ring slot)."""
+        return torch.where(pos < self.sink, pos, self.sink + pos % self.ring)
+
+    def write_token(self, hi: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
+                    to_host: bool = True):
+        """Decode: k, v [B, Hkv, D] of the token at ``pos`` to the working set (``slot`` = :meth:`ring_slot`) and,
+        ``to_host``, to the host cache (the fast path writes the host from its rotary kernel instead)."""
+        if to_host:
+            self.k_host[hi].index_copy_(2, pos.to(self.k_host.device), k[:, :, None].to(self.k_host.device))
+            self.v_host[hi].index_copy_(2, pos.to(self.v_host.device), v[:, :, None].to(self.v_host.device))
+        if self.hash_mode:
+            self.ws_k[hi].index_copy_(2, slot, k[:, :, None])
+            self.ws_v[hi].index_copy_(2, slot, v[:, :, None])
+
+    # -- the step --------------------------------------------------------------------------------------
+    def fetch(self, hi: int, idx: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """idx int32 [B, Hkv, K] (token positions, -1 unused) of host layer ``hi`` -> the same tokens as slots of
+        the working set ws_k[hi] [B, Hkv, P + 1, D], int32 [B, Hkv, K] (-1 kept), after fetching the heavy
+        misses from the host into the least recently selected slots."""
+        p = idx.long()
+        live = p >= 0
+        in_sink = live & (p < self.sink)
+        in_ring = live & ~in_sink & (p >= length - self.window)
+        heavy = live & ~in_sink & ~in_ring
+        pc = p.clamp_min(0)
+        res, slot_tok, last = self.res[hi], self.slot_tok[hi], self.last_used[hi]
+        c = self.slots
+        slot = res.gather(-1, pc).long()
+        hit = heavy & (slot >= 0)
+        miss = heavy & (slot < 0)
+        # victims: the slots not selected this step, least recently selected (or never used) first
+        used = torch.zeros_like(last, dtype=torch.bool).scatter_(-1, torch.where(hit, slot, c), True)[..., :c]
+        order = torch.where(used, _BIG, last[..., :c]).argsort(dim=-1, stable=True)  # [B, Hkv, C]
+        rank = (miss.to(torch.int32).cumsum(-1) - 1).clamp(0, c - 1).long()
+        victim = order.gather(-1, rank)  # distinct for the misses of a row: misses <= C - hits
+        old = slot_tok.gather(-1, victim).long()
+        seqlen = res.shape[-1] - 1
+        res.scatter_(-1, torch.where(miss & (old >= 0), old, seqlen), -1)  # evicted tokens leave the map
+        res.scatter_(-1, torch.where(miss, pc, seqlen), victim.to(res.dtype))
+        slot_tok.scatter_(-1, torch.where(miss, victim, c), p.to(torch.int32))
+        new = torch.where(hit, slot, victim)
+        last.scatter_(-1, torch.where(heavy, new, c), length.expand_as(new))
+        src = torch.where(miss, p, -1).to(torch.int32)
+        dst = torch.where(miss, self.base + victim, -1).to(torch.int32)
+        if use_triton(self.ws_k):
+            gather_rows(self.k_host[hi], self.v_host[hi], self.ws_k[hi], self.ws_v[hi], src, dst)
+        else:
+            gather_rows_reference(self.k_host[hi], self.v_host[hi], self.ws_k[hi], self.ws_v[hi], src, dst)
+        self.stats[0] += heavy.sum()
+        self.stats[1] += hit.sum()
+        widx = torch.where(in_sink, p, torch.where(in_ring, self.sink + p % self.ring,
+                                                   torch.where(heavy, self.base + new, -1)))
+        return widx.to(torch.int32)
+
+    def working_tokens(self, hi: int, widx: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """Which token each working-set slot in ``widx`` [B, Hkv, K] holds (-1 kept): for tests and checks."""
+        w = widx.long()
+        tok_heavy = self.slot_tok[hi].gather(-1, (w - self.base).clamp(0, self.slots)).long()
+        ring_i = (w - self.sink).clamp_min(0)
+        cur = length.long() - 1  # the ring slot r holds the latest token <= cur congruent to r
+        tok_ring = cur - ((cur - ring_i) % self.ring)
+        return torch.where(w < 0, -1, torch.where(w < self.sink, w, torch.where(w < self.base, tok_ring, tok_heavy)))
