@@ -92,6 +92,27 @@ def test_tiered_placement_equals_all_gpu(gpu_layers, read):
         assert 0 < st["hits"] < st["lookups"]
 
 
+def test_steps_run_ahead_and_taken_back_leave_the_tokens():
+    """A CUDA graph's capture runs decode steps ahead, then takes them back (Generator._warmup): with the K/V in
+    host memory those steps overwrite ring slots of tokens still in the window, so the ring is restored too (on
+    an H100 the offload tokens differed from the on-GPU ones from the second token before this)."""
+    hf = tiny_model("llama", layers=2)
+    torch.manual_seed(3)
+    ids = torch.randint(3, 97, (2, 48))
+    bud = Budget(heavy=1 / 4, sink=4, window=4)
+    maps = HashMaps(maps_config_for(hf.config))
+    m = Transformer.from_hf(hf)
+    m.setup_caches(2, 64, maps=maps, budget=bud)
+    ref = Generator(m).generate(ids, 8, mode="hash", prefill_chunk=32)
+    m.setup_caches(2, 64, maps=maps, budget=bud, offload="host", gpu_layers=0, _host_device="cpu")
+    gen = Generator(m)
+    gen._start(ids, 8, "hash", 32)
+    for _ in range(7):  # a warm-up before every step: the worst case
+        gen._warmup("hash", steps=3)
+        gen.run_steps(1, "hash")
+    assert torch.equal(gen.out[:, :8], ref)
+
+
 class BruteCache:
     """The row cache of one (layer, sequence, KV head) in plain Python: C slots; a step's heavy tokens that are
     resident are hits; misses (in ascending token order) take the slots not selected this step, least recently

@@ -103,12 +103,11 @@ class Generator:
         self._check_mode(mode)
         if not self.cuda_graphs or mode in self.graphs:
             return
-        saved = (self.tok.clone(), self.pos.clone(), self.step.clone())
+        saved = self._save()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):  # warm-up outside the graph (lazy inits, Triton compilation)
-            for _ in range(2):
-                self._step(mode)
+            self._warmup(mode)
         torch.cuda.current_stream().wait_stream(s)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -116,8 +115,26 @@ class Generator:
         with torch.cuda.graph(g, pool=self._pool):
             self._step(mode)
         self.graphs[mode] = g
-        for buf, val in zip((self.tok, self.pos, self.step), saved):
+        self._restore(saved)
+
+    def _save(self) -> tuple:
+        """What a step changes that the next real step still reads: the step buffers and, with K/V in host
+        memory, the recent-window ring (a step ahead overwrites the slot of a token still in the window)."""
+        hk = self.model.host_kv
+        return (self.tok.clone(), self.pos.clone(), self.step.clone()), hk.snapshot() if hk is not None else None
+
+    def _restore(self, saved: tuple):
+        for buf, val in zip((self.tok, self.pos, self.step), saved[0]):
             buf.copy_(val)
+        if saved[1] is not None:
+            self.model.host_kv.restore(saved[1])
+
+    def _warmup(self, mode: str, steps: int = 2):
+        """``steps`` decode steps run ahead and taken back (buffers and state as before): compiles and warms up."""
+        saved = self._save()
+        for _ in range(steps):
+            self._step(mode)
+        self._restore(saved)
 
     @torch.no_grad()
     def run_steps(self, n: int, mode: str):

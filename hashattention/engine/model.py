@@ -454,9 +454,10 @@ class Transformer(nn.Module):
                 if s == 0:
                     o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=c.group > 1)
                 else:  # later chunks: queries s..e-1 against keys 0..e-1, a boolean causal mask
-                    kc, vc = (hk.k_host[hi], hk.v_host[hi]) if hi >= 0 else (self.k_cache[li], self.v_cache[li])
-                    kk = kc[:, :, :e].to(self.device).repeat_interleave(c.group, 1)  # host: one copy per chunk
-                    vv = vc[:, :, :e].to(self.device).repeat_interleave(c.group, 1)
+                    kc, vc = hk.read_prefix(hi, e, self.device) if hi >= 0 else \
+                        (self.k_cache[li, :, :, :e], self.v_cache[li, :, :, :e])  # host: one copy per chunk
+                    kk = kc.repeat_interleave(c.group, 1)
+                    vv = vc.repeat_interleave(c.group, 1)
                     mask = (torch.arange(e, device=self.device)[None, :]
                             <= torch.arange(s, e, device=self.device)[:, None])
                     o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)

@@ -74,18 +74,19 @@ def pinned_empty(shape, dtype) -> torch.Tensor:
 
 
 def check_device_can_read(t: torch.Tensor, device):
-    """A clear error when the GPU cannot address the host tensor ``t`` [..., D] (not page-locked, or no unified
-    addressing; Triton would say "cannot be accessed from Triton (cpu tensor?)" at the first decode step): one
-    row read by the gather kernel at set-up, compared with the host's copy."""
+    """A clear error when the GPU cannot address page-locked host memory like ``t`` [..., D] (not page-locked, or
+    no unified addressing; Triton would say "cannot be accessed from Triton (cpu tensor?)" at the first decode
+    step): a row of a small buffer page-locked the same way, read by the gather kernel at set-up. Not a row of the
+    cache itself: a line the GPU has read may stay in its L2 while the host writes the cache behind it."""
     if t.is_cuda or t.numel() == 0:
         return
     if not t.is_pinned():
         raise CacheError("the host K/V are not page-locked: the GPU cannot read them directly")
-    row = t.view(-1, t.shape[-1])[:1].view(1, 1, 1, -1)
+    row = pinned_empty((1, 1, 1, t.shape[-1]), t.dtype)
+    row.fill_(1.5)
     got = torch.zeros(1, 1, 1, t.shape[-1], dtype=t.dtype, device=device)
     one = torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
     try:
-        row.view(-1)[0] = 1.5  # a known value (the cache is still empty)
         gather_rows(row, row, got, got, one, one)
         torch.cuda.synchronize(device)
     except Exception as e:
@@ -93,6 +94,18 @@ def check_device_can_read(t: torch.Tensor, device):
                          f"{e}); offload='host' needs unified virtual addressing (64-bit Linux, CUDA)") from None
     if float(got.view(-1)[0]) != 1.5:
         raise CacheError("the GPU read wrong values from pinned host memory: offload='host' cannot run here")
+
+
+def copy_rows(k_src, v_src, k_dst, v_dst, start: int, src_start: int = 0):
+    """k_dst[:, :, start:start+T] = k_src[:, :, src_start:src_start+T] (and v; T = k_src's rows from src_start, or
+    k_dst's room) by GPU loads and stores, either side in pinned host memory. On CUDA every access to the host
+    K/V goes through the GPU's own loads and stores (this and :func:`gather_rows`), never a copy engine: the
+    GPU's L2 may keep lines of host memory it has read, and a DMA write behind it would leave them stale."""
+    b, h = k_src.shape[:2]
+    t = min(k_src.shape[2] - src_start, k_dst.shape[2] - start)
+    dev = k_dst.device if k_dst.is_cuda else k_src.device
+    ar = torch.arange(t, device=dev, dtype=torch.int32).expand(b, h, t)
+    gather_rows(k_src, v_src, k_dst, v_dst, ar + src_start, ar + start)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -113,6 +126,12 @@ def gather_rows(k_src, v_src, k_dst, v_dst, src, dst, block: int = 16):
     the loads read k_src / v_src where they live, pinned host memory included (zero-copy over PCIe)."""
     b, h, k = src.shape
     d = k_src.shape[-1]
+    # one set of strides serves K and V (and the last dimension is read whole)
+    if k_src.stride() != v_src.stride() or k_src.stride(-1) != 1:
+        k_src, v_src = k_src.contiguous(), v_src.contiguous()
+    if k_dst.stride() != v_dst.stride() or k_dst.stride(-1) != 1:
+        raise ValueError(f"gather_rows: k_dst and v_dst need the same strides with a contiguous last dimension, got "
+                         f"{k_dst.stride()} and {v_dst.stride()}")
     src, dst = src.contiguous(), dst.contiguous()
     grid = (b * h, triton.cdiv(k, block))
     _gather_kernel[grid](k_src, v_src, k_dst, v_dst, src, dst,
@@ -186,6 +205,8 @@ class HostKV:
         else:
             self.k_host = torch.zeros(shape, dtype=dtype, device="cpu")
             self.v_host = torch.zeros(shape, dtype=dtype, device="cpu")
+        # CUDA: the host K/V are only ever touched by GPU loads and stores (copy_rows, gather_rows)
+        self.gpu_io = use_triton(torch.empty(1, head_dim, device=self.device))  # the interpreter too (tests)
         self.hash_mode = hash_mode
         self.direct = False  # the engine's offload_read="direct": no working set, kernel 2 reads host rows
         self.stats = torch.zeros(2, dtype=torch.int64, device=device)  # heavy lookups, hits
@@ -210,12 +231,29 @@ class HostKV:
             self.slot_tok.fill_(-1)
             self.last_used.fill_(-1)
 
+    def _volatile(self) -> list:
+        """The state a decode step run ahead (a CUDA-graph warm-up) would leave wrong for the real step: the ring
+        (its slots hold the latest token of their residue) and the counters. The heavy-row cache stays: what it
+        holds stays true (prompt rows, with their map and table)."""
+        ring = slice(self.sink, self.sink + self.ring)
+        return [self.ws_k[..., ring, :], self.ws_v[..., ring, :], self.stats] if self.hash_mode else [self.stats]
+
+    def snapshot(self) -> list:
+        return [t.clone() for t in self._volatile()]
+
+    def restore(self, saved: list):
+        for t, v in zip(self._volatile(), saved):
+            t.copy_(v)
+
     # -- writes ----------------------------------------------------------------------------------------
     def write_chunk(self, hi: int, s: int, k: torch.Tensor, v: torch.Tensor):
         """Prefill: k, v [B, Hkv, T, D] of positions s..s+T-1 to the host, the sink and the ring."""
         e = s + k.shape[2]
-        self.k_host[hi, :, :, s:e].copy_(k)
-        self.v_host[hi, :, :, s:e].copy_(v)
+        if self.gpu_io:
+            copy_rows(k, v, self.k_host[hi], self.v_host[hi], s)
+        else:
+            self.k_host[hi, :, :, s:e].copy_(k)
+            self.v_host[hi, :, :, s:e].copy_(v)
         if not self.hash_mode:
             return
         if s < self.sink:
@@ -227,6 +265,16 @@ class HostKV:
         self.ws_k[hi].index_copy_(2, slots, k[:, :, lo - s:])
         self.ws_v[hi].index_copy_(2, slots, v[:, :, lo - s:])
 
+    def read_prefix(self, hi: int, e: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill of a later chunk: host layer ``hi``'s K/V of positions 0..e-1 on ``device`` [B, Hkv, e, D]."""
+        if not self.gpu_io:
+            return self.k_host[hi, :, :, :e].to(device), self.v_host[hi, :, :, :e].to(device)
+        shape = self.k_host.shape[1:3] + (e, self.k_host.shape[-1])
+        k = torch.empty(shape, dtype=self.k_host.dtype, device=device)
+        v = torch.empty_like(k)
+        copy_rows(self.k_host[hi], self.v_host[hi], k, v, 0)
+        return k, v
+
     def ring_slot(self, pos: torch.Tensor) -> torch.Tensor:
         """int64 [1]: where the token at ``pos`` lives in the working set (a sink slot or its ring slot)."""
         return torch.where(pos < self.sink, pos, self.sink + pos % self.ring)
@@ -235,7 +283,10 @@ class HostKV:
                     to_host: bool = True):
         """Decode: k, v [B, Hkv, D] of the token at ``pos`` to the working set (``slot`` = :meth:`ring_slot`) and,
         ``to_host``, to the host cache (the fast path writes the host from its rotary kernel instead)."""
-        if to_host:
+        if to_host and self.gpu_io:
+            one = pos.to(torch.int32).expand(*k.shape[:2], 1)
+            gather_rows(k[:, :, None], v[:, :, None], self.k_host[hi], self.v_host[hi], torch.zeros_like(one), one)
+        elif to_host:
             self.k_host[hi].index_copy_(2, pos.to(self.k_host.device), k[:, :, None].to(self.k_host.device))
             self.v_host[hi].index_copy_(2, pos.to(self.v_host.device), v[:, :, None].to(self.v_host.device))
         if self.hash_mode:
