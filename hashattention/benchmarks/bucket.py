@@ -28,7 +28,7 @@ import torch
 
 from ..policies.bucket import BucketPolicy, parse_variant  # noqa: F401 (parse_variant: also used from here)
 
-PROJ_DIR = Path("bench/results")
+PROJ_DIR = Path("bench/maps")  # fitted projections (artifacts, not results)
 
 
 def proj_path(policy: BucketPolicy) -> Path:

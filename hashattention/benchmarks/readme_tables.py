@@ -33,6 +33,7 @@ KERNEL_FILES = ("attention_h200.json", "attention_h100.json")
 DECODE_FILES = ("decode_h200.json", "decode_h100.json")
 MEMORY_FILE = "memory_h100.json"
 SELECTION_FILE = "selection_cpu.json"
+OFFLOAD_FILE = "offload_h100.json"
 MODE_ORDER = ("context", "everywhere", "decode")
 POLICY_ORDER = ("dense", "oracle", "hash", "simhash", "quest", "sink_window", "h2o", "random")
 MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
@@ -292,9 +293,30 @@ def group_selections(root: Path = ROOT) -> str:
             f"`{data['command']}`).")
 
 
+def offload(root: Path = ROOT) -> str:
+    """Decode with the K/V in host memory against the dense baselines (docs/performance.md)."""
+    from .offload import summary
+    res = _load(root, OFFLOAD_FILE)
+    rows = []
+    for r in res["rows"]:
+        if "tok_s" not in r:
+            continue
+        hit = "-" if r.get("hit_rate") is None else f"{r['hit_rate']:.3f}"
+        rows.append([f"{r['context'] // 1024}K x {r['batch']}", r["mode"], str(r["heavy"]),
+                     str(r.get("row_cache", "-") or "-"), str(r.get("gpu_layers", "-")),
+                     "-" if r.get("text") == "real" else f"{r['tok_s']:.2f}",  # the real-text rows: CPU
+                     f"{r['pcie_bytes_per_step'] / 1e6:,.0f}", hit,
+                     "real (CPU)" if r.get("text") == "real" else "synthetic", device_label(str(r["device"]))])
+    return (_table(["context x batch", "mode", "heavy", "row cache", "GPU layers", "tok/s", "PCIe MB/step",
+                    "hit rate", "cache", "device"], rows)
+            + "\n\n" + "\n".join(summary(res)) + f"\n\nSynthetic rows: Llama-3.1-8B shape (random weights), bf16, "
+            f"sink and window 128. From `{RESULTS}/{OFFLOAD_FILE}` ({res.get('note', '')}).")
+
+
 TABLES = {"quality": quality, "kernels": kernels, "decode": decode, "memory": memory,
           "decode-breakdown": decode_breakdown, "kernel-breakdown": kernel_breakdown,
-          "selection-floor": selection_floor, "group-selections": group_selections, "quality-maps": quality_maps}
+          "selection-floor": selection_floor, "group-selections": group_selections, "quality-maps": quality_maps,
+          "offload": offload}
 
 
 # -- the files ----------------------------------------------------------------------------------------------
