@@ -305,7 +305,7 @@ def offload(root: Path = ROOT) -> str:
         rows.append([f"{r['context'] // 1024}K x {r['batch']}", r["mode"], str(r["heavy"]),
                      str(r.get("row_cache", "-") or "-"), str(r.get("gpu_layers", "-")),
                      "-" if r.get("text") == "real" else f"{r['tok_s']:.2f}",  # the real-text rows: CPU
-                     f"{r['pcie_bytes_per_step'] / 1e6:,.0f}", hit,
+                     f"{r['pcie_bytes_per_step'] / 1e6:,.{0 if r['pcie_bytes_per_step'] >= 1e8 else 2}f}", hit,
                      "real (CPU)" if r.get("text") == "real" else "synthetic", device_label(str(r["device"]))])
     return (_table(["context x batch", "mode", "heavy", "row cache", "GPU layers", "tok/s", "PCIe MB/step",
                     "hit rate", "cache", "device"], rows)
