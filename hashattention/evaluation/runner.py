@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.budget import Budget, parse_label
+from ..core.budget import Budget, parse_label, parse_top_p
 from ..integration.compat import cache_kwarg, output_cache
 from ..integration.hf import enable
 from . import ruler
@@ -241,15 +241,18 @@ def dense_prefill(model, rows: list, pad: int, context: list | None = None) -> d
 
 # ------------------------------------------------------------------------------------------- the suite
 def budget_label(b) -> str:
-    """'0.0625' -> '1/16'; '1/64+r1/64' (heavy 1/64 and a residual sample of 1/64) keeps its residual."""
+    """'0.0625' -> '1/16'; '1/64+r1/64' (heavy 1/64 and a residual sample of 1/64) keeps its residual;
+    'p0.90/0.0625' -> 'p0.9/1/16' (adaptive: top-p 0.9 under a cap of 1/16)."""
     heavy, res = parse_label(b)
+    top_p, _ = parse_top_p(str(b).partition("+r")[0])
     short = lambda x: Budget(heavy=x).describe().split()[0].split("=")[1]  # noqa: E731
-    return short(heavy) + (f"+r{short(res)}" if res else "")
+    return (f"p{top_p:g}/" if top_p is not None else "") + short(heavy) + (f"+r{short(res)}" if res else "")
 
 
 def budget_from_label(label: str, sink: int = 128, window: int = 128) -> Budget:
     heavy, res = parse_label(label)
-    return Budget(heavy=heavy, sink=sink, window=window, residual=res)
+    top_p, _ = parse_top_p(str(label).partition("+r")[0])
+    return Budget(heavy=heavy, sink=sink, window=window, residual=res, top_p=top_p)
 
 
 def budget_fraction(label: str) -> float:
