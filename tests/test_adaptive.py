@@ -181,3 +181,28 @@ def test_evaluate_selections_reports_the_adaptive_budget():
     assert res["sum-p1@1.0"]["heavy_mass"] == pytest.approx(1.0) and res["sum-p1@1.0"]["rel_error"] < 1e-5
     assert res["sum-p0.5@1.0"]["read"] < res["sum-p1@1.0"]["read"]
     assert res["oracle-p0.5@1.0"]["read"] < res["oracle-p1@1.0"]["read"]
+
+
+def test_kernels_and_engine_refuse_an_adaptive_budget():
+    from hashattention import kernels
+    from conftest import engine_beside_hf
+    q_sig = torch.zeros(1, 6, 1, dtype=torch.int32)
+    k_sig = torch.zeros(1, 2, 50, 1, dtype=torch.int32)
+    n = torch.tensor([50])
+    with pytest.raises(ValueError, match="fixed heavy count"):
+        kernels.score_select(q_sig, k_sig, torch.tensor([0]), n, Budget(heavy=1 / 4, top_p=0.9), 2)
+    *_, engine = engine_beside_hf(batch=1)
+    with pytest.raises(ValueError, match="fixed heavy count"):
+        engine.set_budget(Budget(heavy=1 / 4, top_p=0.9))
+
+
+def test_suite_refuses_bad_adaptive_budgets_before_running():
+    from hashattention.evaluation.runner import Suite
+    model, tok, _ = ha.load_model()
+    kw = dict(tasks="vt", lengths="2K", modes=["context"], samples=1, progress=False, ppl_samples=0)
+    with pytest.raises(ValueError, match="target mass must be in"):
+        Suite(model, tok, policies="dense,hash-sum", budgets=["p1.5/1/16"], **kw)
+    with pytest.raises(ValueError, match="cannot use an adaptive budget"):
+        Suite(model, tok, policies="dense,random", budgets=["p0.9/1/16"], **kw)
+    with pytest.raises(ValueError, match="union"):
+        Suite(model, tok, policies="dense,hash-union", budgets=["p0.9/1/16"], maps=ha.load_default_maps(model), **kw)

@@ -338,11 +338,15 @@ class Suite:
             self.decode_policies = [p for p in self.decode_policies if p not in needs]
         self.samples, self.round_size, self.decode_rounds = samples, max(1, round_size), decode_rounds
         self.seed, self.sink, self.window, self.chunk, self.page_size = seed, sink, window, chunk, page_size
+        self.per_group = per_group
+        self.selection = "head" if not per_group and selection is None else selection
+        for m in self.modes:  # an adaptive budget a policy cannot run (no calibration, no rule) fails now
+            for p, b in self.configs(m):
+                if p != "dense" and parse_top_p(b.partition("+r")[0])[0] is not None:
+                    self.make(p, b)
         self.ppl_samples, self.ppl_from = ppl_samples, ppl_from
         self.out = Path(out) if out else None
         self.time_limit, self.progress, self.accelerate = time_limit, progress, accelerate
-        self.per_group = per_group
-        self.selection = "head" if not per_group and selection is None else selection
         self.res = resources or ruler.Resources()
         self.t0 = time.perf_counter()
         from .heldout import text_digest
