@@ -1,5 +1,6 @@
 """Issue 24 item 4: the adaptive (top-p) heavy budget, its calibration, labels and bad input."""
 import json
+import re
 
 import pytest
 import torch
@@ -206,3 +207,18 @@ def test_suite_refuses_bad_adaptive_budgets_before_running():
         Suite(model, tok, policies="dense,random", budgets=["p0.9/1/16"], **kw)
     with pytest.raises(ValueError, match="union"):
         Suite(model, tok, policies="dense,hash-union", budgets=["p0.9/1/16"], maps=ha.load_default_maps(model), **kw)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["calibrate", "--selections", "union"], "cannot calibrate selection"),
+    (["calibrate", "--queries", "5000", "--context", "4096"], "--queries"),
+    (["recall", "--selections", "sum", "--top-p", "1.5"], r"\(0, 1\]"),
+    (["recall", "--selections", "sum", "--top-p", "0.9", "--top-p-cap", "0"], "hard cap"),
+])
+def test_cli_refuses_bad_adaptive_input_before_loading_the_model(argv, msg, capsys, monkeypatch):
+    from hashattention.cli import main as cli
+    import hashattention.models
+    monkeypatch.setattr(hashattention.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and re.search(msg, err), err

@@ -33,6 +33,7 @@ KERNEL_FILES = ("attention_h200.json", "attention_h100.json")
 DECODE_FILES = ("decode_h200.json", "decode_h100.json")
 MEMORY_FILE = "memory_h100.json"
 SELECTION_FILE = "selection_cpu.json"
+ADAPTIVE_FILE = "adaptive_cpu.json"
 MODE_ORDER = ("context", "everywhere", "decode")
 POLICY_ORDER = ("dense", "oracle", "hash", "simhash", "quest", "sink_window", "h2o", "random")
 MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
@@ -283,9 +284,28 @@ def group_selections(root: Path = ROOT) -> str:
             f"`{data['command']}`).")
 
 
+def adaptive_budget(root: Path = ROOT) -> str:
+    """The adaptive (top-p) heavy budget beside fixed top-k, by rows read (``recall --selections --top-p``)."""
+    data = _load(root, ADAPTIVE_FILE)
+    rows = []
+    for k, v in sorted(data["rows"].items(), key=lambda x: (not x[0].startswith("sum"), x[1]["read"])):
+        name, b = k.split("@")
+        if name == "oracle-head":  # per-head rows: not comparable by rows read per KV head
+            continue
+        rule = f"top-p {name.split('-p')[1]}, cap {b}" if "-p" in name else f"top-k {b}"
+        who = name.split("-p")[0]
+        rows.append([f"**{who}**" if "-p" in name else who, rule, f"{v['read']:.0f}", f"{v['heavy_mass']:.3f}",
+                     f"{v['top1']:.3f}", f"{v['rel_error']:.3f}"])
+    return (_table(["scores", "heavy budget", "rows read", "heavy mass", "top-1 hit", "output error"], rows)
+            + f"\n\n{data['prompts']} suite prompts x {_ctx(data['length'])} tokens (one per task), the question's "
+            f"tokens as queries, shipped maps and their calibration, {device_label(data['device'])} "
+            f"(`{ADAPTIVE_FILE}`, `{data['command']}`).")
+
+
 TABLES = {"quality": quality, "kernels": kernels, "decode": decode, "memory": memory,
           "decode-breakdown": decode_breakdown, "kernel-breakdown": kernel_breakdown,
-          "selection-floor": selection_floor, "group-selections": group_selections}
+          "selection-floor": selection_floor, "group-selections": group_selections,
+          "adaptive-budget": adaptive_budget}
 
 
 # -- the files ----------------------------------------------------------------------------------------------
