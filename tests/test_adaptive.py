@@ -7,9 +7,10 @@ import torch
 
 import hashattention as ha
 from conftest import tiny_model
-from hashattention.core.budget import Budget, parse_label, parse_top_p
+from hashattention.core.budget import Budget, parse_adaptive, parse_label
 from hashattention.core.calibration import Calibration, accumulate, finish, new_accumulators
-from hashattention.core.selection import causal_valid, forced_and_candidates, select, top_p_counting, top_p_sorting
+from hashattention.core.selection import (causal_valid, forced_and_candidates, select, share_counting, share_sorting,
+                                          top_p_counting, top_p_sorting)
 
 
 def _brute_top_p(s, cand, w, p):
@@ -54,6 +55,26 @@ def test_top_p_sorting_is_the_fewest_heaviest_keys():
         assert ((kk == 1) | (prev < p * c[..., -1:])).all()  # k - 1 do not
 
 
+def test_min_share_takes_the_keys_worth_their_share():
+    g = torch.Generator().manual_seed(4)
+    s = torch.randint(0, 13, (2, 2, 3, 50), generator=g)
+    cand = torch.rand(s.shape, generator=g) < 0.8
+    w = torch.sort(torch.rand(13, generator=g, dtype=torch.float64) + 0.01).values
+    share = 0.03
+    k = share_counting(s, cand, w[None, None, None], share, 12)
+    est = torch.where(cand, w[s], 0.0)
+    assert torch.equal(k, (cand & (est >= share * est.sum(-1, keepdim=True))).sum(-1, keepdim=True))
+    m = torch.rand(s.shape, generator=g) ** 3
+    km = share_sorting(m, cand, share)
+    mm = torch.where(cand, m, 0.0).double()
+    assert torch.equal(km, ((mm >= share * mm.sum(-1, keepdim=True)) & (mm > 0)).sum(-1, keepdim=True))
+    valid = torch.ones(2, 1, 3, 50, dtype=torch.bool)
+    keep = select(s, valid, Budget(heavy=1.0, sink=0, window=0, min_share=share), max_score=12,
+                  weights=w[None, None, None])
+    assert torch.equal(keep.sum(-1, keepdim=True), (valid.expand_as(s) & (w[s] >= share * w[s].sum(-1, keepdim=True))
+                                                     ).sum(-1, keepdim=True))
+
+
 def test_select_adaptive_respects_cap_floor_and_full_target():
     g = torch.Generator().manual_seed(3)
     s = torch.randint(0, 33, (1, 2, 4, 300), generator=g)
@@ -82,16 +103,19 @@ def test_select_adaptive_respects_cap_floor_and_full_target():
 def test_budget_and_labels_refuse_targets_outside_their_range():
     for kw, msg in ((dict(top_p=0.0), r"\(0, 1\]"), (dict(top_p=1.5), r"\(0, 1\]"), (dict(top_p=True), r"\(0, 1\]"),
                     (dict(heavy=0, top_p=0.5), "hard cap"), (dict(heavy_min=4), "set top_p"),
-                    (dict(heavy=8, top_p=0.5, heavy_min=9), "larger than the cap")):
+                    (dict(heavy=8, top_p=0.5, heavy_min=9), "larger than the cap"),
+                    (dict(min_share=1.0), r"\(0, 1\)"), (dict(min_share=0.1, top_p=0.5), "not both"),
+                    (dict(heavy=0, min_share=0.1), "hard cap")):
         with pytest.raises(ValueError, match=msg):
             Budget(**kw)
-    assert parse_top_p("p0.9/1/16") == (0.9, "1/16") and parse_top_p("1/32") == (None, "1/32")
+    assert parse_adaptive("p0.9/1/16") == ({"top_p": 0.9}, "1/16") and parse_adaptive("1/32") == ({}, "1/32")
+    assert parse_adaptive("s0.002/1/16+r1/64") == ({"min_share": 0.002}, "1/16")
     assert parse_label("p0.9/1/16+r1/64") == (1 / 16, 1 / 64)
-    for bad in ("p0/1/16", "p1.2/1/16", "p0.9", "pfoo/1/16"):
+    for bad in ("p0/1/16", "p1.2/1/16", "p0.9", "pfoo/1/16", "s1/1/16", "s0/1/16", "s0.01"):
         with pytest.raises(ValueError, match="adaptive budget"):
-            parse_top_p(bad)
+            parse_adaptive(bad)
     from hashattention.evaluation.runner import budget_from_label, budget_label
-    assert budget_label("p0.90/0.0625") == "p0.9/1/16"
+    assert budget_label("p0.90/0.0625") == "p0.9/1/16" and budget_label("s0.0020/1/16") == "s0.002/1/16"
     b = budget_from_label("p0.9/1/16+r1/64", 4, 4)
     assert (b.top_p, b.heavy, b.residual, b.sink) == (0.9, 1 / 16, 1 / 64, 4)
     assert Budget(heavy=1 / 16, top_p=0.9).describe().startswith("heavy=p0.9/1/16")
@@ -176,12 +200,13 @@ def test_evaluate_selections_reports_the_adaptive_budget():
         evaluate_selections(maps, cap, 280, budgets=(1 / 8,), selections=("sum",), top_p=(0.5,))
     maps.calibrations = {"sum": Calibration(torch.linspace(-8, 0, 97).expand(2, 2, 97).clone(), "sum")}
     res = evaluate_selections(maps, cap, 280, budgets=(1 / 8,), selections=("sum", "union"), sink=4, window=4,
-                              top_p=(1.0, 0.5), cap_heavy=1.0)
+                              top_p=(1.0, 0.5), cap_heavy=1.0, min_share=(0.01,))
     assert {"sum-p1@1.0", "sum-p0.5@1.0", "oracle-p1@1.0", "oracle-p0.5@1.0"} <= set(res)
     assert "union-p1@1.0" not in res  # no calibration for it
     assert res["sum-p1@1.0"]["heavy_mass"] == pytest.approx(1.0) and res["sum-p1@1.0"]["rel_error"] < 1e-5
     assert res["sum-p0.5@1.0"]["read"] < res["sum-p1@1.0"]["read"]
     assert res["oracle-p0.5@1.0"]["read"] < res["oracle-p1@1.0"]["read"]
+    assert res["sum-s0.01@1.0"]["read"] < res["sum-p1@1.0"]["read"] and "oracle-s0.01@1.0" in res
 
 
 def test_kernels_and_engine_refuse_an_adaptive_budget():
@@ -214,6 +239,7 @@ def test_suite_refuses_bad_adaptive_budgets_before_running():
     (["calibrate", "--queries", "5000", "--context", "4096"], "--queries"),
     (["recall", "--selections", "sum", "--top-p", "1.5"], r"\(0, 1\]"),
     (["recall", "--selections", "sum", "--top-p", "0.9", "--top-p-cap", "0"], "hard cap"),
+    (["recall", "--selections", "sum", "--min-share", "1.5"], r"\(0, 1\)"),
 ])
 def test_cli_refuses_bad_adaptive_input_before_loading_the_model(argv, msg, capsys, monkeypatch):
     from hashattention.cli import main as cli

@@ -35,6 +35,9 @@ def add_parser(sub):
                    help="with --selections: also the adaptive budget at these target masses (e.g. 0.5,0.8,0.9), for "
                         "every listed selection the maps' calibration covers (`hashattention calibrate`), and the "
                         "same rule on the true weights (oracle-p...)")
+    p.add_argument("--min-share", default=None, metavar="LIST",
+                   help="with --selections: also the min-share rule at these shares (e.g. 0.001,0.002): read the keys "
+                        "whose estimated share of the candidates' mass is at least this")
     p.add_argument("--top-p-cap", default="1/16", help="the adaptive budget's hard cap (heavy tokens)")
     p.add_argument("--suite-length", type=int, default=4096, help="prompt length for --selections")
     p.add_argument("--suite-samples", type=int, default=1, help="prompts per task for --selections (indices 100+)")
@@ -132,23 +135,23 @@ def run_selections(args) -> int:
         raise ValueError("--budgets must be fractions like 1/32")
     if args.suite_samples <= 0:
         raise ValueError("--suite-samples must be positive")
-    top_p = []
-    for x in (args.top_p or "").split(","):
-        if x.strip():
-            try:
-                top_p.append(float(x))
-            except ValueError:
-                raise ValueError(f"--top-p takes target masses like 0.9, got {x!r}") from None
-    if any(not 0 < x <= 1 for x in top_p):
-        raise ValueError(f"--top-p target masses must be in (0, 1], got {top_p}")
+    def floats(text, what):
+        try:
+            return [float(x) for x in (text or "").split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"{what} takes numbers like 0.9, got {text!r}") from None
+    top_p, min_share = floats(args.top_p, "--top-p"), floats(args.min_share, "--min-share")
     cap_heavy = parse_heavy(args.top_p_cap)
-    Budget(heavy=cap_heavy, top_p=top_p[0] if top_p else None)  # a bad cap fails here, before the model loads
+    for x in top_p:  # bad targets or cap fail here, before the model loads
+        Budget(heavy=cap_heavy, top_p=x)
+    for x in min_share:
+        Budget(heavy=cap_heavy, min_share=x)
     path = str(DEFAULT_MAPS) if args.maps == "default" else args.maps
     model, tok, model_id = load_model(args.model, device=args.device)
     check_capturable(model, args.suite_length)
     dev = next(model.parameters()).device
     maps = load_maps(path, model.config, device=dev)
-    if top_p and not any(s in maps.calibrations for s in sels):
+    if (top_p or min_share) and not any(s in maps.calibrations for s in sels):
         raise ValueError(f"the maps {path} have no calibration for {', '.join(sels)}: run `hashattention calibrate`")
     res = ruler.Resources()
     total, n = {}, 0
@@ -159,7 +162,7 @@ def run_selections(args) -> int:
                 s = ruler.make_sample(tok, task, args.suite_length, 100 + i, args.seed, res)
                 cap = capture(model, torch.tensor([s.ids], device=dev))
                 r = evaluate_selections(maps, cap, s.context_len, budgets, sels, args.sink, args.window,
-                                        top_p=top_p, cap_heavy=cap_heavy)
+                                        top_p=top_p, cap_heavy=cap_heavy, min_share=min_share)
                 for k, v in r.items():
                     t = total.setdefault(k, dict.fromkeys(v, 0.0))
                     for m in v:
@@ -174,9 +177,10 @@ def run_selections(args) -> int:
              "window excluded), top-1: a query head's heaviest candidate read, error: relative error of the "
              "attention output, rows: rows read per KV head and query. Means over layers, heads and queries."
              + (f" NAME-pP: the adaptive budget, top-p P of the estimated candidate mass under a cap of "
-                f"{args.top_p_cap} (oracle-pP: the same rule on the true weights)." if top_p else ""), "",
+                f"{args.top_p_cap}; NAME-sS: the keys whose estimated share of it is at least S, same cap "
+                "(oracle-pP, oracle-sS: the same rules on the true weights)." if top_p or min_share else ""), "",
              "| selection | budget | mass | heavy | top-1 | error | rows |", "|---|---|---|---|---|---|---|"]
-    for k in sorted(rows, key=lambda x: (x.split("@")[1] if "-p" not in x else "~", x.split("@")[0])):
+    for k in sorted(rows, key=lambda x: (x.split("@")[1] if "-p" not in x and "-s" not in x else "~", x.split("@")[0])):
         v = rows[k]
         name, b = k.split("@")
         lines.append(f"| {name} | {b} | {v['mass']:.3f} | {v['heavy_mass']:.3f} | {v['top1']:.3f} | "

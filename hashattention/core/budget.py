@@ -38,6 +38,10 @@ class Budget:
     #: weight per score value, core.calibration) reaches top_p of the estimated mass of all heavy candidates;
     #: ``heavy`` is then the hard cap and ``heavy_min`` a floor. None: the fixed top-``heavy`` rule.
     top_p: float | None = None
+    #: min_share: the other adaptive rule: per row, read the keys whose estimated share of the candidates' mass
+    #: is at least min_share (one threshold on the share for every row: at a given mean count, the most mean
+    #: captured share, where top-p spends reads on flat rows); same cap and floor
+    min_share: float | None = None
     heavy_min: int | float = 0
 
     def __post_init__(self):
@@ -61,18 +65,33 @@ class Budget:
             object.__setattr__(self, "top_p", float(p))
             if h == 0:
                 raise ValueError("an adaptive budget (top_p) needs a hard cap: heavy must be > 0")
+        ms = self.min_share
+        if ms is not None:
+            if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0.0 < float(ms) < 1.0:
+                raise ValueError(f"min_share (a key's estimated share of the candidates' mass) must be in (0, 1), "
+                                 f"got {ms!r}")
+            if p is not None:
+                raise ValueError("give one adaptive rule: top_p or min_share, not both")
+            object.__setattr__(self, "min_share", float(ms))
+            if h == 0:
+                raise ValueError("an adaptive budget (min_share) needs a hard cap: heavy must be > 0")
         m = parse_heavy(self.heavy_min)
         object.__setattr__(self, "heavy_min", m)
         if isinstance(m, bool) or not isinstance(m, (int, float)) or m < 0 or (isinstance(m, float) and m > 1):
             raise ValueError(f"heavy_min must be a count >= 0 or a fraction in [0, 1], got {self.heavy_min!r}")
-        if m and p is None:
-            raise ValueError("heavy_min (a floor) only applies to an adaptive budget: set top_p too")
+        if m and not self.adaptive:
+            raise ValueError("heavy_min (a floor) only applies to an adaptive budget: set top_p or min_share too")
         if m and type(m) is type(h) and m > h:
             raise ValueError(f"heavy_min {m} is larger than the cap heavy={h}")
         for name in ("sink", "window"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+
+    @property
+    def adaptive(self) -> bool:
+        """The heavy count is set per row (top_p or min_share) under the cap ``heavy``."""
+        return self.top_p is not None or self.min_share is not None
 
     def heavy_count(self, context: torch.Tensor | int):
         """Heavy tokens allowed for a context of ``context`` tokens (tensor or int)."""
@@ -104,8 +123,9 @@ class Budget:
         h = self.heavy
         hs = (f"1/{round(1 / h)}" if isinstance(h, float) and abs(1 / h - round(1 / h)) < 1e-9 else str(h))
         res = f" residual={self.residual}" if self.residual else ""
-        if self.top_p is not None:
-            hs = f"p{self.top_p:g}/{hs}" + (f" heavy_min={self.heavy_min}" if self.heavy_min else "")
+        if self.adaptive:
+            rule = f"p{self.top_p:g}" if self.top_p is not None else f"s{self.min_share:g}"
+            hs = f"{rule}/{hs}" + (f" heavy_min={self.heavy_min}" if self.heavy_min else "")
         return f"heavy={hs} sink={self.sink} window={self.window}{res}"
 
     def check_fits(self, context: int):
@@ -118,25 +138,29 @@ class Budget:
 
 def parse_label(label: str) -> tuple:
     """A suite budget label -> (heavy, residual): '1/32' -> (0.03125, 0), '1/64+r1/64' -> (0.015625, 0.015625).
-    An adaptive label 'p0.9/1/16' (top-p 0.9 under a cap of 1/16) gives its cap as heavy (see parse_top_p)."""
+    An adaptive label 'p0.9/1/16' (top-p 0.9 under a cap of 1/16) gives its cap as heavy (see parse_adaptive)."""
     heavy, _, res = str(label).partition("+r")
-    _, heavy = parse_top_p(heavy)
+    _, heavy = parse_adaptive(heavy)
     return parse_heavy(heavy), parse_heavy(res) if res else 0
 
 
-def parse_top_p(label: str) -> tuple:
-    """'p0.9/1/16' -> (0.9, '1/16'); '1/32' -> (None, '1/32'). Raises on a target outside (0, 1] or a
-    missing cap (before any long work: the suite parses every label first)."""
-    s = str(label).strip()
-    if not s.startswith("p"):
-        return None, s
-    p, sep, cap = s[1:].partition("/")
+def parse_adaptive(label: str) -> tuple:
+    """The adaptive rule of a label and its cap: 'p0.9/1/16' -> ({'top_p': 0.9}, '1/16'), 's0.002/1/16' ->
+    ({'min_share': 0.002}, '1/16'), '1/32' -> ({}, '1/32'). Raises on a target outside its range or a missing
+    cap (before any long work: the suite parses every label first)."""
+    s = str(label).strip().partition("+r")[0]
+    if not s[:1] in ("p", "s"):
+        return {}, s
+    v, sep, cap = s[1:].partition("/")
     try:
-        pv = float(p)
+        x = float(v)
     except ValueError:
-        pv = None
-    if pv is None or not sep or not cap or "+r" in cap:
-        raise ValueError(f"cannot read an adaptive budget from {label!r}: use p<target mass>/<cap>, e.g. p0.9/1/16")
-    if not 0.0 < pv <= 1.0:
-        raise ValueError(f"adaptive budget {label!r}: the target mass must be in (0, 1], got {pv}")
-    return pv, cap
+        x = None
+    if x is None or not sep or not cap:
+        raise ValueError(f"cannot read an adaptive budget from {label!r}: use p<target mass>/<cap> (e.g. p0.9/1/16) "
+                         "or s<min share>/<cap> (e.g. s0.002/1/16)")
+    if s[0] == "p" and not 0.0 < x <= 1.0:
+        raise ValueError(f"adaptive budget {label!r}: the target mass must be in (0, 1], got {x}")
+    if s[0] == "s" and not 0.0 < x < 1.0:
+        raise ValueError(f"adaptive budget {label!r}: the min share must be in (0, 1), got {x}")
+    return {"top_p" if s[0] == "p" else "min_share": x}, cap

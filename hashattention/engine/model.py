@@ -226,8 +226,8 @@ class Transformer(nn.Module):
         default the library's, core.selection.DEFAULT_GROUP_SELECTION)."""
         if not isinstance(budget, Budget):
             raise TypeError(f"budget must be a hashattention.Budget, got {type(budget).__name__}")
-        if budget.top_p is not None:  # its kernels and index slots take one heavy count per sequence
-            raise ValueError("the engine reads a fixed heavy count: an adaptive budget (top_p) runs through the "
+        if budget.adaptive:  # its kernels and index slots take one heavy count per sequence
+            raise ValueError("the engine reads a fixed heavy count: an adaptive budget (top_p, min_share) runs through the "
                              "Hugging Face integration (HashAttentionPolicy) only")
         selection = selection or DEFAULT_GROUP_SELECTION
         if selection not in ("sum", "max"):

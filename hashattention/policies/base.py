@@ -32,8 +32,8 @@ class SelectionPolicy:
         if not isinstance(self.budget, Budget):
             raise TypeError(f"budget must be a hashattention.Budget, got {type(budget).__name__}")
         self.per_group = per_group
-        if self.budget.top_p is not None and not self.adaptive:
-            raise ValueError(f"policy {self.name!r} cannot use an adaptive budget (top_p): it needs bit-match scores "
+        if self.budget.adaptive and not self.adaptive:
+            raise ValueError(f"policy {self.name!r} cannot use an adaptive budget (top_p, min_share): it needs bit-match scores "
                              "and a calibration (the hash policy) or true attention weights (the oracle)")
 
     #: the policy can set its heavy count per row from a target mass (Budget.top_p): see mass_weights
@@ -63,7 +63,7 @@ class SelectionPolicy:
 
     def select(self, layer: int, state: dict, q, k, v, valid: torch.Tensor, scale: float) -> torch.Tensor:
         """bool keep mask [B, Hs, Lq, Lk]."""
-        w = self.mass_weights(layer, q.device) if self.budget.top_p is not None else None
+        w = self.mass_weights(layer, q.device) if self.budget.adaptive else None
         return select(self.scores(layer, state, q, k, v, valid, scale), valid, self.budget,
                       max_score=self.max_score, union=self.union_groups, weights=w,
                       scores_are_mass=self.scores_are_mass)

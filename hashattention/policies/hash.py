@@ -42,12 +42,12 @@ class HashAttentionPolicy(SelectionPolicy):
         self.maps = maps
         self.selection = selection
         self.calibration = None
-        if self.budget.top_p is not None:
+        if self.budget.adaptive:
             if selection == "union":
-                raise ValueError("an adaptive budget (top_p) has no rule for the union selection; use sum, max or head")
+                raise ValueError("an adaptive budget (top_p, min_share) has no rule for the union selection; use sum, max or head")
             cal = calibration if calibration is not None else getattr(maps, "calibrations", {}).get(selection)
             if cal is None:
-                raise ValueError(f"an adaptive budget (top_p) needs a calibration of these maps for selection "
+                raise ValueError(f"an adaptive budget (top_p, min_share) needs a calibration of these maps for selection "
                                  f"{selection!r}: run `hashattention calibrate --maps <maps> --selections {selection}`")
             if cal.selection != selection:
                 raise ValueError(f"calibration is for selection {cal.selection!r}, the policy uses {selection!r}")
@@ -123,7 +123,7 @@ class HashAttentionPolicy(SelectionPolicy):
         from .. import kernels
         if not (q.is_cuda or self.kernels_on_cpu) or kernels.triton is None or not kernels.use_triton(q) \
                 or self.selection not in kernels.SELECTIONS or self.budget.residual \
-                or self.budget.top_p is not None:  # the kernels read a fixed count per sequence
+                or self.budget.adaptive:  # the kernels read a fixed count per sequence
             return None
         b, hq, lq, d = q.shape
         lk = k.shape[2]

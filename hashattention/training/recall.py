@@ -170,7 +170,7 @@ SOFT_LEVELS = 2  # query weights per bit quantized to -2..2 ("qsoft" selections)
 @torch.no_grad()
 def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 64),
                         selections=("sum", "max", "union", "head"), sink: int = 128, window: int = 128,
-                        layer_block: int = 10, top_p=(), cap_heavy=1 / 16) -> dict:
+                        layer_block: int = 10, top_p=(), cap_heavy=1 / 16, min_share=()) -> dict:
     """How much of each query head's true attention the tokens read hold, per group selection.
 
     The queries are positions ``qstart..L-1`` of the captured sequence (a suite prompt's question: the
@@ -183,7 +183,7 @@ def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 6
      (union and head selections read more than the budget's count per KV head; see the module docstring)}.
     ``top_p`` (target masses): also the adaptive budget under a cap of ``cap_heavy`` (keys "sum-p0.9@1/16" for
     each selection of ``selections`` that ``maps.calibrations`` calibrates, and "oracle-p0.9@1/16", the same
-    rule on the true weights: the best an adaptive count can do).
+    rule on the true weights); ``min_share``: the min-share rule likewise ("sum-s0.002@1/16", "oracle-s0.002@1/16").
     """
     L = cap.length
     if not 0 < qstart < L:
@@ -194,10 +194,11 @@ def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 6
     nq = L - qstart
     names = list(selections) + ["oracle", "oracle-head"]
     adaptive = [s for s in selections if s in getattr(maps, "calibrations", {})] + ["oracle"]
-    if top_p and adaptive == ["oracle"]:
+    if (top_p or min_share) and adaptive == ["oracle"]:
         raise ValueError(f"no calibration of these maps for {', '.join(selections)}: run `hashattention calibrate`")
-    runs = [(n, b, None) for n in names for b in budgets] + [(n, cap_heavy, p) for n in adaptive for p in top_p]
-    label = lambda n, b, p: (n, _bstr(b)) if p is None else (f"{n}-p{p:g}", _bstr(b))  # noqa: E731
+    rules = [("top_p", p) for p in top_p] + [("min_share", x) for x in min_share]
+    runs = [(n, b, None) for n in names for b in budgets] + [(n, cap_heavy, r) for n in adaptive for r in rules]
+    label = lambda n, b, r: (n, _bstr(b)) if r is None else (f"{n}-{'p' if r[0] == 'top_p' else 's'}{r[1]:g}", _bstr(b))  # noqa: E731
     acc = {label(*r): {"mass": 0.0, "heavy_mass": 0.0, "top1": 0.0, "rel_error": 0.0, "read": 0.0} for r in runs}
     bits = maps.config.bits
     for sl, q, k, v, vmask, dense, probs in _layer_blocks(cap, qstart, layer_block):
@@ -219,7 +220,7 @@ def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 6
         cand_mass = pc.sum(-1).clamp_min(1e-12)
         top1 = pc.argmax(-1, keepdim=True)
         for b, p in dict.fromkeys((b, p) for _, b, p in runs):
-            bud = Budget(heavy=b, sink=sink, window=window, top_p=p)
+            bud = Budget(heavy=b, sink=sink, window=window, **dict([p] if p is not None else []))
             cal = lambda s: maps.calibrations[s].log_weight[sl].to(cap.k.device)  # noqa: E731  [Ly, Hs, S + 1]
             wts = lambda s: torch.exp(cal(s) - cal(s).amax(-1, keepdim=True))[:, :, None, :]  # noqa: E731
             keeps = {
