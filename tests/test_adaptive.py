@@ -96,6 +96,8 @@ def test_select_adaptive_respects_cap_floor_and_full_target():
         select(s, valid, Budget(heavy=1.0, top_p=0.5), max_score=32, weights=w, union=2)
     with pytest.raises(ValueError, match="calibration"):
         select(s, valid, Budget(heavy=1.0, top_p=0.5), max_score=32)
+    with pytest.raises(ValueError, match="must lie in 0..32"):
+        select(s + 1, valid, Budget(heavy=1.0, top_p=0.5), max_score=32, weights=w)
     with pytest.raises(ValueError, match="score values"):
         select(s, valid, Budget(heavy=1.0, top_p=0.5), max_score=32, weights=w[..., :10])
 

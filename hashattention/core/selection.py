@@ -73,6 +73,8 @@ def topk_counting(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tenso
 def _weighted_hist(scores, candidates, weights, max_score):
     """(hist int64, w float64) [..., max_score + 1]: candidates per score value and the per-key mass weights."""
     s = torch.where(candidates, scores.to(torch.int64), torch.full_like(scores, -1, dtype=torch.int64))
+    if s.max() > max_score or (candidates & (s < 0)).any():
+        raise ValueError(f"integer scores must lie in 0..{max_score}")
     hist = torch.zeros(*s.shape[:-1], max_score + 2, dtype=torch.int64, device=s.device)
     hist.scatter_add_(-1, s + 1, torch.ones_like(s))
     hist = hist[..., 1:]
