@@ -250,3 +250,15 @@ def test_cli_refuses_bad_adaptive_input_before_loading_the_model(argv, msg, caps
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and re.search(msg, err), err
+
+
+def test_suite_fast_path_keeps_the_adaptive_rule():
+    from hashattention.evaluation.fastpath import accelerate
+    model = tiny_model("llama", layers=2)
+    maps = ha.HashMaps.simhash(ha.maps_config_for(model.config))
+    maps.calibrations = {"sum": Calibration(torch.linspace(-8, 0, 97).expand(2, 2, 97).clone(), "sum")}
+    pol = accelerate(ha.HashAttentionPolicy(maps, Budget(heavy=1.0, sink=4, window=4, min_share=0.05)))
+    ids = torch.randint(3, 97, (1, 120), generator=torch.Generator().manual_seed(1))
+    with pol(model, mode="everywhere", chunk=64) as h:
+        model(ids)
+    assert h.stats()["fraction"] < 0.9  # the fixed rule under a full cap would read every key
