@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 
+from .core.calibration import FORMAT as CAL_FORMAT, Calibration
 from .core.maps import HashMaps, MapsConfig
 
 FORMAT = "hashattention-maps/1"
@@ -91,7 +92,64 @@ def load_maps(path, model_config=None, allow_other_model: bool = False, device=N
     maps = maps.to(dtype=next(iter(tensors.values())).dtype)
     if model_config is not None:
         check_maps_match_model(cfg, model_config, allow_other_model)
-    return maps.to(device) if device is not None else maps
+    maps = maps.to(device) if device is not None else maps
+    cal = calibration_path(st)
+    maps.calibrations = load_calibrations(cal, maps, digest) if cal.is_file() else {}
+    return maps
+
+
+def calibration_path(path) -> Path:
+    """``NAME.calibration.json`` beside the maps ``NAME.safetensors``: the adaptive budget's tables."""
+    st, _ = _paths(path)
+    return st.with_suffix(".calibration.json")
+
+
+def _cal_heads(cfg: MapsConfig, selection: str) -> tuple[int, int]:
+    """(score heads, max score) of a selection's table for these maps."""
+    g = cfg.num_q_heads // cfg.num_kv_heads
+    if selection == "head":
+        return cfg.num_q_heads, cfg.bits
+    return cfg.num_kv_heads, cfg.bits * (g if selection == "sum" else 1)
+
+
+def save_calibrations(cals: list, maps_path, out=None) -> Path:
+    """Write ``cals`` (core.calibration.Calibration, one per selection) beside the maps file (or to ``out``),
+    tied to the maps' sha256. Returns the path."""
+    st, _ = _paths(maps_path)
+    if not st.is_file():
+        raise WeightsError(f"maps file {st} does not exist")
+    out = Path(out) if out else calibration_path(st)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"format": CAL_FORMAT, "maps_sha256": _sha256(st),
+                               "calibrations": [c.to_dict() for c in cals]}))
+    os.replace(tmp, out)
+    return out
+
+
+def load_calibrations(path, maps: HashMaps, maps_sha256: str | None = None) -> dict:
+    """{selection: Calibration} from ``path``, each checked against ``maps`` (layers, heads, score range) and,
+    given ``maps_sha256``, the file's record of which maps it calibrates."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text())
+        if meta.get("format") != CAL_FORMAT:
+            raise ValueError(f"unknown format {meta.get('format')!r}, expected {CAL_FORMAT!r}")
+        cals = [Calibration.from_dict(d) for d in meta["calibrations"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise WeightsError(f"{path} is not a valid calibration file: {e}") from None
+    if maps_sha256 is not None and meta.get("maps_sha256") != maps_sha256:
+        raise WeightsError(f"{path} calibrates other maps (sha256 {str(meta.get('maps_sha256'))[:12]}…, these maps "
+                           f"{maps_sha256[:12]}…): run `hashattention calibrate` again")
+    c = maps.config
+    out = {}
+    for cal in cals:
+        heads, max_score = _cal_heads(c, cal.selection)
+        try:
+            cal.check(c.num_layers, heads, max_score)
+        except ValueError as e:
+            raise WeightsError(f"{path}: {e}") from None
+        out[cal.selection] = cal
+    return out
 
 
 def model_shape(model_config) -> dict:

@@ -34,6 +34,7 @@ DECODE_FILES = ("decode_h200.json", "decode_h100.json")
 MEMORY_FILE = "memory_h100.json"
 SELECTION_FILE = "selection_cpu.json"
 OFFLOAD_FILE = "offload_h100.json"
+ADAPTIVE_FILES = ("adaptive_cpu.json", "adaptive_share_cpu.json")  # top-p, then min-share (same prompts)
 MODE_ORDER = ("context", "everywhere", "decode")
 POLICY_ORDER = ("dense", "oracle", "hash", "simhash", "quest", "sink_window", "h2o", "random")
 MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
@@ -313,10 +314,35 @@ def offload(root: Path = ROOT) -> str:
             f"sink and window 128. From `{RESULTS}/{OFFLOAD_FILE}` ({res.get('note', '')}).")
 
 
+def adaptive_budget(root: Path = ROOT) -> str:
+    """The adaptive heavy budgets beside fixed top-k, by rows read (``recall --selections --top-p / --min-share``;
+    the files' fixed rows are of the same prompts, the first file's are kept)."""
+    files = [_load(root, f) for f in ADAPTIVE_FILES]
+    merged = {}
+    for data in files:
+        for k, v in data["rows"].items():
+            merged.setdefault(k, v)
+    rows = []
+    for k, v in sorted(merged.items(), key=lambda x: (not x[0].startswith("sum"), x[1]["read"])):
+        name, b = k.split("@")
+        if name == "oracle-head":  # per-head rows: not comparable by rows read per KV head
+            continue
+        who, _, rule = name.partition("-")
+        rule = (f"top-p {rule[1:]}, cap {b}" if rule[:1] == "p" else f"min share {rule[1:]}, cap {b}" if rule
+                else f"top-k {b}")
+        rows.append([f"**{who}**" if "cap" in rule else who, rule, f"{v['read']:.0f}", f"{v['heavy_mass']:.3f}",
+                     f"{v['top1']:.3f}", f"{v['rel_error']:.3f}"])
+    d = files[0]
+    return (_table(["scores", "heavy budget", "rows read", "heavy mass", "top-1 hit", "output error"], rows)
+            + f"\n\n{d['prompts']} suite prompts x {_ctx(d['length'])} tokens (one per task), the question's "
+            f"tokens as queries, shipped maps and their calibration, {device_label(d['device'])} ("
+            + "; ".join(f"`{f}`: `{x['command']}`" for f, x in zip(ADAPTIVE_FILES, files)) + ").")
+
+
 TABLES = {"quality": quality, "kernels": kernels, "decode": decode, "memory": memory,
           "decode-breakdown": decode_breakdown, "kernel-breakdown": kernel_breakdown,
           "selection-floor": selection_floor, "group-selections": group_selections, "quality-maps": quality_maps,
-          "offload": offload}
+          "offload": offload, "adaptive-budget": adaptive_budget}
 
 
 # -- the files ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import os
 import sys
 
 #: subcommand modules, in the order `--help` lists them
-COMMANDS = ["demo", "generate", "train", "eval", "recall", "import_maps", "bench", "memory"]
+COMMANDS = ["demo", "generate", "train", "eval", "recall", "calibrate", "import_maps", "bench", "memory"]
 
 
 def build_parser() -> argparse.ArgumentParser:

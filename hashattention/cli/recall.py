@@ -31,6 +31,14 @@ def add_parser(sub):
                    help="instead: compare group selections (sum,max,union,head,soft-sum,soft-head,qsoft-sum) on the "
                         "questions of the suite's prompts (the context mode's sparse queries): attention mass, heavy "
                         "mass, top-1 hits, output error, rows read; with --suite-length and --suite-samples")
+    p.add_argument("--top-p", default=None, metavar="LIST",
+                   help="with --selections: also the adaptive budget at these target masses (e.g. 0.5,0.8,0.9), for "
+                        "every listed selection the maps' calibration covers (`hashattention calibrate`), and the "
+                        "same rule on the true weights (oracle-p...)")
+    p.add_argument("--min-share", default=None, metavar="LIST",
+                   help="with --selections: also the min-share rule at these shares (e.g. 0.001,0.002): read the keys "
+                        "whose estimated share of the candidates' mass is at least this")
+    p.add_argument("--top-p-cap", default="1/16", help="the adaptive budget's hard cap (heavy tokens)")
     p.add_argument("--suite-length", type=int, default=4096, help="prompt length for --selections")
     p.add_argument("--suite-samples", type=int, default=1, help="prompts per task for --selections (indices 100+)")
     p.add_argument("--json", default=None, help="write every number to this JSON file")
@@ -110,7 +118,7 @@ def run_selections(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from ..core.budget import parse_heavy
+    from ..core.budget import Budget, parse_heavy
     from ..evaluation import ruler
     from ..models import load_model
     from ..shipped import DEFAULT_MAPS
@@ -127,11 +135,24 @@ def run_selections(args) -> int:
         raise ValueError("--budgets must be fractions like 1/32")
     if args.suite_samples <= 0:
         raise ValueError("--suite-samples must be positive")
+    def floats(text, what):
+        try:
+            return [float(x) for x in (text or "").split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"{what} takes numbers like 0.9, got {text!r}") from None
+    top_p, min_share = floats(args.top_p, "--top-p"), floats(args.min_share, "--min-share")
+    cap_heavy = parse_heavy(args.top_p_cap)
+    for x in top_p:  # bad targets or cap fail here, before the model loads
+        Budget(heavy=cap_heavy, top_p=x)
+    for x in min_share:
+        Budget(heavy=cap_heavy, min_share=x)
     path = str(DEFAULT_MAPS) if args.maps == "default" else args.maps
     model, tok, model_id = load_model(args.model, device=args.device)
     check_capturable(model, args.suite_length)
     dev = next(model.parameters()).device
     maps = load_maps(path, model.config, device=dev)
+    if (top_p or min_share) and not any(s in maps.calibrations for s in sels):
+        raise ValueError(f"the maps {path} have no calibration for {', '.join(sels)}: run `hashattention calibrate`")
     res = ruler.Resources()
     total, n = {}, 0
     t0 = time.perf_counter()
@@ -140,7 +161,8 @@ def run_selections(args) -> int:
             for task in ruler.TASKS:
                 s = ruler.make_sample(tok, task, args.suite_length, 100 + i, args.seed, res)
                 cap = capture(model, torch.tensor([s.ids], device=dev))
-                r = evaluate_selections(maps, cap, s.context_len, budgets, sels, args.sink, args.window)
+                r = evaluate_selections(maps, cap, s.context_len, budgets, sels, args.sink, args.window,
+                                        top_p=top_p, cap_heavy=cap_heavy, min_share=min_share)
                 for k, v in r.items():
                     t = total.setdefault(k, dict.fromkeys(v, 0.0))
                     for m in v:
@@ -153,9 +175,12 @@ def run_selections(args) -> int:
              f"{model_id}, maps {Path(path).stem}, sink {args.sink} + window {args.window}; device {dev_name}). "
              "mass: attention weight on the tokens read, heavy: the same over the heavy candidates only (sink and "
              "window excluded), top-1: a query head's heaviest candidate read, error: relative error of the "
-             "attention output, rows: rows read per KV head and query. Means over layers, heads and queries.", "",
+             "attention output, rows: rows read per KV head and query. Means over layers, heads and queries."
+             + (f" NAME-pP: the adaptive budget, top-p P of the estimated candidate mass under a cap of "
+                f"{args.top_p_cap}; NAME-sS: the keys whose estimated share of it is at least S, same cap "
+                "(oracle-pP, oracle-sS: the same rules on the true weights)." if top_p or min_share else ""), "",
              "| selection | budget | mass | heavy | top-1 | error | rows |", "|---|---|---|---|---|---|---|"]
-    for k in sorted(rows, key=lambda x: (x.split("@")[1], x.split("@")[0])):
+    for k in sorted(rows, key=lambda x: (x.split("@")[1] if "-p" not in x and "-s" not in x else "~", x.split("@")[0])):
         v = rows[k]
         name, b = k.split("@")
         lines.append(f"| {name} | {b} | {v['mass']:.3f} | {v['heavy_mass']:.3f} | {v['top1']:.3f} | "

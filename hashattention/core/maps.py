@@ -97,6 +97,8 @@ class HashMaps(nn.Module):
         c = config
         self.q = _StackedMLP(c.num_layers, c.num_q_heads, c.dims(key=False), c.bias, init)
         self.k = _StackedMLP(c.num_layers, c.key_heads, c.dims(key=True), c.bias, init)
+        #: {selection: core.calibration.Calibration} for the adaptive budget (weights.load_maps reads them)
+        self.calibrations = {}
 
     @classmethod
     def simhash(cls, config: MapsConfig, seed: int = 0) -> "HashMaps":

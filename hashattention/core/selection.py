@@ -70,6 +70,68 @@ def topk_counting(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tenso
     return (above | ties) & (k > 0)
 
 
+def _weighted_hist(scores, candidates, weights, max_score):
+    """(hist int64, w float64) [..., max_score + 1]: candidates per score value and the per-key mass weights."""
+    s = torch.where(candidates, scores.to(torch.int64), torch.full_like(scores, -1, dtype=torch.int64))
+    if s.max() > max_score or (candidates & (s < 0)).any():
+        raise ValueError(f"integer scores must lie in 0..{max_score}")
+    hist = torch.zeros(*s.shape[:-1], max_score + 2, dtype=torch.int64, device=s.device)
+    hist.scatter_add_(-1, s + 1, torch.ones_like(s))
+    hist = hist[..., 1:]
+    if weights.dim() != 4 or weights.shape[-1] != max_score + 1 or weights.shape[1] not in (1, hist.shape[1]):
+        raise ValueError(f"mass weights {tuple(weights.shape)} must be [*, 1 or {hist.shape[1]} heads, *, "
+                         f"{max_score + 1} score values]")
+    return hist, weights.to(torch.float64).expand(hist.shape)
+
+
+def share_counting(scores: torch.Tensor, candidates: torch.Tensor, weights: torch.Tensor, share: float,
+                   max_score: int) -> torch.Tensor:
+    """Adaptive heavy counts, min-share rule: per row, the candidates whose estimated share of the row's
+    estimated candidate mass (weights[score] / sum over candidates) is at least ``share``. Shapes as
+    :func:`top_p_counting`; int64 [B, Hs, Lq, 1]."""
+    hist, w = _weighted_hist(scores, candidates, weights, max_score)
+    total = (hist * w).sum(-1, keepdim=True)
+    return (hist * (w >= share * total)).sum(-1, keepdim=True)
+
+
+def share_sorting(mass: torch.Tensor, candidates: torch.Tensor, share: float) -> torch.Tensor:
+    """The min-share rule on real masses (the oracle's weights). mass float >= 0 [B, Hs, Lq, Lk] -> int64
+    [B, Hs, Lq, 1]."""
+    m = torch.where(candidates, mass.to(torch.float64), torch.zeros((), dtype=torch.float64, device=mass.device))
+    total = m.sum(-1, keepdim=True)
+    return ((m >= share * total) & (m > 0)).sum(-1, keepdim=True)
+
+
+def top_p_counting(scores: torch.Tensor, candidates: torch.Tensor, weights: torch.Tensor, p: float,
+                   max_score: int) -> torch.Tensor:
+    """Adaptive heavy counts: per row, the fewest top-scoring candidates whose estimated mass reaches ``p`` of
+    the estimated mass of all candidates. int64 [B, Hs, Lq, 1].
+
+    scores int [B, Hs, Lq, Lk] in 0..max_score; weights float [B or 1, Hs or 1, Lq or 1, max_score + 1] (>= 0,
+    a key's estimated mass per score value: core.calibration). The histogram is the one topk_counting builds;
+    only the threshold rule differs (cumulative weight x count instead of cumulative count). Within the
+    threshold bin, as many keys as the missing mass needs at that bin's weight."""
+    hist, w = _weighted_hist(scores, candidates, weights, max_score)
+    suffix = torch.flip(torch.cumsum(torch.flip(hist * w, [-1]), -1), [-1])  # [..., t] = mass of s >= t
+    at_least = torch.flip(torch.cumsum(torch.flip(hist, [-1]), -1), [-1])
+    target = p * suffix[..., :1]
+    thr = ((suffix >= target).sum(-1, keepdim=True) - 1).clamp(0, max_score)  # largest t reaching the target
+    pad = torch.zeros_like(suffix[..., :1])
+    above_mass = torch.cat([suffix[..., 1:], pad], -1).gather(-1, thr)
+    above = torch.cat([at_least[..., 1:], pad.to(torch.int64)], -1).gather(-1, thr)
+    need = torch.ceil((target - above_mass) / w.gather(-1, thr).clamp_min(1e-300))
+    return above + torch.minimum(need.clamp_min(0).to(torch.int64), hist.gather(-1, thr))
+
+
+def top_p_sorting(mass: torch.Tensor, candidates: torch.Tensor, p: float) -> torch.Tensor:
+    """The same rule on real masses (the oracle's own attention weights): fewest candidates holding ``p`` of
+    the candidates' mass. mass float >= 0 [B, Hs, Lq, Lk] -> int64 [B, Hs, Lq, 1]."""
+    m = torch.where(candidates, mass.to(torch.float64), torch.zeros((), dtype=torch.float64, device=mass.device))
+    srt = torch.sort(m, dim=-1, descending=True).values
+    csum = torch.cumsum(srt, -1)
+    return (csum < p * csum[..., -1:]).sum(-1, keepdim=True) + (csum[..., -1:] > 0).to(torch.int64)
+
+
 def topk_sorting(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Top-``k`` real scores among ``candidates`` (ties to the most recent token)."""
     s = torch.where(candidates, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
@@ -93,13 +155,18 @@ def union_of_group(keep: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def select(scores: torch.Tensor | None, valid: torch.Tensor, budget: Budget,
-           max_score: int | None = None, union: int = 1) -> torch.Tensor:
+           max_score: int | None = None, union: int = 1, weights: torch.Tensor | None = None,
+           scores_are_mass: bool = False) -> torch.Tensor:
     """Tokens read by each query: sink | window | top-k(scores) among the rest. See module docstring.
 
     scores None means "no preference": the heavy budget goes to the most recent candidates.
     max_score given (integer scores 0..max_score) selects by counting; otherwise by a stable sort.
     union = g > 1: scores are per query head [B, Hq, ...]; each head picks its top-floor(k/g) and the result is
     the union over each group of g consecutive heads, [B, Hq/g, Lq, Lk] (at most k heavy tokens per group).
+    An adaptive budget (budget.top_p or budget.min_share) sets k per row by :func:`top_p_counting` /
+    :func:`share_counting` with ``weights`` (float [B or 1, Hs or 1, Lq or 1, max_score + 1], a calibration's
+    per-score mass), or by :func:`top_p_sorting` / :func:`share_sorting` when ``scores_are_mass`` (real
+    attention weights); then clamps it to [heavy_min, heavy].
     """
     if valid.dtype != torch.bool:
         raise TypeError(f"valid mask must be bool, got {valid.dtype}")
@@ -117,6 +184,21 @@ def select(scores: torch.Tensor | None, valid: torch.Tensor, budget: Budget,
     if union > 1 and shape[1] % union:
         raise ValueError(f"{shape[1]} score heads do not form groups of {union}")
     k = heavy_counts(n, cand, budget, union).expand(*shape[:-1], 1)
+    if budget.adaptive:
+        if union > 1:
+            raise ValueError("an adaptive budget (top_p, min_share) has no rule for the union selection; use sum, "
+                             "max or head")
+        p, sh = budget.top_p, budget.min_share
+        if max_score is not None and weights is not None:
+            kp = (top_p_counting(scores, cand, weights, p, max_score) if p is not None
+                  else share_counting(scores, cand, weights, sh, max_score))
+        elif scores_are_mass:
+            kp = top_p_sorting(scores, cand, p) if p is not None else share_sorting(scores, cand, sh)
+        else:
+            raise ValueError("an adaptive budget (top_p, min_share) needs integer scores with a calibration's mass "
+                             "weights (or real attention weights as scores)")
+        kp = torch.maximum(kp, budget.heavy_min_count(n.to(torch.int64)))
+        k = torch.minimum(torch.minimum(kp, k), cand.sum(-1, keepdim=True))
     if max_score is not None:
         heavy = topk_counting(scores, cand, k, max_score)
     else:

@@ -331,6 +331,9 @@ class Transformer(nn.Module):
         default the library's, core.selection.DEFAULT_GROUP_SELECTION)."""
         if not isinstance(budget, Budget):
             raise TypeError(f"budget must be a hashattention.Budget, got {type(budget).__name__}")
+        if budget.adaptive:  # its kernels and index slots take one heavy count per sequence
+            raise ValueError("the engine reads a fixed heavy count: an adaptive budget (top_p, min_share) runs through the "
+                             "Hugging Face integration (HashAttentionPolicy) only")
         selection = selection or DEFAULT_GROUP_SELECTION
         if selection not in ("sum", "max"):
             raise ValueError(f"the engine shares one selection per KV group: selection 'sum' or 'max', "

@@ -69,7 +69,7 @@ def accelerate(policy: SelectionPolicy) -> SelectionPolicy:
     """Route ``policy`` through :func:`topk_select` and :func:`sdpa_attend` where it uses the shared
     defaults (a policy with its own ``select``/``attend``, or that observes probabilities, keeps them)."""
     cls = type(policy)
-    if cls.select is SelectionPolicy.select:
+    if cls.select is SelectionPolicy.select and not policy.budget.adaptive:  # topk_select has no adaptive rule
         def fast_select(layer, state, q, k, v, valid, scale, _p=policy):
             return topk_select(_p.scores(layer, state, q, k, v, valid, scale), valid, _p.budget, _p.union_groups)
         policy.select = fast_select

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.budget import Budget, parse_label
+from ..core.budget import Budget, parse_adaptive, parse_label
 from ..integration.compat import cache_kwarg, output_cache
 from ..integration.hf import enable
 from . import ruler
@@ -241,15 +241,19 @@ def dense_prefill(model, rows: list, pad: int, context: list | None = None) -> d
 
 # ------------------------------------------------------------------------------------------- the suite
 def budget_label(b) -> str:
-    """'0.0625' -> '1/16'; '1/64+r1/64' (heavy 1/64 and a residual sample of 1/64) keeps its residual."""
+    """'0.0625' -> '1/16'; '1/64+r1/64' (heavy 1/64 and a residual sample of 1/64) keeps its residual;
+    'p0.90/0.0625' -> 'p0.9/1/16' (adaptive: top-p 0.9 under a cap of 1/16; 's0.002/1/16': min share)."""
     heavy, res = parse_label(b)
+    rule, _ = parse_adaptive(b)
     short = lambda x: Budget(heavy=x).describe().split()[0].split("=")[1]  # noqa: E731
-    return short(heavy) + (f"+r{short(res)}" if res else "")
+    pre = "".join(f"{'p' if k == 'top_p' else 's'}{v:g}/" for k, v in rule.items())
+    return pre + short(heavy) + (f"+r{short(res)}" if res else "")
 
 
 def budget_from_label(label: str, sink: int = 128, window: int = 128) -> Budget:
     heavy, res = parse_label(label)
-    return Budget(heavy=heavy, sink=sink, window=window, residual=res)
+    rule, _ = parse_adaptive(label)
+    return Budget(heavy=heavy, sink=sink, window=window, residual=res, **rule)
 
 
 def budget_fraction(label: str) -> float:
@@ -335,11 +339,15 @@ class Suite:
             self.decode_policies = [p for p in self.decode_policies if p not in needs]
         self.samples, self.round_size, self.decode_rounds = samples, max(1, round_size), decode_rounds
         self.seed, self.sink, self.window, self.chunk, self.page_size = seed, sink, window, chunk, page_size
+        self.per_group = per_group
+        self.selection = "head" if not per_group and selection is None else selection
+        for m in self.modes:  # an adaptive budget a policy cannot run (no calibration, no rule) fails now
+            for p, b in self.configs(m):
+                if p != "dense" and parse_adaptive(b)[0]:
+                    self.make(p, b)
         self.ppl_samples, self.ppl_from = ppl_samples, ppl_from
         self.out = Path(out) if out else None
         self.time_limit, self.progress, self.accelerate = time_limit, progress, accelerate
-        self.per_group = per_group
-        self.selection = "head" if not per_group and selection is None else selection
         self.res = resources or ruler.Resources()
         self.t0 = time.perf_counter()
         from .heldout import text_digest

@@ -112,6 +112,9 @@ def check_select_args(q_sig, k_sig, starts, lengths, budget, num_kv_heads, stric
     check_tensor("lengths", lengths, 1, (torch.int32, torch.int64), dev)
     if not isinstance(budget, Budget):
         raise TypeError(f"budget must be a hashattention.Budget, got {type(budget).__name__}")
+    if budget.adaptive:  # one count per sequence here; the adaptive rule is the reference path's
+        raise ValueError("the decode kernels read a fixed heavy count: an adaptive budget (top_p, min_share) runs through "
+                         "core.selection.select (the policy's select path)")
     b, hq, w = q_sig.shape
     if k_sig.shape[0] != b or k_sig.shape[3] != w:
         raise ValueError(f"k_sig {tuple(k_sig.shape)} does not match q_sig {tuple(q_sig.shape)} (batch, words)")

@@ -32,6 +32,19 @@ class SelectionPolicy:
         if not isinstance(self.budget, Budget):
             raise TypeError(f"budget must be a hashattention.Budget, got {type(budget).__name__}")
         self.per_group = per_group
+        if self.budget.adaptive and not self.adaptive:
+            raise ValueError(f"policy {self.name!r} cannot use an adaptive budget (top_p, min_share): it needs bit-match scores "
+                             "and a calibration (the hash policy) or true attention weights (the oracle)")
+
+    #: the policy can set its heavy count per row from a target mass (Budget.top_p): see mass_weights
+    adaptive = False
+    #: the scores are attention weights themselves (the oracle): top-p on them needs no calibration
+    scores_are_mass = False
+
+    def mass_weights(self, layer: int, device=None) -> torch.Tensor | None:
+        """float [1, Hs, 1, max_score + 1]: estimated attention mass of a key per integer score (a calibration),
+        for an adaptive budget; None when the policy has none."""
+        return None
 
     # -- state ---------------------------------------------------------------------------------------
     def update(self, layer: int, state: dict, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
@@ -50,8 +63,10 @@ class SelectionPolicy:
 
     def select(self, layer: int, state: dict, q, k, v, valid: torch.Tensor, scale: float) -> torch.Tensor:
         """bool keep mask [B, Hs, Lq, Lk]."""
+        w = self.mass_weights(layer, q.device) if self.budget.adaptive else None
         return select(self.scores(layer, state, q, k, v, valid, scale), valid, self.budget,
-                      max_score=self.max_score, union=self.union_groups)
+                      max_score=self.max_score, union=self.union_groups, weights=w,
+                      scores_are_mass=self.scores_are_mass)
 
     def decode_attention(self, layer: int, state: dict, q, k, v, valid, scale: float):
         """Optional fused fast path for one decode step (Lq == 1): return [B, Hq, 1, D], or None to use the

@@ -20,12 +20,18 @@ class HashAttentionPolicy(SelectionPolicy):
       - ``"union"``: each query head picks its own top-floor(k/g); the group reads the union of those (at
         most k heavy rows, read once per KV head) and every head attends over all of it;
       - ``"head"``: one selection of k per query head (up to g times the rows read); ``per_group=False``.
+
+    An adaptive budget (``Budget(heavy=cap, top_p=p)``) needs ``calibration`` (core.calibration.Calibration for
+    this selection), by default the one loaded beside the maps (``maps.calibrations``, written by
+    ``hashattention calibrate``).
     """
 
     name = "hash"
     SELECTIONS = GROUP_SELECTIONS
+    adaptive = True
 
-    def __init__(self, maps: HashMaps, budget=None, per_group: bool = True, selection: str | None = None):
+    def __init__(self, maps: HashMaps, budget=None, per_group: bool = True, selection: str | None = None,
+                 calibration=None):
         if selection is None:  # per_group=False is the older spelling of selection="head"
             selection = DEFAULT_GROUP_SELECTION if per_group else "head"
         if selection not in self.SELECTIONS:
@@ -35,6 +41,31 @@ class HashAttentionPolicy(SelectionPolicy):
             raise TypeError(f"maps must be HashMaps, got {type(maps).__name__}")
         self.maps = maps
         self.selection = selection
+        self.calibration = None
+        if self.budget.adaptive:
+            if selection == "union":
+                raise ValueError("an adaptive budget (top_p, min_share) has no rule for the union selection; use sum, max or head")
+            cal = calibration if calibration is not None else getattr(maps, "calibrations", {}).get(selection)
+            if cal is None:
+                raise ValueError(f"an adaptive budget (top_p, min_share) needs a calibration of these maps for selection "
+                                 f"{selection!r}: run `hashattention calibrate --maps <maps> --selections {selection}`")
+            if cal.selection != selection:
+                raise ValueError(f"calibration is for selection {cal.selection!r}, the policy uses {selection!r}")
+            c = maps.config
+            heads = c.num_q_heads if selection == "head" else c.num_kv_heads
+            cal.check(c.num_layers, heads, self.max_score)
+            self.calibration = cal
+            self._weights = {}
+
+    def mass_weights(self, layer, device=None):
+        """float32 [1, Hs, 1, max_score + 1] of the calibration (cached per layer and device)."""
+        if self.calibration is None:
+            return None
+        key = (layer, str(device))
+        w = self._weights.get(key)
+        if w is None:
+            w = self._weights[key] = self.calibration.weights(layer, device)[None, :, None, :]
+        return w
 
     @property
     def group(self) -> int:
@@ -91,7 +122,8 @@ class HashAttentionPolicy(SelectionPolicy):
         do not take, or when the valid keys of a row are not one range [start, Lk) (left padding)."""
         from .. import kernels
         if not (q.is_cuda or self.kernels_on_cpu) or kernels.triton is None or not kernels.use_triton(q) \
-                or self.selection not in kernels.SELECTIONS or self.budget.residual:
+                or self.selection not in kernels.SELECTIONS or self.budget.residual \
+                or self.budget.adaptive:  # the kernels read a fixed count per sequence
             return None
         b, hq, lq, d = q.shape
         lk = k.shape[2]

@@ -11,6 +11,11 @@ class OracleTopKPolicy(SelectionPolicy):
     """Per query head: top-k of q.k. Shared by a KV group: top-k of the group's summed softmax weights."""
 
     name = "oracle"
+    adaptive = True  # top-p on the true weights (the group's summed softmax weights: per_group only)
+
+    @property
+    def scores_are_mass(self):
+        return self.per_group
 
     def scores(self, layer, state, q, k, v, valid, scale):
         hkv = k.shape[1]

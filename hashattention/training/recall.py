@@ -170,7 +170,7 @@ SOFT_LEVELS = 2  # query weights per bit quantized to -2..2 ("qsoft" selections)
 @torch.no_grad()
 def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 64),
                         selections=("sum", "max", "union", "head"), sink: int = 128, window: int = 128,
-                        layer_block: int = 10) -> dict:
+                        layer_block: int = 10, top_p=(), cap_heavy=1 / 16, min_share=()) -> dict:
     """How much of each query head's true attention the tokens read hold, per group selection.
 
     The queries are positions ``qstart..L-1`` of the captured sequence (a suite prompt's question: the
@@ -181,6 +181,9 @@ def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 6
      "top1": how often a query head's heaviest candidate key is read (what retrieval needs),
      "rel_error": mean relative error of the attention output, "read": mean rows read per KV head and query
      (union and head selections read more than the budget's count per KV head; see the module docstring)}.
+    ``top_p`` (target masses): also the adaptive budget under a cap of ``cap_heavy`` (keys "sum-p0.9@1/16" for
+    each selection of ``selections`` that ``maps.calibrations`` calibrates, and "oracle-p0.9@1/16", the same
+    rule on the true weights); ``min_share``: the min-share rule likewise ("sum-s0.002@1/16", "oracle-s0.002@1/16").
     """
     L = cap.length
     if not 0 < qstart < L:
@@ -190,8 +193,13 @@ def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 6
     g = hq // hkv
     nq = L - qstart
     names = list(selections) + ["oracle", "oracle-head"]
-    acc = {(n, _bstr(b)): {"mass": 0.0, "heavy_mass": 0.0, "top1": 0.0, "rel_error": 0.0, "read": 0.0}
-           for n in names for b in budgets}
+    adaptive = [s for s in selections if s in getattr(maps, "calibrations", {})] + ["oracle"]
+    if (top_p or min_share) and adaptive == ["oracle"]:
+        raise ValueError(f"no calibration of these maps for {', '.join(selections)}: run `hashattention calibrate`")
+    rules = [("top_p", p) for p in top_p] + [("min_share", x) for x in min_share]
+    runs = [(n, b, None) for n in names for b in budgets] + [(n, cap_heavy, r) for n in adaptive for r in rules]
+    label = lambda n, b, r: (n, _bstr(b)) if r is None else (f"{n}-{'p' if r[0] == 'top_p' else 's'}{r[1]:g}", _bstr(b))  # noqa: E731
+    acc = {label(*r): {"mass": 0.0, "heavy_mass": 0.0, "top1": 0.0, "rel_error": 0.0, "read": 0.0} for r in runs}
     bits = maps.config.bits
     for sl, q, k, v, vmask, dense, probs in _layer_blocks(cap, qstart, layer_block):
         ly = q.shape[0]
@@ -207,25 +215,30 @@ def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 6
         soft = group_similarity(pq, sk, hkv)  # [Ly, Hkv, G, C, T]
         lv = SOFT_LEVELS
         quant = group_similarity(torch.round(pq * lv), sk, hkv).round()  # integer weights in -lv..lv per bit
-        for b in budgets:
-            bud = Budget(heavy=b, sink=sink, window=window)
-            _, cand, _ = forced_and_candidates(vmask, bud)  # [Ly, 1, C, T]
-            pc = probs * cand.unsqueeze(2)  # candidates' weights [Ly, Hkv, G, C, T]
-            cand_mass = pc.sum(-1).clamp_min(1e-12)
-            top1 = pc.argmax(-1, keepdim=True)
+        _, cand, _ = forced_and_candidates(vmask, Budget(sink=sink, window=window))  # [Ly, 1, C, T]
+        pc = probs * cand.unsqueeze(2)  # candidates' weights [Ly, Hkv, G, C, T] (the same for every budget)
+        cand_mass = pc.sum(-1).clamp_min(1e-12)
+        top1 = pc.argmax(-1, keepdim=True)
+        for b, p in dict.fromkeys((b, p) for _, b, p in runs):
+            bud = Budget(heavy=b, sink=sink, window=window, **dict([p] if p is not None else []))
+            cal = lambda s: maps.calibrations[s].log_weight[sl].to(cap.k.device)  # noqa: E731  [Ly, Hs, S + 1]
+            wts = lambda s: torch.exp(cal(s) - cal(s).amax(-1, keepdim=True))[:, :, None, :]  # noqa: E731
             keeps = {
-                "sum": lambda: select(match.sum(2), vmask, bud, max_score=bits * g),
-                "max": lambda: select(match.amax(2), vmask, bud, max_score=bits),
+                "sum": lambda: select(match.sum(2), vmask, bud, max_score=bits * g,
+                                      weights=wts("sum") if p is not None else None),
+                "max": lambda: select(match.amax(2), vmask, bud, max_score=bits,
+                                      weights=wts("max") if p is not None else None),
                 "union": lambda: select(per_head, vmask, bud, max_score=bits, union=g),
-                "head": lambda: select(per_head, vmask, bud, max_score=bits),
+                "head": lambda: select(per_head, vmask, bud, max_score=bits,
+                                       weights=wts("head") if p is not None else None),
                 "soft-sum": lambda: select(soft.sum(2), vmask, bud),
                 "soft-head": lambda: select(soft.flatten(1, 2), vmask, bud),
                 "qsoft-sum": lambda: select((quant.sum(2) + bits * lv * g).to(torch.int64), vmask, bud,
                                             max_score=2 * bits * lv * g),
-                "oracle": lambda: select(probs.sum(2), vmask, bud),
+                "oracle": lambda: select(probs.sum(2), vmask, bud, scores_are_mass=True),
                 "oracle-head": lambda: select(probs.flatten(1, 2), vmask, bud),
             }
-            for n in names:
+            for n in [n for n, rb, rp in runs if (rb, rp) == (b, p)]:
                 keep = keeps[n]()  # [Ly, Hkv or Hq, C, T]
                 kh = keep.view(ly, hkv, g, nq, L) if keep.shape[1] == hq else keep.unsqueeze(2)
                 mass = (probs * kh).sum(-1).mean()
@@ -234,7 +247,7 @@ def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 6
                 read = keep.view(ly, hkv, -1, nq, L).any(2).sum(-1).float().mean()  # rows per KV head
                 o = sparse_attention(q, k, v, keep, cap.scale)
                 err = ((o - dense).norm(dim=-1) / dense.norm(dim=-1).clamp_min(1e-6)).mean()
-                a = acc[(n, _bstr(b))]
+                a = acc[label(n, b, p)]
                 a["mass"] += float(mass) * ly / nl
                 a["heavy_mass"] += float(heavy_mass) * ly / nl
                 a["top1"] += float(hit) * ly / nl
