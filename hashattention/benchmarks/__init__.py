@@ -1,4 +1,6 @@
 """Benchmarks run by `hashattention bench` (GPU)."""
+import json
+import os
 import re
 
 
@@ -11,3 +13,19 @@ def device_tag(name: str) -> str:
     if not name or name.lower().startswith(("cpu", "x86", "arm", "aarch")):
         return "cpu"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+
+
+def write_results(res: dict, out_dir: str, stem: str, markdown, plot) -> str:
+    """<stem>.json, <stem>.md (``markdown(res)``, returned) and <stem>.png (``plot(res, path)``, when matplotlib
+    is there) in ``out_dir``: the three files every benchmark leaves for bench/results."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
+        json.dump(res, f, indent=1)
+    md = markdown(res)
+    with open(os.path.join(out_dir, stem + ".md"), "w") as f:
+        f.write(md)
+    try:
+        plot(res, os.path.join(out_dir, stem + ".png"))
+    except ImportError:
+        pass
+    return md

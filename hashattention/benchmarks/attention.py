@@ -33,7 +33,7 @@ import time
 import torch
 
 from ..core.budget import Budget, parse_heavy
-from . import flashinfer
+from . import flashinfer, write_results
 from .read_floor import SHAPES, stream_read
 
 
@@ -511,18 +511,7 @@ def run(args) -> int:
 
 
 def _write(res: dict, out_dir: str, stem: str) -> str:
-    """<stem>.json, .md (returned) and .png (when matplotlib is there) in out_dir."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
-        json.dump(res, f, indent=1)
-    md = markdown(res)
-    with open(os.path.join(out_dir, stem + ".md"), "w") as f:
-        f.write(md)
-    try:
-        plot(res, os.path.join(out_dir, stem + ".png"))
-    except ImportError:
-        pass
-    return md
+    return write_results(res, out_dir, stem, markdown, plot)
 
 
 def plot(res: dict, path: str):

@@ -30,6 +30,7 @@ from ..core.budget import Budget, parse_heavy
 from ..engine.memory import GIB, largest_batch, parse_tokens
 from ..engine.model import ATTENTION_MODES, Transformer
 from ..engine.generate import Generator
+from . import write_results
 from .engine_setup import _device_name, _fixed_index, _load, _maps_for
 
 MODES = ATTENTION_MODES  # all four by default: the time breakdown needs the two ablations
@@ -323,15 +324,7 @@ def _table(res: dict) -> str:
 
 
 def _write(res: dict, out_dir: str, name: str):
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, name + ".json"), "w") as f:
-        json.dump(res, f, indent=1)
-    with open(os.path.join(out_dir, name + ".md"), "w") as f:
-        f.write(_table(res))
-    try:
-        _plot(res, os.path.join(out_dir, name + ".png"))
-    except ImportError:
-        pass
+    write_results(res, out_dir, name, _table, _plot)
 
 
 def _plot(res: dict, path: str):

@@ -29,6 +29,7 @@ from ..core.budget import Budget, parse_heavy
 from ..engine.generate import Generator
 from ..engine.memory import GIB, largest_batch, largest_offload_batch, offload_plan, parse_bytes, parse_tokens
 from ..engine.offload import host_available_bytes
+from . import write_results
 
 OFFLOAD_MODES = ("hash-offload", "dense-offload", "dense-gpu", "hash-gpu")
 
@@ -107,25 +108,9 @@ def _sync(dev):
 
 
 def _time(gen, mode, pos, steps, warmup, dev) -> float:
-    """ms per step over ``steps`` steps from ``pos`` after ``warmup`` (graph captured there); the offload
-    counters are zeroed before the timed steps."""
-    m = gen.model
-    gen.set_position(pos)
-    gen.run_steps(warmup, mode)
-    if m.host_kv is not None:
-        m.host_kv.stats.zero_()
-    gen.set_position(pos)
-    _sync(dev)
-    if dev.type != "cuda":
-        t0 = time.perf_counter()
-        gen.run_steps(steps, mode)
-        return (time.perf_counter() - t0) * 1e3 / steps
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    gen.run_steps(steps, mode)
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / steps
+    """ms per step over ``steps`` steps from ``pos`` after ``warmup`` (:meth:`Generator.time_steps`: the offload
+    counters then hold the timed steps only)."""
+    return gen.time_steps(mode, pos, steps, warmup)
 
 
 def _free(m):
@@ -422,15 +407,7 @@ def table(res: dict) -> str:
 
 
 def write(res: dict, out_dir: str, name: str):
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, name + ".json"), "w") as f:
-        json.dump(res, f, indent=1)
-    with open(os.path.join(out_dir, name + ".md"), "w") as f:
-        f.write(table(res))
-    try:
-        plot(res, os.path.join(out_dir, name + ".png"))
-    except ImportError:
-        pass
+    write_results(res, out_dir, name, table, plot)
 
 
 def plot(res: dict, path: str):

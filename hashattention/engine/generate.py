@@ -227,6 +227,8 @@ class Generator:
                              f"{self.model.max_seq_len} tokens")
         self.set_position(pos)
         self.run_steps(warmup, mode)
+        if self.model.host_kv is not None:  # the offload counters of the timed steps only
+            self.model.host_kv.stats.zero_()
         if self.model.device.type != "cuda":
             import time
             self.set_position(pos)
