@@ -150,7 +150,9 @@ class Generator:
                 self._step(mode)
 
     def set_position(self, pos: int, token: int | torch.Tensor = 0):
-        """Continue decoding at position ``pos`` (the caches hold pos tokens) with this input token."""
+        """Continue decoding at position ``pos`` (the caches hold pos tokens) with this input token. With the K/V in
+        host memory, going back behind steps already run leaves the window ring holding their later tokens: fine
+        for timing (:meth:`time_steps`), not for text; a new prompt (prefill) starts clean."""
         if not 0 <= pos < self.model.max_seq_len:
             raise CacheError(f"position {pos} is outside the cache of {self.model.max_seq_len} tokens")
         self.pos.fill_(pos)
