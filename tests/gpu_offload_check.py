@@ -76,6 +76,7 @@ torch.cuda.empty_cache()
 out = os.environ.get("OUT") or os.path.join(ROOT, "runs")
 r = subprocess.run([sys.executable, "-m", "hashattention", "bench", "decode", "--offload", "host", "--models",
                     "smollm2-135m", "--contexts", "16K", "--batches", "1", "--heavy", "1/32,256", "--row-cache", "1,2",
+                    "--gpu-layers", "0",
                     "--steps", "16", "--real-text", "8K", "--tag", "check", "--out", out], env=env,
                    capture_output=True, text=True, cwd=ROOT)
 ok = r.returncode == 0

@@ -303,3 +303,13 @@ def test_generate_offload_needs_cuda(capsys, monkeypatch):
     assert cli.main(["generate", "--prompt", "hi", "--offload", "host", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--offload host" in err and "needs CUDA" in err
+
+
+def test_synthetic_fill_handles_empty_and_odd_sizes():
+    """The benchmark's cache filler: an empty tensor (no host layer: every layer fitted on the card, as the GPU
+    check found at 16K) is left alone; a tensor not a multiple of the block is filled to its end."""
+    from hashattention.benchmarks.offload import _fill
+    _fill(torch.empty(0), torch.Generator().manual_seed(0))
+    t = torch.zeros(1000)
+    _fill(t, torch.Generator().manual_seed(0), block=300)
+    assert (t != 0).all() and torch.equal(t[:300], t[300:600])

@@ -163,6 +163,25 @@ def test_quality_rows_pair_items_and_weigh_cells_equally(tmp_path):
     assert path.with_suffix(".png").stat().st_size > 1000
 
 
+
+def test_bundled_results_summarize_member_by_member(tmp_path):
+    """Maps variants, each with its own dense rows, in one bundle file: rows labelled by tag, paired within
+    their member only (the other member's dense is not mixed in)."""
+    from hashattention.evaluation.quality import bundle_files, summarize_files
+    files = []
+    for tag, dense in (("v1", 100.0), ("v2", 50.0)):
+        recs = {f"context|{p}|{b}|2048|a|{i}": {"score": dense if p == "dense" else 25.0}
+                for i in range(3) for p, b in (("dense", "full"), ("hash-sum", "1/32"))}
+        files.append(tmp_path / f"{tag}.json")
+        files[-1].write_text(json.dumps({"settings": {"device": "test"}, "records": recs}))
+    b = bundle_files(files, ["v1", "v2"], tmp_path / "bundle.json")
+    rows = json.loads(summarize_files([b], tmp_path / "s.json").read_text())
+    assert {(r["maps"], r["delta_vs_dense"]) for r in rows} == {("v1", -75.0), ("v2", -25.0)}
+    with pytest.raises(ValueError, match="own tag"):
+        bundle_files(files, ["v1", "v1"], tmp_path / "x.json")
+    with pytest.raises(ValueError, match="not a suite results file"):
+        bundle_files([b], ["b"], tmp_path / "x.json")
+
 # --------------------------------------------------------------------------------------- residual sample
 def test_residual_sample_counts_weights_and_bad_input():
     from hashattention.core.selection import residual_sample

@@ -78,6 +78,8 @@ def measure_h2d(dev, nbytes: int = GIB, reps: int = 5) -> float | None:
 def _fill(t: torch.Tensor, g: torch.Generator, block: int = 1 << 24):
     """Random values into a large tensor (host or GPU) cheaply: one random block, copied along it."""
     flat = t.view(-1)
+    if not flat.numel():  # e.g. no host layer: every layer fitted on the card
+        return
     r = torch.randn(min(block, flat.numel()), generator=g, device=t.device).to(t.dtype)
     for i in range(0, flat.numel(), r.numel()):
         n = min(r.numel(), flat.numel() - i)

@@ -46,6 +46,9 @@ def add_parser(sub):
     p.add_argument("--summarize", nargs="+", default=None, metavar="FILE[@MAPS[@SKIP+SKIP]]",
                    help="only write the paired quality summary (--out's .json/.md/.png) of these results files: "
                         "the label of each file's hash maps, policies to leave out")
+    p.add_argument("--bundle", default=None, metavar="OUT.json",
+                   help="with --summarize FILE@TAG ...: write the files as one bundle file instead (read back by "
+                        "--summarize, each member labelled by its tag)")
     p.add_argument("--deadline", type=float, default=600, help="seconds for all --pass passes")
     p.add_argument("--report", default=None, metavar="JSON",
                    help="only render the table and plot of a results file (with --policies/--budgets/--lengths "
@@ -59,9 +62,8 @@ def load_model(name, device=None):
 
 
 def run(args) -> int:
-    from ..core.budget import parse_heavy
     from ..evaluation import ruler
-    from ..evaluation.runner import Suite, check_policies
+    from ..evaluation.runner import Suite, budget_from_label, check_policies
     from ..policies import POLICIES
     if args.report:
         from ..evaluation.runner import render
@@ -71,8 +73,11 @@ def run(args) -> int:
                      else None, pick(args.lengths) if args.lengths != DEFAULT_LENGTHS else None))
         return 0
     if args.summarize:
-        from ..evaluation.quality import parse_summary_spec, summarize_files
+        from ..evaluation.quality import bundle_files, parse_summary_spec, summarize_files
         specs = [parse_summary_spec(x) for x in args.summarize]
+        if args.bundle:
+            print(bundle_files([s[0] for s in specs], [s[1] for s in specs], args.bundle))
+            return 0
         out = Path(args.out if args.out != REPORT_DEFAULT_OUT else "bench/results/quality_summary.json")
         path = summarize_files([s[0] for s in specs], out, [s[1] for s in specs], [s[2] for s in specs])
         print(path.with_suffix(".md").read_text())
@@ -97,7 +102,7 @@ def run(args) -> int:
     check_policies(args.policies, POLICIES)
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     for b in budgets:
-        parse_heavy(b)
+        budget_from_label(b)  # '1/32', '1/64+r1/64', 'p0.9/1/16': bad labels fail before the model loads
     model, tok, _ = load_model(args.model, args.device)
     maps, maps_path = None, None
     if "hash" in check_policies(args.policies, POLICIES):

@@ -184,8 +184,25 @@ def summarize_files(files: list, out, maps_names: list | None = None, skip: list
     for i, f in enumerate(files):
         data = json.loads(Path(f).read_text())
         leave = set(skip[i]) if skip else set()
-        rows += [r for r in quality_rows(data, maps_names[i] if maps_names else None) if r["policy"] not in leave]
+        label = maps_names[i] if maps_names else None
+        members = data["bundle"].items() if "bundle" in data else [(label, data)]
+        for tag, member in members:  # a bundle's members are labelled by their tags
+            rows += [r for r in quality_rows(member, tag) if r["policy"] not in leave]
     return write_summary(rows, out)
+
+
+def bundle_files(files: list, tags: list, out) -> Path:
+    """Several suite results files (e.g. one per maps variant, each paired with its own dense rows) as one
+    file {"bundle": {tag: results}}, which :func:`summarize_files` reads member by member."""
+    if len(set(tags)) != len(tags) or not all(tags):
+        raise ValueError(f"every bundled file needs its own tag (FILE@TAG), got {tags}")
+    bundle = {t: json.loads(Path(f).read_text()) for f, t in zip(files, tags)}
+    for t, d in bundle.items():
+        if "records" not in d or "bundle" in d:
+            raise ValueError(f"{t}: not a suite results file (no records)")
+    out = Path(out)
+    out.write_text(json.dumps({"bundle": bundle}) + "\n")
+    return out
 
 
 def parse_summary_spec(spec: str) -> tuple[str, str | None, set]:
