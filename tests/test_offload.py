@@ -116,7 +116,7 @@ def test_steps_run_ahead_and_taken_back_leave_the_tokens():
 class BruteCache:
     """The row cache of one (layer, sequence, KV head) in plain Python: C slots; a step's heavy tokens that are
     resident are hits; misses (in ascending token order) take the slots not selected this step, least recently
-    selected first (ties: the lower slot)."""
+    selected first (ties: the slot of the lower token, then the lower slot)."""
 
     def __init__(self, c):
         self.tok, self.last = [-1] * c, [-1] * c
@@ -124,7 +124,7 @@ class BruteCache:
     def step(self, heavy, t):
         hits = [p for p in heavy if p in self.tok]
         used = {self.tok.index(p) for p in hits}
-        free = sorted((s for s in range(len(self.tok)) if s not in used), key=lambda s: (self.last[s], s))
+        free = sorted((s for s in range(len(self.tok)) if s not in used), key=lambda s: (self.last[s], self.tok[s], s))
         for p, s in zip([p for p in heavy if p not in self.tok], free):
             self.tok[s] = p
         for p in heavy:
