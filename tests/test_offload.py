@@ -303,3 +303,20 @@ def test_generate_offload_needs_cuda(capsys, monkeypatch):
     assert cli.main(["generate", "--prompt", "hi", "--offload", "host", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "--offload host" in err and "needs CUDA" in err
+
+
+def test_query_drift_flips_the_asked_fraction_of_bits():
+    """bench --query-drift: each step's synthetic query signatures differ from the step before in about the
+    asked fraction of their bits, per layer; off again, the model's own signatures are used."""
+    m, maps = _model()
+    m.setup_caches(2, 64, maps=maps, budget=Budget(heavy=1 / 4, sink=4, window=4))
+    m.set_query_drift(0.1, torch.Generator().manual_seed(0))
+    before = m._q_drift[1].clone()
+    a = m._drifted_q_sig(1).clone()
+    assert torch.equal(m._q_drift[1][0], before[0])  # the other layer did not move
+    flipped = [bin(x & 0xFFFFFFFF).count("1") for x in (a ^ before[1]).view(-1).tolist()]
+    assert 0.06 < sum(flipped) / (32 * len(flipped)) < 0.14, sum(flipped) / (32 * len(flipped))
+    ids = torch.randint(3, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+    Generator(m).generate(ids, 3, mode="hash")  # decode steps run on the drifting signatures
+    m.set_query_drift(None)
+    assert m._q_drift is None
