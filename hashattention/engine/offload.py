@@ -162,14 +162,18 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def fetch_fused(idx, length, res, slot_tok, lru, mark, vict, stats, k_src, v_src, k_dst, v_dst, sink: int,
-                window: int, gather: bool = True, block_k: int = 128, block_c: int = 1024) -> torch.Tensor:
-    """:meth:`HostKV.fetch_reference` as one Triton launch, one program per (sequence, KV head): the same victims,
+                window: int, gather: bool = True, block_k: int | None = None, block_c: int = 1024) -> torch.Tensor:
+    """:meth:`HostKV.fetch_reference` as one Triton launch (two with ``gather`` False), one program per (sequence,
+    KV head) and no host sync: the same victims,
     maps, queue, rows and counts. idx int32 [B, Hkv, K]; length int64 [1]; res [B, Hkv, S + 1]; slot_tok int32
     [B, Hkv, C + 1]; lru int32 [B, Hkv, C]; mark int8 [B, Hkv, C] (zero, left zero); vict int32 [B, Hkv, C]
     (scratch); stats int64 [2]; k_src, v_src [B, Hkv, S, D] (host); k_dst, v_dst [B, Hkv, P + 1, D]. ``gather``
     False: the rows are copied by a second launch (:func:`gather_rows`, more programs in flight) instead.
+    block_k: selected tokens per iteration (default 64 with the gather in the kernel: its [block_k, D] tiles of K
+    and V stay in registers; else 256: fewer dependent iterations); block_c: queue slots per iteration.
     Returns the working-set indices int32 [B, Hkv, K]."""
     b, h, k = idx.shape
+    block_k = block_k or (64 if gather else 256)
     c = lru.shape[-1]
     ring = max(window, 1)
     for t in (res, slot_tok, lru, mark, vict):
@@ -179,9 +183,7 @@ def fetch_fused(idx, length, res, slot_tok, lru, mark, vict, stats, k_src, v_src
     assert k_dst.stride() == v_dst.stride() and k_dst.stride(-1) == 1
     idx = idx.contiguous()
     out = torch.empty_like(idx)
-    src = dst = out if gather else None
-    if not gather:
-        src, dst = torch.empty_like(idx), torch.empty_like(idx)
+    src, dst = (out, out) if gather else (torch.empty_like(idx), torch.empty_like(idx))  # the misses' rows
     _fetch_kernel[(b * h,)](idx, out, res, slot_tok, lru, mark, vict, stats, length, k_src, v_src, k_dst, v_dst,
                             src, dst, k_src.stride(0), k_src.stride(1), k_src.stride(2), k_dst.stride(0),
                             k_dst.stride(1), k_dst.stride(2), h, k, c, res.shape[-1], sink, window, ring, sink + ring,
