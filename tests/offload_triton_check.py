@@ -1,6 +1,6 @@
 """Run by tests/test_offload.py (TRITON_INTERPRET=1, CPU) and tests/gpu_offload_check.py (CUDA): the offload
-gather kernel against its reference on random inputs, and the engine's Triton path with K/V on the host
-against the on-GPU path. Prints ALL OK."""
+gather kernel and the fused fetch kernel against their references on random inputs, and the engine's Triton path
+with K/V on the host (fused fetch, and the reference bookkeeping) against the on-GPU path. Prints ALL OK."""
 import os
 import sys
 
@@ -15,7 +15,8 @@ from conftest import tiny_model  # noqa: E402
 from hashattention.core.budget import Budget  # noqa: E402
 from hashattention.core.maps import HashMaps  # noqa: E402
 from hashattention.engine import Generator, Transformer  # noqa: E402
-from hashattention.engine.offload import gather_rows, gather_rows_reference, pinned_empty, use_triton  # noqa: E402
+from hashattention.engine.offload import (HostKV, fetch_fused, gather_rows, gather_rows_reference,  # noqa: E402
+                                          pinned_empty, use_triton)  # noqa: E402
 from hashattention.weights import maps_config_for  # noqa: E402
 
 g = torch.Generator().manual_seed(0)
@@ -37,6 +38,78 @@ for b, h, s, d, p, k, dtype in [(2, 3, 200, 16, 40, 24, torch.float32), (1, 8, 1
     assert out[0].abs().sum() > 0
 print("gather ok", flush=True)
 
+
+def check_fused_fetch(b, h, s, d, sink, window, heavy, c, steps, seed, dtype=torch.bfloat16):
+    """The fused fetch kernel against HostKV.fetch_reference, step after step on two copies of the same state,
+    with selections that mix hits and misses: rows whose heavy set repeats the last one (all hits), rows of
+    fresh tokens only (all misses), rows with few heavy tokens (-1 padding); 2 host layers; both ways of copying
+    the rows (in the kernel, and by gather_rows after it). Everything must be equal: indices, maps, queue,
+    working-set rows of the selected tokens, counters."""
+    g = torch.Generator().manual_seed(seed)
+    start = s - steps - 1
+    rows = torch.randn(2, b, h, s, d, generator=g).to(dtype)
+    hks = [HostKV(2, [0, 1], b, s, h, d, dtype, DEV, sink, window, c, hash_mode=True) for _ in range(2)]
+    fused_kv, ref_kv = hks
+    for hk in hks:
+        for hi in range(2):
+            hk.write_chunk(hi, 0, rows[hi, :, :, :start].to(DEV), -rows[hi, :, :, :start].to(DEV))
+    k = sink + window + heavy
+    last = {}
+    for step in range(steps):
+        pos = start + step
+        length = torch.tensor([pos + 1], device=DEV)
+        for hi in range(2):
+            for hk in hks:
+                one = torch.tensor([pos], device=DEV)
+                hk.write_token(hi, rows[hi, :, :, pos].to(DEV), -rows[hi, :, :, pos].to(DEV), one, hk.ring_slot(one))
+            idx = torch.full((b, h, k), -1, dtype=torch.int32)
+            for bi in range(b):
+                for hj in range(h):
+                    kind = (step + bi + hj + hi) % 4  # 0: mixed, 1: repeat (all hits), 2: fresh, 3: few
+                    far = torch.arange(sink, pos + 1 - window)
+                    if kind == 1 and (hi, bi, hj) in last:
+                        hv = last[hi, bi, hj]
+                    elif kind == 2:
+                        hv = far[torch.randperm(len(far), generator=g)[:heavy]]
+                    else:
+                        n = heavy if kind == 0 else int(torch.randint(0, 3, (1,), generator=g))
+                        pool = torch.cat([far[:2 * heavy], far[torch.randperm(len(far), generator=g)[:heavy]]])
+                        hv = pool[torch.randperm(len(pool), generator=g)[:n]].unique()[:heavy]
+                    last[hi, bi, hj] = hv
+                    sel = torch.cat([torch.arange(sink), hv, torch.arange(max(pos + 1 - window, 0), pos + 1)])
+                    sel = sel.unique()
+                    idx[bi, hj, :len(sel)] = sel.int()
+            idx = idx.to(DEV)
+            hk = fused_kv
+            w_f = fetch_fused(idx, length, hk.res[hi], hk.slot_tok[hi], hk.lru[hi], hk._mark, hk._vict, hk.stats,
+                              hk.k_host[hi], hk.v_host[hi], hk.ws_k[hi], hk.ws_v[hi], sink, window,
+                              gather=step % 2 == 0, block_k=16 if step % 4 < 2 else 128,
+                              block_c=64 if step % 3 == 1 else 1024)
+            w_r = ref_kv.fetch_reference(hi, idx, length)
+            assert torch.equal(w_f, w_r), (step, hi)
+            for name in ("res", "slot_tok", "lru"):  # the last column of res and slot_tok: a dump, not state
+                a, r = getattr(fused_kv, name), getattr(ref_kv, name)
+                n = c if name == "lru" else a.shape[-1] - 1
+                assert torch.equal(a[..., :n], r[..., :n]), (name, step, hi)
+            assert torch.equal(fused_kv.stats, ref_kv.stats) and not fused_kv._mark.any(), step
+            assert torch.equal(hk.working_tokens(hi, w_f, length), idx.long())
+            live = (idx >= 0)[..., None].expand(-1, -1, -1, d)
+            wi = w_f.long().clamp_min(0)[..., None].expand(-1, -1, -1, d)
+            want = rows[hi].to(DEV).gather(2, idx.long().clamp_min(0)[..., None].expand(-1, -1, -1, d))
+            for ws, sign in ((hk.ws_k, 1), (hk.ws_v, -1)):
+                got = ws[hi].gather(2, wi)
+                assert torch.equal(got[live], sign * want[live]), (step, hi)
+                assert torch.equal(got, ref_kv.ws_k[hi].gather(2, wi) if sign == 1 else ref_kv.ws_v[hi].gather(2, wi))
+    lookups, hits = fused_kv.stats.tolist()
+    assert 0 < hits < lookups, (hits, lookups)
+
+
+# (b, h, s, d, sink, window, heavy, C, steps): C = 2x heavy, C == heavy (the edge), no window, several blocks
+for case in [(2, 3, 160, 16, 4, 8, 12, 24, 12), (1, 2, 120, 32, 2, 4, 16, 16, 12), (2, 2, 100, 16, 3, 0, 10, 20, 8),
+             (1, 2, 400, 16, 4, 4, 150, 300, 6)]:
+    check_fused_fetch(*case, seed=sum(case))
+print("fused fetch ok", flush=True)
+
 # the engine's Triton path (rotary kernel writing the host rows, gather, sparse attention over the working set)
 torch.set_default_device(DEV)
 hf = tiny_model("llama", layers=2).to(DEV).to(torch.bfloat16)
@@ -53,8 +126,11 @@ for gl, read in ((0, "gather"), (1, "gather"), (0, "direct")):
     m.setup_caches(2, 64, maps=maps, budget=bud, offload="host", gpu_layers=gl, offload_read=read, **kw)
     assert not CUDA or m.host_kv.k_host.is_pinned()
     for mode in ("hash", "dense") if (gl, read) == (0, "gather") else ("hash",):
-        got = Generator(m).generate(ids, 6, mode=mode, prefill_chunk=32)
-        assert torch.equal(got, ref[mode]), (gl, mode, got, ref[mode])
+        for fetch in ("split", "fused", "reference") if (gl, mode, read) == (0, "hash", "gather") else ("split",):
+            if m.host_kv.hash_mode:
+                m.host_kv.fetch_mode = fetch  # the fused kernel (the rows copied by it, or after it), the reference
+            got = Generator(m).generate(ids, 6, mode=mode, prefill_chunk=32)
+            assert torch.equal(got, ref[mode]), (gl, mode, fetch, got, ref[mode])
         st = m.offload_stats()  # counted since the prefill: heavy rows looked up in hash mode only
         assert (st["lookups"] > 0) == (mode == "hash") and st["hits"] <= st["lookups"], (mode, st)
 print("engine ok", flush=True)

@@ -116,7 +116,7 @@ def test_steps_run_ahead_and_taken_back_leave_the_tokens():
 class BruteCache:
     """The row cache of one (layer, sequence, KV head) in plain Python: C slots; a step's heavy tokens that are
     resident are hits; misses (in ascending token order) take the slots not selected this step, least recently
-    selected first (ties: the lower slot)."""
+    selected first (ties: the slot of the lower token, then the lower slot)."""
 
     def __init__(self, c):
         self.tok, self.last = [-1] * c, [-1] * c
@@ -124,7 +124,7 @@ class BruteCache:
     def step(self, heavy, t):
         hits = [p for p in heavy if p in self.tok]
         used = {self.tok.index(p) for p in hits}
-        free = sorted((s for s in range(len(self.tok)) if s not in used), key=lambda s: (self.last[s], s))
+        free = sorted((s for s in range(len(self.tok)) if s not in used), key=lambda s: (self.last[s], self.tok[s], s))
         for p, s in zip([p for p in heavy if p not in self.tok], free):
             self.tok[s] = p
         for p in heavy:
@@ -313,3 +313,20 @@ def test_synthetic_fill_handles_empty_and_odd_sizes():
     t = torch.zeros(1000)
     _fill(t, torch.Generator().manual_seed(0), block=300)
     assert (t != 0).all() and torch.equal(t[:300], t[300:600])
+
+
+def test_query_drift_flips_the_asked_fraction_of_bits():
+    """bench --query-drift: each step's synthetic query signatures differ from the step before in about the
+    asked fraction of their bits, per layer; off again, the model's own signatures are used."""
+    m, maps = _model()
+    m.setup_caches(2, 64, maps=maps, budget=Budget(heavy=1 / 4, sink=4, window=4))
+    m.set_query_drift(0.1, torch.Generator().manual_seed(0))
+    before = m._q_drift[1].clone()
+    a = m._drifted_q_sig(1).clone()
+    assert torch.equal(m._q_drift[1][0], before[0])  # the other layer did not move
+    flipped = [bin(x & 0xFFFFFFFF).count("1") for x in (a ^ before[1]).view(-1).tolist()]
+    assert 0.06 < sum(flipped) / (32 * len(flipped)) < 0.14, sum(flipped) / (32 * len(flipped))
+    ids = torch.randint(3, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+    Generator(m).generate(ids, 3, mode="hash")  # decode steps run on the drifting signatures
+    m.set_query_drift(None)
+    assert m._q_drift is None

@@ -119,6 +119,7 @@ class Transformer(nn.Module):
         self.maps = None
         self.budget = None
         self.k_cache = self.v_cache = self.sig_cache = self.host_kv = None
+        self._q_drift = None  # benchmarks: synthetic drifting query signatures (set_query_drift)
 
     # -- construction --------------------------------------------------------------------------------
     @classmethod
@@ -219,6 +220,7 @@ class Transformer(nn.Module):
                                         f"{c.sliding_window} tokens; the engine has none: use max_seq_len <= "
                                         f"{c.sliding_window}")
         self.k_cache = self.v_cache = self.sig_cache = self.host_kv = None  # free the old caches first
+        self._q_drift = None
         mcfg = maps.config if maps is not None else None
         need = cache_bytes(c, batch, max_seq_len, self.dtype, mcfg)
         n_gpu, slots = c.num_layers, 0
@@ -525,6 +527,8 @@ class Transformer(nn.Module):
                     q_sig, k_sig = self._signatures(li, q[:, :, None], k[:, :, None], v[:, :, None])
                     self.sig_cache[li].index_copy_(2, pos, k_sig)
                     q_sig = q_sig[:, :, 0]
+                if self._q_drift is not None:
+                    q_sig = self._drifted_q_sig(li)
                 sel = self.select(q_sig, self.sig_cache[li], length, rows)
                 o = self._attend_selected(q, kc, vc, sel, hi, length)
             else:  # "hash-fixed": sparse attention over a fixed selection, no signing or selection
@@ -540,6 +544,27 @@ class Transformer(nn.Module):
         if fast:
             return self.lm_head(h).float()
         return self.logits(x)
+
+    def set_query_drift(self, frac: float | None, generator: torch.Generator | None = None):
+        """Benchmarks on synthetic caches only: hash mode's query signatures replaced by a random walk, each step
+        flipping a fraction ``frac`` of the bits of the step before (per layer and query head; the first from
+        random words). A model of decode's temporal locality (the query of the next token is much like this
+        one's), so that a heavy-row cache sees hits. None or 0: the model's own signatures. Needs the caches."""
+        if not frac:
+            self._q_drift = None
+            return
+        b, w = self.sig_cache.shape[1], self.sig_cache.shape[-1]
+        prev = torch.empty(self.c.num_layers, b, self.c.num_heads, w, dtype=torch.int32, device=self.device)
+        prev.random_(-2 ** 31, 2 ** 31 - 1, generator=generator)
+        self._q_drift = (float(frac), prev)
+
+    def _drifted_q_sig(self, li: int) -> torch.Tensor:
+        """int32 [B, Hq, W]: layer ``li``'s drifting query signatures one step on (:meth:`set_query_drift`)."""
+        frac, prev = self._q_drift
+        flip = torch.rand(*prev.shape[1:], 32, device=prev.device) < frac  # [B, Hq, W, 32]: bits to flip
+        mask = (flip.long() << torch.arange(32, device=prev.device)).sum(-1)
+        prev[li] ^= torch.where(mask >= 2 ** 31, mask - 2 ** 32, mask).to(torch.int32)  # as signed words
+        return prev[li]
 
     @staticmethod
     def _select_rows(length: torch.Tensor, b: int) -> tuple:

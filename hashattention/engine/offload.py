@@ -11,17 +11,34 @@ its K/V in pinned host memory and, on the GPU, a small *working set* per (layer,
     res             [Lh, B, Hkv, S + 1]       token -> heavy slot or -1 (int16 when C < 32767; column S: a dump
                                               target for masked scatters)
     slot_tok        [Lh, B, Hkv, C + 1]       int32 heavy slot -> token or -1 (slot C: dump)
-    last_used       [Lh, B, Hkv, C + 1]       int64 length at the step that last selected the slot (-1 never)
+    lru             [Lh, B, Hkv, C]           int32 the heavy slots from least to most recently selected
     stats           int64 [2]                 heavy lookups and hits over all host layers (read at the end)
 
 A decode step of a host layer (:meth:`HostKV.fetch`): the selection (score_select on the GPU signatures) gives
 idx [B, Hkv, K]; each selected token is classified by position (sink: p < sink; window: p >= length - window;
 heavy: the rest, at most heavy_slots <= C per row by the shared selection rule). Heavy tokens resident in a slot
-are hits; misses take the slots whose token was not selected this step, least recently selected first (LRU by
-the step that last selected it), and are copied from host memory by :func:`gather_rows` (a Triton kernel
-reading the pinned tensor directly over unified addressing). The indices are remapped into the working set and
-the usual sparse attention runs over it: exactly the tokens the on-GPU step reads. All of it is torch ops and
-Triton kernels on static shapes (no host sync): capturable in a CUDA graph.
+are hits; the misses are copied from host memory into victim slots, and the indices are remapped into the
+working set, over which the usual sparse attention runs: exactly the tokens the on-GPU step reads.
+
+Replacement rule: exact LRU kept as a queue. ``lru`` lists a row's slots oldest first; a step takes as victims
+the first ``misses`` slots of the queue that hold no hit of this step (so a hit is never evicted and two misses
+never share a slot; misses <= C - hits as heavy <= C), and moves the step's heavy slots to the back in the order
+of their tokens (kept slots shift forward, in order). With steps run in order this is LRU by the step that last
+selected a slot, ties by token: the same victims as a sort of "last used" (the rule before), found with a
+prefix sum over the queue instead of an argsort over all C slots. Cheaper approximations (CLOCK, FIFO, age
+buckets) were not needed: the queue costs one pass over C per step, like they would. Hit rate on real text (the
+default model, 8K tokens, heavy 1/32, 48 steps, every layer on the host: ``hashattention bench decode --offload
+host --models "" --real-text 8K --real-text-tokens 48 --heavy 1/32 --row-cache 1,2 --device cpu``): 0.636 with
+C = 1x the heavy budget and 0.817 with 2x, against 0.635 and 0.814 for the argsort rule (ties by slot), 48/48
+tokens equal to the on-GPU path either way.
+
+On CUDA (and the Triton interpreter) the step of a layer is one Triton kernel, one program per (sequence, KV
+head): classify + look up + victims + map and queue updates + remapped indices + counters, and either the row
+gather too, reading the pinned host tensor directly (zero-copy over unified addressing), or that gather as a second
+launch (:func:`gather_rows`, many programs per row: more reads in flight over PCIe) -- :func:`fetch_fused`; the
+environment variable HASHATTENTION_OFFLOAD_FETCH picks: split (default), fused, or reference. Elsewhere
+:meth:`HostKV.fetch_reference`, the same rule in torch ops (about 25 small kernels per layer on a GPU). All are
+static-shape with no host sync: capturable in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -39,7 +56,6 @@ except Exception:  # pragma: no cover
     triton = None
 
 GIB = 1024 ** 3
-_BIG = 2 ** 62  # the LRU key of a slot selected this step: never a victim
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -145,6 +161,38 @@ def use_triton(t: torch.Tensor) -> bool:
     return kernels.use_triton(t) and kernels.head_dim_ok(t.shape[-1])
 
 
+def fetch_fused(idx, length, res, slot_tok, lru, mark, vict, stats, k_src, v_src, k_dst, v_dst, sink: int,
+                window: int, gather: bool = True, block_k: int | None = None, block_c: int = 1024) -> torch.Tensor:
+    """:meth:`HostKV.fetch_reference` as one Triton launch (two with ``gather`` False), one program per (sequence,
+    KV head) and no host sync: the same victims,
+    maps, queue, rows and counts. idx int32 [B, Hkv, K]; length int64 [1]; res [B, Hkv, S + 1]; slot_tok int32
+    [B, Hkv, C + 1]; lru int32 [B, Hkv, C]; mark int8 [B, Hkv, C] (zero, left zero); vict int32 [B, Hkv, C]
+    (scratch); stats int64 [2]; k_src, v_src [B, Hkv, S, D] (host); k_dst, v_dst [B, Hkv, P + 1, D]. ``gather``
+    False: the rows are copied by a second launch (:func:`gather_rows`, more programs in flight) instead.
+    block_k: selected tokens per iteration (default 64 with the gather in the kernel: its [block_k, D] tiles of K
+    and V stay in registers; else 256: fewer dependent iterations); block_c: queue slots per iteration.
+    Returns the working-set indices int32 [B, Hkv, K]."""
+    b, h, k = idx.shape
+    block_k = block_k or (64 if gather else 256)
+    c = lru.shape[-1]
+    ring = max(window, 1)
+    for t in (res, slot_tok, lru, mark, vict):
+        assert t.is_contiguous()
+    if k_src.stride() != v_src.stride() or k_src.stride(-1) != 1:
+        k_src, v_src = k_src.contiguous(), v_src.contiguous()
+    assert k_dst.stride() == v_dst.stride() and k_dst.stride(-1) == 1
+    idx = idx.contiguous()
+    out = torch.empty_like(idx)
+    src, dst = (out, out) if gather else (torch.empty_like(idx), torch.empty_like(idx))  # the misses' rows
+    _fetch_kernel[(b * h,)](idx, out, res, slot_tok, lru, mark, vict, stats, length, k_src, v_src, k_dst, v_dst,
+                            src, dst, k_src.stride(0), k_src.stride(1), k_src.stride(2), k_dst.stride(0),
+                            k_dst.stride(1), k_dst.stride(2), h, k, c, res.shape[-1], sink, window, ring, sink + ring,
+                            D=k_src.shape[-1], BK=block_k, BC=block_c, GATHER=gather, num_warps=4)
+    if not gather:
+        gather_rows(k_src, v_src, k_dst, v_dst, src, dst)
+    return out
+
+
 if triton is not None:
     @triton.jit
     def _gather_kernel(KS, VS, KD, VD, SRC, DST, ss_b, ss_h, ss_n, sd_b, sd_h, sd_n, H, K,
@@ -164,6 +212,97 @@ if triton is not None:
         tl.store(VD + do, tl.load(VS + so, mask=live, other=0.0), mask=live)
 
 
+    @triton.jit
+    def _fetch_kernel(IDX, OUT, RES, STOK, LRU, MARK, VICT, STATS, LEN, KS, VS, KD, VD, SRC, DST,
+                      ss_b, ss_h, ss_n, sd_b, sd_h, sd_n, H, K, C, SEQ1, SINK, WINDOW, RING, BASE,
+                      D: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, GATHER: tl.constexpr):
+        """One (sequence, KV head) row of :func:`fetch_fused`, in three passes separated by barriers (each
+        reads what other threads of the program wrote in the pass before)."""
+        bh = tl.program_id(0)
+        b = bh // H
+        h = bh % H
+        length = tl.load(LEN).to(tl.int64)
+        idx_row = IDX + bh * K
+        res_row = RES + bh.to(tl.int64) * SEQ1
+        stok_row = STOK + bh * (C + 1)
+        lru_row = LRU + bh * C
+        mark_row = MARK + bh * C
+        vict_row = VICT + bh * C
+        # 1. classify and look up; mark the slots hit this step (they must not be victims)
+        n_heavy = 0
+        n_hit = 0
+        for k0 in range(0, K, BK):
+            j = k0 + tl.arange(0, BK)
+            p = tl.load(idx_row + j, mask=j < K, other=-1).to(tl.int64)
+            heavy = (p >= SINK) & (p < length - WINDOW)
+            slot = tl.load(res_row + p, mask=heavy, other=-1).to(tl.int32)
+            hit = heavy & (slot >= 0)
+            tl.store(mark_row + slot, tl.full([BK], 1, tl.int8), mask=hit)
+            n_heavy += tl.sum(heavy.to(tl.int32))
+            n_hit += tl.sum(hit.to(tl.int32))
+        n_miss = n_heavy - n_hit
+        tl.debug_barrier()
+        # 2. walk the queue oldest first: the first n_miss unmarked slots are the victims (in that order); the
+        # other unmarked ones move to the front, in order (in place: a slot only moves forward)
+        taken = 0
+        kept = 0
+        for c0 in range(0, C, BC):
+            i = c0 + tl.arange(0, BC)
+            q = tl.load(lru_row + i, mask=i < C, other=0)
+            free = (i < C) & (tl.load(mark_row + q, mask=i < C, other=1) == 0)
+            r = taken + tl.cumsum(free.to(tl.int32), 0) - 1
+            victim = free & (r < n_miss)
+            keep = free & (r >= n_miss)
+            kr = kept + tl.cumsum(keep.to(tl.int32), 0) - 1
+            tl.debug_barrier()  # every load of this block before the stores move slots within it
+            tl.store(vict_row + r, q, mask=victim)
+            tl.store(lru_row + kr, q, mask=keep)
+            taken += tl.sum(free.to(tl.int32))
+            kept += tl.sum(keep.to(tl.int32))
+        tl.debug_barrier()
+        # 3. the i-th miss takes the i-th victim: maps, the queue's back (this step's heavy slots in token order),
+        # the rows from host memory, the remapped indices. No pass reads what another block of it writes: an
+        # evicted token was resident, so it is neither a miss nor a hit of this step.
+        seen_heavy = 0
+        seen_miss = 0
+        tail = C - n_heavy
+        for k0 in range(0, K, BK):
+            j = k0 + tl.arange(0, BK)
+            p = tl.load(idx_row + j, mask=j < K, other=-1).to(tl.int64)
+            in_sink = (p >= 0) & (p < SINK)
+            heavy = (p >= SINK) & (p < length - WINDOW)
+            slot = tl.load(res_row + p, mask=heavy, other=-1).to(tl.int32)
+            hit = heavy & (slot >= 0)
+            miss = heavy & (slot < 0)
+            mr = seen_miss + tl.cumsum(miss.to(tl.int32), 0) - 1
+            v = tl.load(vict_row + mr, mask=miss, other=0)
+            old = tl.load(stok_row + v, mask=miss, other=-1)
+            tl.store(res_row + old, tl.full([BK], -1, tl.int32).to(RES.dtype.element_ty), mask=miss & (old >= 0))
+            tl.store(res_row + p, v.to(RES.dtype.element_ty), mask=miss)
+            tl.store(stok_row + v, p.to(tl.int32), mask=miss)
+            new = tl.where(hit, slot, v)
+            hr = seen_heavy + tl.cumsum(heavy.to(tl.int32), 0) - 1
+            tl.store(lru_row + tail + hr, new, mask=heavy)
+            tl.store(mark_row + slot, tl.zeros([BK], tl.int8), mask=hit)
+            w = tl.where(in_sink, p, tl.where(p >= 0, SINK + p % RING, -1))
+            w = tl.where(heavy, BASE + new, w)
+            tl.store(OUT + bh * K + j, w.to(tl.int32), mask=j < K)
+            if GATHER:  # the misses' rows, read where the host tensor lives
+                d = tl.arange(0, D)[None, :]
+                so = b.to(tl.int64) * ss_b + h.to(tl.int64) * ss_h + p[:, None] * ss_n + d
+                do = b.to(tl.int64) * sd_b + h.to(tl.int64) * sd_h + (BASE + v).to(tl.int64)[:, None] * sd_n + d
+                mm = miss[:, None]
+                tl.store(KD + do, tl.load(KS + so, mask=mm, other=0.0), mask=mm)
+                tl.store(VD + do, tl.load(VS + so, mask=mm, other=0.0), mask=mm)
+            else:  # for gather_rows after the kernel (more programs in flight on the transfer)
+                tl.store(SRC + bh * K + j, tl.where(miss, p, -1).to(tl.int32), mask=j < K)
+                tl.store(DST + bh * K + j, tl.where(miss, BASE + v, -1).to(tl.int32), mask=j < K)
+            seen_heavy += tl.sum(heavy.to(tl.int32))
+            seen_miss += tl.sum(miss.to(tl.int32))
+        tl.atomic_add(STATS, n_heavy.to(tl.int64))
+        tl.atomic_add(STATS + 1, n_hit.to(tl.int64))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # sizes
 def offload_bytes(num_layers: int, gpu_layers: int, batch: int, seq: int, num_kv_heads: int, head_dim: int,
@@ -177,7 +316,8 @@ def offload_bytes(num_layers: int, gpu_layers: int, batch: int, seq: int, num_kv
     host = 2 * lh * per * seq * row
     if hash_mode and lh:
         p = sink + max(window, 1) + cache_slots + 1
-        gpu += lh * per * (2 * p * row + (seq + 1) * (2 if cache_slots < 32767 else 4) + (cache_slots + 1) * 12)
+        gpu += lh * per * (2 * p * row + (seq + 1) * (2 if cache_slots < 32767 else 4) + (cache_slots + 1) * 8)
+        gpu += per * cache_slots * 5  # the step's scratch (marks, victims), shared by the layers
     return gpu, host
 
 
@@ -218,7 +358,16 @@ class HostKV:
             mdt = torch.int16 if cache_slots < 32767 else torch.int32
             self.res = torch.full((lh, batch, num_kv_heads, seq + 1), -1, dtype=mdt, device=dev)
             self.slot_tok = torch.full((lh, batch, num_kv_heads, cache_slots + 1), -1, dtype=torch.int32, device=dev)
-            self.last_used = torch.full((lh, batch, num_kv_heads, cache_slots + 1), -1, dtype=torch.int64, device=dev)
+            self.lru = torch.empty(lh, batch, num_kv_heads, cache_slots, dtype=torch.int32, device=dev)
+            self.lru.copy_(torch.arange(cache_slots, dtype=torch.int32, device=dev))
+            self._mark = torch.zeros(batch, num_kv_heads, cache_slots, dtype=torch.int8, device=dev)
+            self._vict = torch.zeros(batch, num_kv_heads, cache_slots, dtype=torch.int32, device=dev)
+            # where Triton runs: "split" = the fused bookkeeping kernel, then gather_rows for the rows (more programs
+            # in flight on PCIe than one per row); "fused" = all in one kernel; "reference" = fetch_reference
+            self.fetch_mode = os.environ.get("HASHATTENTION_OFFLOAD_FETCH", "split")
+            if self.fetch_mode not in ("split", "fused", "reference"):
+                raise ValueError(f"HASHATTENTION_OFFLOAD_FETCH must be split, fused or reference, got "
+                                 f"{self.fetch_mode!r}")
 
     def host_bytes(self) -> int:
         return 2 * self.k_host.numel() * self.k_host.element_size()
@@ -229,7 +378,7 @@ class HostKV:
         if self.hash_mode:
             self.res.fill_(-1)
             self.slot_tok.fill_(-1)
-            self.last_used.fill_(-1)
+            self.lru.copy_(torch.arange(self.slots, dtype=torch.int32, device=self.lru.device))
 
     def _volatile(self) -> list:
         """The state a decode step run ahead (a CUDA-graph warm-up) would leave wrong for the real step: the ring
@@ -295,32 +444,49 @@ class HostKV:
 
     # -- the step --------------------------------------------------------------------------------------
     def fetch(self, hi: int, idx: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-        """idx int32 [B, Hkv, K] (token positions, -1 unused) of host layer ``hi`` -> the same tokens as slots of
-        the working set ws_k[hi] [B, Hkv, P + 1, D], int32 [B, Hkv, K] (-1 kept), after fetching the heavy
-        misses from the host into the least recently selected slots."""
+        """idx int32 [B, Hkv, K] (token positions, -1 unused) of host layer ``hi``; length int64 [1] -> the same
+        tokens as slots of the working set ws_k[hi] [B, Hkv, P + 1, D], int32 [B, Hkv, K] (-1 kept), after
+        fetching the heavy misses from the host into the least recently selected slots (module docstring)."""
+        if self.fetch_mode != "reference" and use_triton(self.ws_k):
+            return fetch_fused(idx, length, self.res[hi], self.slot_tok[hi], self.lru[hi], self._mark, self._vict,
+                               self.stats, self.k_host[hi], self.v_host[hi], self.ws_k[hi], self.ws_v[hi],
+                               self.sink, self.window, gather=self.fetch_mode == "fused")
+        return self.fetch_reference(hi, idx, length)
+
+    def fetch_reference(self, hi: int, idx: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """:meth:`fetch` in torch ops (the CPU path, and what the fused kernel is checked against)."""
         p = idx.long()
         live = p >= 0
         in_sink = live & (p < self.sink)
         in_ring = live & ~in_sink & (p >= length - self.window)
         heavy = live & ~in_sink & ~in_ring
         pc = p.clamp_min(0)
-        res, slot_tok, last = self.res[hi], self.slot_tok[hi], self.last_used[hi]
-        c = self.slots
+        res, slot_tok, lru = self.res[hi], self.slot_tok[hi], self.lru[hi]
+        c, k = self.slots, idx.shape[-1]
         slot = res.gather(-1, pc).long()
         hit = heavy & (slot >= 0)
         miss = heavy & (slot < 0)
-        # victims: the slots not selected this step, least recently selected (or never used) first
-        used = torch.zeros_like(last, dtype=torch.bool).scatter_(-1, torch.where(hit, slot, c), True)[..., :c]
-        order = torch.where(used, _BIG, last[..., :c]).argsort(dim=-1, stable=True)  # [B, Hkv, C]
-        rank = (miss.to(torch.int32).cumsum(-1) - 1).clamp(0, c - 1).long()
-        victim = order.gather(-1, rank)  # distinct for the misses of a row: misses <= C - hits
+        # the queue oldest first: its first n_miss slots not hit this step are the victims, in queue order
+        q = lru.long()  # [B, Hkv, C]
+        used = torch.zeros(*q.shape[:-1], c + 1, dtype=torch.bool, device=q.device)
+        free = ~used.scatter_(-1, torch.where(hit, slot, c), True).gather(-1, q)
+        r = free.cumsum(-1) - 1
+        n_heavy, n_miss = heavy.sum(-1, keepdim=True), miss.sum(-1, keepdim=True)
+        victims = torch.zeros(*q.shape[:-1], k + 1, dtype=torch.long, device=q.device)  # column K: dump
+        victims.scatter_(-1, torch.where(free & (r < n_miss), r, k), q)
+        victim = victims.gather(-1, (miss.cumsum(-1) - 1).clamp_min(0))  # the i-th miss takes the i-th victim
+        # the new queue: the free slots not taken, in order, then this step's heavy slots in token order
+        keep = free & (r >= n_miss)
+        new = torch.where(hit, slot, victim)
+        queue = torch.zeros(*q.shape[:-1], c + 1, dtype=torch.long, device=q.device)  # column C: dump
+        queue.scatter_(-1, torch.where(keep, keep.cumsum(-1) - 1, c), q)
+        queue.scatter_(-1, torch.where(heavy, c - n_heavy + heavy.cumsum(-1) - 1, c), new)
+        lru.copy_(queue[..., :c])
         old = slot_tok.gather(-1, victim).long()
         seqlen = res.shape[-1] - 1
         res.scatter_(-1, torch.where(miss & (old >= 0), old, seqlen), -1)  # evicted tokens leave the map
         res.scatter_(-1, torch.where(miss, pc, seqlen), victim.to(res.dtype))
         slot_tok.scatter_(-1, torch.where(miss, victim, c), p.to(torch.int32))
-        new = torch.where(hit, slot, victim)
-        last.scatter_(-1, torch.where(heavy, new, c), length.expand_as(new))
         src = torch.where(miss, p, -1).to(torch.int32)
         dst = torch.where(miss, self.base + victim, -1).to(torch.int32)
         if use_triton(self.ws_k):
