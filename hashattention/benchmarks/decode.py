@@ -181,7 +181,11 @@ def run(args) -> int:
     if args.replot:
         with open(args.replot) as f:
             res = json.load(f)
-        _write(res, os.path.dirname(args.replot) or ".", os.path.basename(args.replot)[:-5])
+        if "rows" in res:  # an offload file (bench decode --offload host)
+            from .offload import write as write_offload
+            write_offload(res, os.path.dirname(args.replot) or ".", os.path.basename(args.replot)[:-5])
+        else:
+            _write(res, os.path.dirname(args.replot) or ".", os.path.basename(args.replot)[:-5])
         return 0
     if args.offload:
         from .offload import run as run_offload

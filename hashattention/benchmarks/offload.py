@@ -359,19 +359,25 @@ def run(args) -> int:
 
 
 def summary(res: dict) -> list[str]:
-    """The acceptance comparisons found in the rows: hash-offload over dense-offload at the same case, and the
+    """The acceptance comparisons found in the rows, each within one run (rows joined from several runs carry
+    their ``run``): hash-offload over dense-offload at the same case, direct reads against the row cache, and the
     largest tiered batch against the largest dense batch on the card (with their throughput)."""
     rows = [r for r in res["rows"] if "tok_s" in r and r.get("text") != "real"]
     out = []
+    same = lambda a, b: (a["context"], a["batch"], a.get("run")) == (b["context"], b["batch"], b.get("run"))  # noqa: E731
     for r in rows:
         if r["mode"] != "hash-offload":
             continue
         for d in rows:
-            if (d["mode"], d["context"], d["batch"]) == ("dense-offload", r["context"], r["batch"]):
+            if d["mode"] == "dense-offload" and same(r, d):
                 out.append(f"- {r['context']:,} x {r['batch']}, heavy {r['heavy']}, "
                            f"{'direct reads' if r.get('read') == 'direct' else 'row cache ' + str(r.get('row_cache'))}: "
                            f"hash-offload {r['tok_s']:.1f} tok/s, dense-offload {d['tok_s']:.2f} tok/s: "
                            f"**{r['tok_s'] / d['tok_s']:.1f}x**")
+            if r.get("read") == "direct" and d["mode"] == "hash-offload" and d.get("read") != "direct" \
+                    and d["heavy"] == r["heavy"] and same(r, d):
+                out.append(f"- {r['context']:,} x {r['batch']}, heavy {r['heavy']}: direct reads {r['tok_s']:.1f} "
+                           f"tok/s against the row cache's {d['tok_s']:.1f}: **{r['tok_s'] / d['tok_s']:.2f}x**")
     for ctx in sorted({r["context"] for r in rows}):
         off = [r for r in rows if r["context"] == ctx and r["mode"] == "hash-offload"]
         dense = [r for r in rows if r["context"] == ctx and r["mode"] == "dense-gpu"]
