@@ -108,6 +108,9 @@ def check_fused_fetch(b, h, s, d, sink, window, heavy, c, steps, seed, dtype=tor
 for case in [(2, 3, 160, 16, 4, 8, 12, 24, 12), (1, 2, 120, 32, 2, 4, 16, 16, 12), (2, 2, 100, 16, 3, 0, 10, 20, 8),
              (1, 2, 400, 16, 4, 4, 150, 300, 6)]:
     check_fused_fetch(*case, seed=sum(case))
+from hashattention.engine.offload import fused_fetch_works  # noqa: E402
+for mode in ("split", "fused"):  # the engine's own once-per-process check passes with the real kernel
+    assert fused_fetch_works(DEV, 64, torch.bfloat16, mode), mode
 print("fused fetch ok", flush=True)
 
 # the engine's Triton path (rotary kernel writing the host rows, gather, sparse attention over the working set)

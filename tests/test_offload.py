@@ -330,3 +330,28 @@ def test_query_drift_flips_the_asked_fraction_of_bits():
     Generator(m).generate(ids, 3, mode="hash")  # decode steps run on the drifting signatures
     m.set_query_drift(None)
     assert m._q_drift is None
+
+
+def test_fused_fetch_self_check_falls_back_on_a_wrong_or_failing_kernel(monkeypatch):
+    """A GPU's first offload runs the fused fetch against the reference on a tiny state: a kernel that disagrees
+    (or cannot compile on that Triton) is reported and the torch-ops fetch is used instead."""
+    from hashattention.engine import offload
+    monkeypatch.setattr(offload, "_FETCH_OK", {})
+    assert offload.fused_fetch_works("cpu", 16, torch.float32, "split")  # on the CPU both paths are the reference
+    real = HostKV.fetch
+
+    def wrong(self, hi, idx, length):  # a "kernel" that gets one slot wrong
+        out = real(self, hi, idx, length)
+        return out if self.fetch_mode == "reference" else torch.where(out == out.max(), out - 1, out)
+
+    def failing(self, hi, idx, length):
+        if self.fetch_mode != "reference":
+            raise RuntimeError("triton: cannot compile")
+        return real(self, hi, idx, length)
+
+    for fake, why in ((wrong, "disagrees"), (failing, "cannot compile")):
+        monkeypatch.setattr(offload, "_FETCH_OK", {})
+        monkeypatch.setattr(HostKV, "fetch", fake)
+        with pytest.warns(RuntimeWarning, match=why):
+            assert not offload.fused_fetch_works("cpu", 16, torch.float32, "fused")
+        assert offload._FETCH_OK[("cpu", 16, "torch.float32", "fused")] is False  # checked once per process

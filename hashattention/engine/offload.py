@@ -38,7 +38,9 @@ gather too, reading the pinned host tensor directly (zero-copy over unified addr
 launch (:func:`gather_rows`, many programs per row: more reads in flight over PCIe) -- :func:`fetch_fused`; the
 environment variable HASHATTENTION_OFFLOAD_FETCH picks: split (default), fused, or reference. Elsewhere
 :meth:`HostKV.fetch_reference`, the same rule in torch ops (about 25 small kernels per layer on a GPU). All are
-static-shape with no host sync: capturable in a CUDA graph.
+static-shape with no host sync: capturable in a CUDA graph. On a GPU the fused kernel is first checked against the
+reference on a tiny state (:func:`fused_fetch_works`, once per process); if it fails to compile or disagrees,
+the offload warns and runs the reference.
 """
 from __future__ import annotations
 
@@ -321,13 +323,68 @@ def offload_bytes(num_layers: int, gpu_layers: int, batch: int, seq: int, num_kv
     return gpu, host
 
 
+_FETCH_OK: dict = {}  # (device, head_dim, dtype, mode) -> whether the fused fetch passed its check
+
+
+def fused_fetch_works(device, head_dim: int, dtype, mode: str = "split", steps: int = 6) -> bool:
+    """Once per process, card, head size and dtype, before a GPU's first offloaded step: the fused fetch
+    (``mode`` "split" or "fused") on a tiny random state against :meth:`HostKV.fetch_reference` on the same
+    device, step after step (hits, misses, evictions). A kernel this Triton cannot compile, or one that
+    disagrees, makes the offload fall back to the reference path with a warning instead of failing or
+    decoding wrong tokens."""
+    key = (str(device), head_dim, str(dtype), mode)
+    if key in _FETCH_OK:
+        return _FETCH_OK[key]
+    import warnings
+    s, sink, window, c, heavy = 160, 4, 4, 16, 8
+    g = torch.Generator().manual_seed(0)
+    try:
+        hks = [HostKV(1, [0], 1, s, 2, head_dim, dtype, device, sink, window, c, True, self_check=False)
+               for _ in range(2)]
+        hks[0].fetch_mode, hks[1].fetch_mode = mode, "reference"
+        rows = torch.randn(2, s, head_dim, generator=g).to(dtype)[None].to(device)
+        start = s - steps
+        for hk in hks:
+            hk.write_chunk(0, 0, rows[:, :, :start], -rows[:, :, :start])
+        ok, prev = True, None
+        for step in range(steps):
+            pos = start + step
+            one, length = torch.tensor([pos], device=device), torch.tensor([pos + 1], device=device)
+            for hk in hks:
+                hk.write_token(0, rows[:, :, pos], -rows[:, :, pos], one, hk.ring_slot(one))
+            far = torch.stack([torch.randperm(pos + 1 - window - sink, generator=g)[:heavy] + sink
+                               for _ in range(2)])  # [Hkv, heavy]
+            if prev is not None and step % 2:  # every other step half the previous step's tokens: hits
+                far[:, : heavy // 2] = prev[:, : heavy // 2]
+            prev = far
+            idx = torch.cat([torch.arange(sink).expand(2, sink), far,
+                             torch.arange(pos + 1 - window, pos + 1).expand(2, window)], 1)
+            idx = torch.cat([idx, torch.full((2, 3), -1)], 1)[None].to(torch.int32).to(device)
+            got, want = (hk.fetch(0, idx, length) for hk in hks)
+            ok = ok and torch.equal(got, want)
+            for hk, w in zip(hks, (got, want)):  # the rows each path put where its indices point
+                sel = w.long().clamp_min(0)[..., None].expand(-1, -1, -1, head_dim)
+                hk._rows = torch.where(w[..., None] >= 0, hk.ws_k[0].gather(2, sel), 0)
+            ok = ok and torch.equal(hks[0]._rows, hks[1]._rows) and torch.equal(hks[0].stats, hks[1].stats)
+        err = "" if ok else "it disagrees with the reference"
+    except Exception as e:  # noqa: BLE001 -- a compile or launch error of this Triton: use the reference
+        ok, err = False, f"{type(e).__name__}: {e}"
+    if not ok:
+        warnings.warn(f"the fused offload fetch kernel ({mode}) failed its check on {device} ({err}); the "
+                      "offload uses the torch-ops fetch (HASHATTENTION_OFFLOAD_FETCH=reference): slower, the same "
+                      "tokens", RuntimeWarning, stacklevel=3)
+    _FETCH_OK[key] = bool(ok)
+    return _FETCH_OK[key]
+
+
 class HostKV:
     """The host layers' K/V and their GPU working sets (see the module docstring). ``host_layers``: the engine's
     layer numbers kept on the host (sorted); ``host_device``: "cpu" = pinned when the GPU is CUDA, a plain CPU
     tensor in the CPU reference path."""
 
     def __init__(self, num_layers: int, host_layers: list[int], batch: int, seq: int, num_kv_heads: int,
-                 head_dim: int, dtype, device, sink: int, window: int, cache_slots: int, hash_mode: bool):
+                 head_dim: int, dtype, device, sink: int, window: int, cache_slots: int, hash_mode: bool,
+                 self_check: bool = True):
         self.host_layers = list(host_layers)
         self.index = [-1] * num_layers  # engine layer -> host layer or -1
         for i, li in enumerate(self.host_layers):
@@ -368,6 +425,9 @@ class HostKV:
             if self.fetch_mode not in ("split", "fused", "reference"):
                 raise ValueError(f"HASHATTENTION_OFFLOAD_FETCH must be split, fused or reference, got "
                                  f"{self.fetch_mode!r}")
+            if self_check and self.device.type == "cuda" and self.fetch_mode != "reference" \
+                    and not fused_fetch_works(self.device, head_dim, dtype, self.fetch_mode):
+                self.fetch_mode = "reference"
 
     def host_bytes(self) -> int:
         return 2 * self.k_host.numel() * self.k_host.element_size()
