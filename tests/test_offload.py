@@ -66,18 +66,24 @@ def test_default_model_offload_equals_gpu_path():
     assert 0 < st["hits"] < st["lookups"] and st["bytes_fetched"] == st["rows_fetched"] * 2 * m.c.head_dim * 4
 
 
+def _on_gpu_caches(layers: int, prompt: int, max_len: int, heavy: float):
+    """A tiny engine with its caches on the device (the reference), random maps and two prompts."""
+    hf = tiny_model("llama", layers=layers)
+    torch.manual_seed(3)
+    ids = torch.randint(3, 97, (2, prompt))
+    bud = Budget(heavy=heavy, sink=4, window=4)
+    maps = HashMaps(maps_config_for(hf.config))
+    m = Transformer.from_hf(hf)
+    m.setup_caches(2, max_len, maps=maps, budget=bud)
+    return m, maps, bud, ids
+
+
 @pytest.mark.parametrize("gpu_layers,read", [(0, "gather"), (1, "gather"), (2, "gather"), (1, "direct")])
 def test_tiered_placement_equals_all_gpu(gpu_layers, read):
     """Some layers on the GPU, the rest on the host: the same tokens as all-GPU, hash and dense, through the
     Generator, with prefill in chunks (the later chunks attend over host memory). read="direct": no row cache,
     attention reads the selected host rows where they are."""
-    hf = tiny_model("llama", layers=3)
-    torch.manual_seed(3)
-    ids = torch.randint(3, 97, (2, 120))
-    bud = Budget(heavy=1 / 8, sink=4, window=4)
-    maps = HashMaps(maps_config_for(hf.config))
-    m = Transformer.from_hf(hf)
-    m.setup_caches(2, 160, maps=maps, budget=bud)
+    m, maps, bud, ids = _on_gpu_caches(layers=3, prompt=120, max_len=160, heavy=1 / 8)
     ref = {mode: Generator(m).generate(ids, 24, mode=mode, prefill_chunk=50) for mode in ("hash", "dense")}
     m.setup_caches(2, 160, maps=maps, budget=bud, offload="host", gpu_layers=gpu_layers, _host_device="cpu",
                    row_cache=40, offload_read=read)
@@ -96,13 +102,7 @@ def test_steps_run_ahead_and_taken_back_leave_the_tokens():
     """A CUDA graph's capture runs decode steps ahead, then takes them back (Generator._warmup): with the K/V in
     host memory those steps overwrite ring slots of tokens still in the window, so the ring is restored too (on
     an H100 the offload tokens differed from the on-GPU ones from the second token before this)."""
-    hf = tiny_model("llama", layers=2)
-    torch.manual_seed(3)
-    ids = torch.randint(3, 97, (2, 48))
-    bud = Budget(heavy=1 / 4, sink=4, window=4)
-    maps = HashMaps(maps_config_for(hf.config))
-    m = Transformer.from_hf(hf)
-    m.setup_caches(2, 64, maps=maps, budget=bud)
+    m, maps, bud, ids = _on_gpu_caches(layers=2, prompt=48, max_len=64, heavy=1 / 4)
     ref = Generator(m).generate(ids, 8, mode="hash", prefill_chunk=32)
     m.setup_caches(2, 64, maps=maps, budget=bud, offload="host", gpu_layers=0, _host_device="cpu")
     gen = Generator(m)
