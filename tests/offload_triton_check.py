@@ -18,6 +18,9 @@ from hashattention.engine import Generator, Transformer  # noqa: E402
 from hashattention.engine.offload import (HostKV, fetch_fused, gather_rows, gather_rows_reference,  # noqa: E402
                                           pinned_empty, use_triton)  # noqa: E402
 from hashattention.weights import maps_config_for  # noqa: E402
+import hashattention.engine.offload as offload_mod  # noqa: E402
+
+CUT = offload_mod.FUSED_MAX_K
 
 g = torch.Generator().manual_seed(0)
 for b, h, s, d, p, k, dtype in [(2, 3, 200, 16, 40, 24, torch.float32), (1, 8, 1000, 64, 70, 33, torch.bfloat16),
@@ -129,9 +132,11 @@ for gl, read in ((0, "gather"), (1, "gather"), (0, "direct")):
     m.setup_caches(2, 64, maps=maps, budget=bud, offload="host", gpu_layers=gl, offload_read=read, **kw)
     assert not CUDA or m.host_kv.k_host.is_pinned()
     for mode in ("hash", "dense") if (gl, read) == (0, "gather") else ("hash",):
-        for fetch in ("split", "fused", "reference") if (gl, mode, read) == (0, "hash", "gather") else ("split",):
-            if m.host_kv.hash_mode:
-                m.host_kv.fetch_mode = fetch  # the fused kernel (the rows copied by it, or after it), the reference
+        for fetch in ("auto", "auto-wide", "split", "fused", "reference") if (gl, mode, read) == (0, "hash", "gather") \
+                else ("split",):
+            if m.host_kv.hash_mode:  # the fused kernel (the rows copied by it, or after it), the reference; auto
+                m.host_kv.fetch_mode = fetch.split("-")[0]  # picks by tokens per KV head: "wide" lowers the cut
+            offload_mod.FUSED_MAX_K = 0 if fetch == "auto-wide" else CUT
             got = Generator(m).generate(ids, 6, mode=mode, prefill_chunk=32)
             assert torch.equal(got, ref[mode]), (gl, mode, fetch, got, ref[mode])
         st = m.offload_stats()  # counted since the prefill: heavy rows looked up in hash mode only

@@ -159,6 +159,8 @@ def _case(m, maps, budget, heavy_label, context, batch, mode, args, slots, gpu_l
     row = {"context": context, "batch": batch, "mode": mode, "heavy": heavy_label, "device": device_name}
     if offload and hashed:
         row["read"] = read
+        if read == "gather" and m.host_kv is not None and m.host_kv.hash_mode:
+            row["fetch"] = m.host_kv.fetch_mode  # HASHATTENTION_OFFLOAD_FETCH (auto, split, fused, reference)
     try:
         _synthetic(m, context)
         if hashed and getattr(args, "query_drift", 0):
@@ -371,13 +373,18 @@ def summary(res: dict) -> list[str]:
         for d in rows:
             if d["mode"] == "dense-offload" and same(r, d):
                 out.append(f"- {r['context']:,} x {r['batch']}, heavy {r['heavy']}, "
-                           f"{'direct reads' if r.get('read') == 'direct' else 'row cache ' + str(r.get('row_cache'))}: "
+                           f"{'direct reads' if r.get('read') == 'direct' else 'row cache ' + str(r.get('row_cache'))}"
+                           f"{_variant(r) if r.get('read') != 'direct' else ''}: "
                            f"hash-offload {r['tok_s']:.1f} tok/s, dense-offload {d['tok_s']:.2f} tok/s: "
                            f"**{r['tok_s'] / d['tok_s']:.1f}x**")
             if r.get("read") == "direct" and d["mode"] == "hash-offload" and d.get("read") != "direct" \
                     and d["heavy"] == r["heavy"] and same(r, d):
                 out.append(f"- {r['context']:,} x {r['batch']}, heavy {r['heavy']}: direct reads {r['tok_s']:.1f} "
                            f"tok/s against the row cache's {d['tok_s']:.1f}: **{r['tok_s'] / d['tok_s']:.2f}x**")
+            if r.get("fetch") == "fused" and d.get("fetch") == "split" and d["heavy"] == r["heavy"] and same(r, d):
+                out.append(f"- {r['context']:,} x {r['batch']}, heavy {r['heavy']}: the rows copied inside the fetch "
+                           f"kernel {r['tok_s']:.1f} tok/s against a second gather kernel's {d['tok_s']:.1f}: "
+                           f"**{r['tok_s'] / d['tok_s']:.2f}x**")
     for ctx in sorted({r["context"] for r in rows}):
         off = [r for r in rows if r["context"] == ctx and r["mode"] == "hash-offload"]
         dense = [r for r in rows if r["context"] == ctx and r["mode"] == "dense-gpu"]
@@ -389,6 +396,13 @@ def summary(res: dict) -> list[str]:
                        f"{bd['batch']} ({bd['tok_s']:.1f} tok/s): **{bo['batch'] / bd['batch']:.2f}x** the batch, "
                        f"**{bo['tok_s'] / bd['tok_s']:.2f}x** the throughput")
     return out
+
+
+def _variant(r: dict) -> str:
+    """How hash-offload read its rows, where a run compared ways: direct reads, or the fetch kernel's mode."""
+    if r.get("read") == "direct":
+        return " (direct)"
+    return f" ({r['fetch']} fetch)" if r.get("fetch") and r.get("run") else ""
 
 
 def table(res: dict) -> str:
@@ -408,7 +422,7 @@ def table(res: dict) -> str:
             continue
         f = lambda v, fmt: "-" if v is None else format(v, fmt)
         lines.append(
-            f"| {r['context']:,} | {r['batch']} | {r['mode']}{' (direct)' if r.get('read') == 'direct' else ''} | "
+            f"| {r['context']:,} | {r['batch']} | {r['mode']}{_variant(r)} | "
             f"{r['heavy']} | {r.get('row_cache', '-')} | "
             f"{r.get('gpu_layers', '-')} | {r['tok_s']:.2f} | {r['ms_per_step']:.2f} | "
             f"{r['pcie_bytes_per_step'] / 1e6:.2f} | {f(r.get('hit_rate'), '.3f')} | "

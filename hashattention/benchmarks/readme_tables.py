@@ -296,20 +296,21 @@ def group_selections(root: Path = ROOT) -> str:
 
 def offload(root: Path = ROOT) -> str:
     """Decode with the K/V in host memory against the dense baselines (docs/performance.md)."""
-    from .offload import summary
+    from .offload import _variant, summary
     res = _load(root, OFFLOAD_FILE)
     rows = []
     for r in res["rows"]:
         if "tok_s" not in r:
             continue
         hit = "-" if r.get("hit_rate") is None else f"{r['hit_rate']:.3f}"
-        rows.append([f"{r['context'] // 1024}K x {r['batch']}", r["mode"], str(r["heavy"]),
+        rows.append([f"{r['context'] // 1024}K x {r['batch']}", r["mode"] + _variant(r), str(r["heavy"]),
                      str(r.get("row_cache", "-") or "-"), str(r.get("gpu_layers", "-")),
                      "-" if r.get("text") == "real" else f"{r['tok_s']:.2f}",  # the real-text rows: CPU
                      f"{r['pcie_bytes_per_step'] / 1e6:,.{0 if r['pcie_bytes_per_step'] >= 1e8 else 2}f}", hit,
-                     "real (CPU)" if r.get("text") == "real" else "synthetic", device_label(str(r["device"]))])
+                     "real (CPU)" if r.get("text") == "real" else "synthetic", r.get("run") or "-",
+                     device_label(str(r["device"]))])
     return (_table(["context x batch", "mode", "heavy", "row cache", "GPU layers", "tok/s", "PCIe MB/step",
-                    "hit rate", "cache", "device"], rows)
+                    "hit rate", "cache", "run", "device"], rows)
             + "\n\n" + "\n".join(summary(res)) + f"\n\nSynthetic rows: Llama-3.1-8B shape (random weights), bf16, "
             f"sink and window 128. From `{RESULTS}/{OFFLOAD_FILE}` ({res.get('note', '')}).")
 

@@ -36,7 +36,10 @@ On CUDA (and the Triton interpreter) the step of a layer is one Triton kernel, o
 head): classify + look up + victims + map and queue updates + remapped indices + counters, and either the row
 gather too, reading the pinned host tensor directly (zero-copy over unified addressing), or that gather as a second
 launch (:func:`gather_rows`, many programs per row: more reads in flight over PCIe) -- :func:`fetch_fused`; the
-environment variable HASHATTENTION_OFFLOAD_FETCH picks: split (default), fused, or reference. Elsewhere
+environment variable HASHATTENTION_OFFLOAD_FETCH picks: auto (default: fused up to FUSED_MAX_K tokens per
+(sequence, KV head), split above; on an H100 at 512K fused gave 40.2 against split's 38.3 tok/s at heavy 2048 and
+12.9 against 18.2 at 1/32, where one program per KV head reads too few rows at a time), split, fused, or
+reference. Elsewhere
 :meth:`HostKV.fetch_reference`, the same rule in torch ops (about 25 small kernels per layer on a GPU). All are
 static-shape with no host sync: capturable in a CUDA graph. On a GPU the fused kernel is first checked against the
 reference on a tiny state (:func:`fused_fetch_works`, once per process); if it fails to compile or disagrees,
@@ -279,6 +282,10 @@ if triton is not None:
             mr = seen_miss + tl.cumsum(miss.to(tl.int32), 0) - 1
             v = tl.load(vict_row + mr, mask=miss, other=0)
             old = tl.load(stok_row + v, mask=miss, other=-1)
+            # a [BK] tensor is replicated across warps, which do not run in lockstep: without this barrier one
+            # warp's store of res[p] (or stok[v]) can land before another warp's load of it, which then sees a
+            # hit (or the new token) where the others saw a miss (found on an H100; the interpreter is sequential)
+            tl.debug_barrier()
             tl.store(res_row + old, tl.full([BK], -1, tl.int32).to(RES.dtype.element_ty), mask=miss & (old >= 0))
             tl.store(res_row + p, v.to(RES.dtype.element_ty), mask=miss)
             tl.store(stok_row + v, p.to(tl.int32), mask=miss)
@@ -323,6 +330,8 @@ def offload_bytes(num_layers: int, gpu_layers: int, batch: int, seq: int, num_kv
     return gpu, host
 
 
+FETCH_MODES = ("auto", "split", "fused", "reference")
+FUSED_MAX_K = 4096  # auto: tokens per (sequence, KV head) up to which the gather runs inside the fetch kernel
 _FETCH_OK: dict = {}  # (device, head_dim, dtype, mode) -> whether the fused fetch passed its check
 
 
@@ -421,12 +430,13 @@ class HostKV:
             self._vict = torch.zeros(batch, num_kv_heads, cache_slots, dtype=torch.int32, device=dev)
             # where Triton runs: "split" = the fused bookkeeping kernel, then gather_rows for the rows (more programs
             # in flight on PCIe than one per row); "fused" = all in one kernel; "reference" = fetch_reference
-            self.fetch_mode = os.environ.get("HASHATTENTION_OFFLOAD_FETCH", "split")
-            if self.fetch_mode not in ("split", "fused", "reference"):
-                raise ValueError(f"HASHATTENTION_OFFLOAD_FETCH must be split, fused or reference, got "
+            self.fetch_mode = os.environ.get("HASHATTENTION_OFFLOAD_FETCH", "auto")
+            if self.fetch_mode not in FETCH_MODES:
+                raise ValueError(f"HASHATTENTION_OFFLOAD_FETCH must be one of {', '.join(FETCH_MODES)}, got "
                                  f"{self.fetch_mode!r}")
+            checks = {"auto": ("fused", "split")}.get(self.fetch_mode, (self.fetch_mode,))
             if self_check and self.device.type == "cuda" and self.fetch_mode != "reference" \
-                    and not fused_fetch_works(self.device, head_dim, dtype, self.fetch_mode):
+                    and not all(fused_fetch_works(self.device, head_dim, dtype, m) for m in checks):
                 self.fetch_mode = "reference"
 
     def host_bytes(self) -> int:
@@ -510,7 +520,8 @@ class HostKV:
         if self.fetch_mode != "reference" and use_triton(self.ws_k):
             return fetch_fused(idx, length, self.res[hi], self.slot_tok[hi], self.lru[hi], self._mark, self._vict,
                                self.stats, self.k_host[hi], self.v_host[hi], self.ws_k[hi], self.ws_v[hi],
-                               self.sink, self.window, gather=self.fetch_mode == "fused")
+                               self.sink, self.window, gather=self.fetch_mode == "fused" or
+                               (self.fetch_mode == "auto" and idx.shape[-1] <= FUSED_MAX_K))
         return self.fetch_reference(hi, idx, length)
 
     def fetch_reference(self, hi: int, idx: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
