@@ -177,6 +177,16 @@ def test_bundled_results_summarize_member_by_member(tmp_path):
     b = bundle_files(files, ["v1", "v2"], tmp_path / "bundle.json")
     rows = json.loads(summarize_files([b], tmp_path / "s.json").read_text())
     assert {(r["maps"], r["delta_vs_dense"]) for r in rows} == {("v1", -75.0), ("v2", -25.0)}
+    # one label for the whole bundle (two runs of the same maps): per budget, the run with more items stays
+    more = {f"context|{p}|{b}|2048|a|{i}": {"score": 100.0 if p == "dense" else 0.0}
+            for i in range(5) for p, b in (("dense", "full"), ("hash-sum", "1/32"))}
+    more.update({f"context|{p}|{b}|2048|a|{i}": {"score": 100.0} for i in range(2) for p, b in
+                 (("dense", "full"), ("hash-sum", "1/64"))})
+    (tmp_path / "v3.json").write_text(json.dumps({"settings": {"device": "test"}, "records": more}))
+    b2 = bundle_files([files[0], tmp_path / "v3.json"], ["small", "large"], tmp_path / "bundle2.json")
+    rows = json.loads(summarize_files([b2], tmp_path / "s2.json", maps_names=["shipped"]).read_text())
+    assert sorted((r["budget"], r["maps"], r["n_items"], r["delta_vs_dense"]) for r in rows) == [
+        ("1/32", "shipped", 5, -100.0), ("1/64", "shipped", 2, 0.0)]
     with pytest.raises(ValueError, match="own tag"):
         bundle_files(files, ["v1", "v1"], tmp_path / "x.json")
     with pytest.raises(ValueError, match="not a suite results file"):

@@ -178,17 +178,29 @@ def write_summary(rows: list[dict], out) -> Path:
 
 def summarize_files(files: list, out, maps_names: list | None = None, skip: list | None = None) -> Path:
     """Rows of several suite results files into one summary. ``maps_names``: the label of each file's hash
-    maps (default: the file's setting); ``skip``: per file, policies to leave out (e.g. hash rows of maps that
-    are no longer shipped)."""
+    maps (default: the file's setting; a bundle's members: their tags, or all this label when given);
+    ``skip``: per file, policies to leave out (e.g. hash rows of maps that are no longer shipped). Where rows
+    of several files measure the same thing (mode, budget, policy, maps, device), the one with the most paired
+    items stays (a larger run of the same prompts supersedes a smaller one)."""
     rows = []
     for i, f in enumerate(files):
         data = json.loads(Path(f).read_text())
         leave = set(skip[i]) if skip else set()
         label = maps_names[i] if maps_names else None
         members = data["bundle"].items() if "bundle" in data else [(label, data)]
-        for tag, member in members:  # a bundle's members are labelled by their tags
-            rows += [r for r in quality_rows(member, tag) if r["policy"] not in leave]
-    return write_summary(rows, out)
+        for tag, member in members:
+            rows += [r for r in quality_rows(member, label or tag) if r["policy"] not in leave]
+    return write_summary(largest_runs(rows), out)
+
+
+def largest_runs(rows: list[dict]) -> list[dict]:
+    """One row per (mode, budget, policy, maps, device): the one with the most paired items (first on ties)."""
+    best: dict = {}
+    for r in rows:
+        key = (r["mode"], r["budget"], r["policy"], r["maps"], r.get("device"))
+        if key not in best or r["n_items"] > best[key]["n_items"]:
+            best[key] = r
+    return list(best.values())
 
 
 def bundle_files(files: list, tags: list, out) -> Path:
