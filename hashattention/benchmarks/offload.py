@@ -385,13 +385,15 @@ def summary(res: dict) -> list[str]:
                 out.append(f"- {r['context']:,} x {r['batch']}, heavy {r['heavy']}: the rows copied inside the fetch "
                            f"kernel {r['tok_s']:.1f} tok/s against a second gather kernel's {d['tok_s']:.1f}: "
                            f"**{r['tok_s'] / d['tok_s']:.2f}x**")
-    for ctx in sorted({r["context"] for r in rows}):
-        off = [r for r in rows if r["context"] == ctx and r["mode"] == "hash-offload"]
-        dense = [r for r in rows if r["context"] == ctx and r["mode"] == "dense-gpu"]
+    for ctx, run in sorted({(r["context"], r.get("run") or "") for r in rows}):
+        here = [r for r in rows if r["context"] == ctx and (r.get("run") or "") == run]
+        off = [r for r in here if r["mode"] == "hash-offload"]
+        dense = [r for r in here if r["mode"] == "dense-gpu"]
         if off and dense:
             bo = max(off, key=lambda r: (r["batch"], r["tok_s"]))
             bd = max(dense, key=lambda r: (r["batch"], r["tok_s"]))
-            out.append(f"- {ctx:,}: largest batch with offload {bo['batch']} ({bo['tok_s']:.1f} tok/s, "
+            drift = f", query drift {bo['query_drift']:g}" if bo.get("query_drift") else ""
+            out.append(f"- {ctx:,}{drift}: largest batch with offload {bo['batch']} ({bo['tok_s']:.1f} tok/s, "
                        f"{bo.get('gpu_layers')} layers' K/V on the GPU) against the largest dense batch on the card "
                        f"{bd['batch']} ({bd['tok_s']:.1f} tok/s): **{bo['batch'] / bd['batch']:.2f}x** the batch, "
                        f"**{bo['tok_s'] / bd['tok_s']:.2f}x** the throughput")
@@ -427,7 +429,8 @@ def table(res: dict) -> str:
             f"{r.get('gpu_layers', '-')} | {r['tok_s']:.2f} | {r['ms_per_step']:.2f} | "
             f"{r['pcie_bytes_per_step'] / 1e6:.2f} | {f(r.get('hit_rate'), '.3f')} | "
             f"{f(r.get('bw_fraction') and 100 * r['bw_fraction'], '.0f')} | {f(r.get('gpu_peak_gib'), '.2f')} | "
-            f"{r['host_gib']:.2f} | {r.get('text', 'synthetic')} |")
+            f"{r['host_gib']:.2f} | {r.get('text', 'synthetic')}"
+            f"{', drift ' + format(r['query_drift'], 'g') if r.get('query_drift') else ''} |")
     bd = [r for r in res["rows"] if r.get("breakdown_ms")]
     if bd:
         lines += ["", "Time per step of hash-offload (ms): rest of the model (no attention), attention over the GPU "

@@ -307,7 +307,8 @@ def offload(root: Path = ROOT) -> str:
                      str(r.get("row_cache", "-") or "-"), str(r.get("gpu_layers", "-")),
                      "-" if r.get("text") == "real" else f"{r['tok_s']:.2f}",  # the real-text rows: CPU
                      f"{r['pcie_bytes_per_step'] / 1e6:,.{0 if r['pcie_bytes_per_step'] >= 1e8 else 2}f}", hit,
-                     "real (CPU)" if r.get("text") == "real" else "synthetic", r.get("run") or "-",
+                     "real (CPU)" if r.get("text") == "real" else
+                     f"synthetic, drift {r['query_drift']:g}" if r.get("query_drift") else "synthetic", r.get("run") or "-",
                      device_label(str(r["device"]))])
     return (_table(["context x batch", "mode", "heavy", "row cache", "GPU layers", "tok/s", "PCIe MB/step",
                     "hit rate", "cache", "run", "device"], rows)
