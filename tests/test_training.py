@@ -190,6 +190,20 @@ def test_cli_train_and_recall_end_to_end(tmp_path, capsys):
     res = json.loads((tmp_path / "r.json").read_text())["results"]
     assert set(res) == {"learned", "simhash-32", "oracle"} and len(res["learned"]["1/8"]["recall"]) == 2
     assert "| learned (recall) | 1/8 |" in capsys.readouterr().out
+    # the suite's prompts with their answer appended, one column per layer
+    rc = main(["recall", *common, "--maps", str(out), "--names", "learned", "--answers", "niah_single_noise",
+               "--suite-length", "320", "--suite-samples", "1", "--sink", "16", "--window", "16", "--budgets", "1/4",
+               "--layer-groups", "2", "--no-simhash", "--json", str(tmp_path / "a.json")])
+    assert rc == 0
+    info = json.loads((tmp_path / "a.json").read_text())
+    assert info["sequences"] == 1 and "niah_single_noise" in info["data"] and info["context"] == 320
+    assert len(info["results"]["learned"]["1/4"]["rel_error"]) == 2 and info["results"]["oracle"]["1/4"]["recall"]
+    out_md = capsys.readouterr().out
+    assert "| layer 0 | layer 1 | all layers |" in out_md and "the queries that produce the answer" in out_md
+    for argv, msg in [(["--answers", "no_such_task"], "no_such_task"), (["--answers", "vt", "--suite-samples", "0"],
+                                                                         "--suite-samples")]:
+        assert main(["recall", *common, "--maps", str(out), *argv]) == 2
+        assert msg in capsys.readouterr().err
     # bad input: clear one-line errors before any long work
     for argv, msg in [(["--data", str(tmp_path / "missing.txt")], "does not exist"),
                       (["--data", str(tmp_path / "train.txt"), "--context", "5000"], "longer than the model supports")]:

@@ -41,6 +41,11 @@ def add_parser(sub):
     p.add_argument("--top-p-cap", default="1/16", help="the adaptive budget's hard cap (heavy tokens)")
     p.add_argument("--suite-length", type=int, default=4096, help="prompt length for --selections")
     p.add_argument("--suite-samples", type=int, default=1, help="prompts per task for --selections (indices 100+)")
+    p.add_argument("--answers", default=None, metavar="TASKS",
+                   help="instead of held-out text: suite prompts of these tasks (comma list, 'all'; --suite-length, "
+                        "--suite-samples) with their true answer appended, the queries that produce the answer")
+    p.add_argument("--layer-groups", type=int, default=3, help="columns of the table: layers in this many groups "
+                   "(the number of layers: one column per layer)")
     p.add_argument("--json", default=None, help="write every number to this JSON file")
     p.add_argument("--md", default=None, help="write the table to this Markdown file")
     p.set_defaults(func=run)
@@ -71,11 +76,19 @@ def run(args) -> int:
         raise ValueError(f"{len(names)} names for {len(paths)} maps files")
     if args.queries <= 0 or args.sequences <= 0:
         raise ValueError("--queries and --sequences must be positive")
+    if args.layer_groups <= 0:
+        raise ValueError("--layer-groups must be positive")
+    tasks = None
+    if args.answers:
+        from ..evaluation import ruler
+        tasks = ruler.check_tasks(args.answers)  # an unknown task: said before the model loads
+        if args.suite_samples <= 0:
+            raise ValueError("--suite-samples must be positive")
     for p in paths:
         if not Path(p).with_suffix(".safetensors").is_file():
             raise FileNotFoundError(f"maps file {p} does not exist")
     model, tok, model_id = load_model(args.model, device=args.device)
-    check_capturable(model, args.context)
+    check_capturable(model, args.suite_length if tasks else args.context)
     dev = next(model.parameters()).device
     maps = {n: load_maps(p, model.config, device=dev) for n, p in zip(names, paths)}
     if not args.no_simhash:  # the untrained baseline at the same bits as each learned maps
@@ -83,25 +96,40 @@ def run(args) -> int:
         for b in sorted({m.config.bits for m in maps.values()} or {32}):
             base = maps_config_for(model.config, bits=b)
             maps[f"simhash-{b}"] = HashMaps.simhash(base, seed=args.seed).to(dev)
-    docs, desc = load_documents(args.data, "validation", args.text_field)
-    seqs = pack_sequences(tok, docs, args.context, args.sequences, seed=args.seed)
     t0 = time.perf_counter()
     runs = []
-    for i in range(seqs.shape[0]):
-        cap = capture(model, seqs[i:i + 1])
-        runs.append(evaluate_layers(maps, cap, budgets, args.queries, args.sink, args.window))
-        del cap
+    if tasks:  # each prompt + its true answer, read once; the queries: the positions that produce the answer
+        res_ = ruler.Resources()
+        for i in range(args.suite_samples):
+            for task in tasks:
+                s = ruler.make_sample(tok, task, args.suite_length, 100 + i, args.seed, res_)
+                ans = tok(s.answers[0], add_special_tokens=False).input_ids
+                cap = capture(model, torch.tensor([s.ids + ans], device=dev))
+                runs.append(evaluate_layers(maps, cap, budgets, len(ans) + 1, args.sink, args.window))
+                del cap
+        docs, desc = [], f"suite prompts ({', '.join(tasks)}; indices 100+) with their answer appended"
+        what = (f"{len(runs)} prompts x {args.suite_length} tokens, {desc}, the queries that produce the answer")
+    else:
+        docs, desc = load_documents(args.data, "validation", args.text_field)
+        seqs = pack_sequences(tok, docs, args.context, args.sequences, seed=args.seed)
+        for i in range(seqs.shape[0]):
+            cap = capture(model, seqs[i:i + 1])
+            runs.append(evaluate_layers(maps, cap, budgets, args.queries, args.sink, args.window))
+            del cap
+        what = (f"{seqs.shape[0]} held-out sequences x {args.context} tokens of {desc}, last {args.queries} "
+                "positions as queries")
     res = merge_runs(runs)
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    md = (f"Oracle top-k recall (per KV group) and attention-output relative error, {model_id}, "
-          f"{seqs.shape[0]} held-out sequences x {args.context} tokens of {desc}, last {args.queries} positions as "
-          f"queries, sink {args.sink} + window {args.window} + heavy budget; device {dev_name}.\n\n" + table(res))
+    md = (f"Oracle top-k recall (per KV group) and attention-output relative error, {model_id}, {what}, "
+          f"sink {args.sink} + window {args.window} + heavy budget; device {dev_name}.\n\n"
+          + table(res, args.layer_groups))
     print(md)
     if args.md:
         Path(args.md).write_text(md + "\n")
     if args.json:
-        info = {"model": model_id, "data": desc, "data_sha": text_sha(docs), "context": args.context,
-                "sequences": int(seqs.shape[0]), "queries": args.queries, "sink": args.sink, "window": args.window,
+        info = {"model": model_id, "data": desc, "data_sha": text_sha(docs) if docs else None,
+                "context": args.suite_length if tasks else args.context, "sequences": len(runs),
+                "queries": "the answer's" if tasks else args.queries, "sink": args.sink, "window": args.window,
                 "device": dev_name, "seconds": round(time.perf_counter() - t0, 1),
                 "maps": {n: {"path": p, "extra": maps[n].config.extra} for n, p in zip(names, paths)},
                 "results": res}

@@ -150,8 +150,8 @@ def table(result: dict, groups: int = 3) -> str:
     nl = len(result[names[0]][budgets[0]]["recall"])
     size = -(-nl // groups)
     spans = [(s, min(nl, s + size)) for s in range(0, nl, size)] + [(0, nl)]
-    head = "| maps | budget | " + " | ".join(f"layers {a}-{b - 1}" if (a, b) != (0, nl) else "all layers"
-                                            for a, b in spans) + " |"
+    head = "| maps | budget | " + " | ".join("all layers" if (a, b) == (0, nl) else f"layer {a}" if b - a == 1
+                                            else f"layers {a}-{b - 1}" for a, b in spans) + " |"
     lines = [head, "|" + "---|" * (2 + len(spans))]
     for key, label in (("recall", "recall"), ("rel_error", "rel. error")):
         for n in names:
