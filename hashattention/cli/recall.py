@@ -99,14 +99,11 @@ def run(args) -> int:
     t0 = time.perf_counter()
     runs = []
     if tasks:  # each prompt + its true answer, read once; the queries: the positions that produce the answer
-        res_ = ruler.Resources()
-        for i in range(args.suite_samples):
-            for task in tasks:
-                s = ruler.make_sample(tok, task, args.suite_length, 100 + i, args.seed, res_)
-                ans = tok(s.answers[0], add_special_tokens=False).input_ids
-                cap = capture(model, torch.tensor([s.ids + ans], device=dev))
-                runs.append(evaluate_layers(maps, cap, budgets, len(ans) + 1, args.sink, args.window))
-                del cap
+        for s in _probe_prompts(tok, tasks, args):
+            ans = tok(s.answers[0], add_special_tokens=False).input_ids
+            cap = capture(model, torch.tensor([s.ids + ans], device=dev))
+            runs.append(evaluate_layers(maps, cap, budgets, len(ans) + 1, args.sink, args.window))
+            del cap
         docs, desc = [], f"suite prompts ({', '.join(tasks)}; indices 100+) with their answer appended"
         what = (f"{len(runs)} prompts x {args.suite_length} tokens, {desc}, the queries that produce the answer")
     else:
@@ -136,6 +133,16 @@ def run(args) -> int:
         Path(args.json).write_text(json.dumps(info, indent=1))
     print(f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return 0
+
+
+def _probe_prompts(tok, tasks: list, args):
+    """Suite-style prompts for attention-level probes: ``--suite-samples`` per task at ``--suite-length``, at
+    indices 100+ so that they are never the suite's own prompts."""
+    from ..evaluation import ruler
+    res = ruler.Resources()
+    for i in range(args.suite_samples):
+        for task in tasks:
+            yield ruler.make_sample(tok, task, args.suite_length, 100 + i, args.seed, res)
 
 
 SELECTION_NAMES = ("sum", "max", "union", "head", "soft-sum", "soft-head", "qsoft-sum")
@@ -181,22 +188,19 @@ def run_selections(args) -> int:
     maps = load_maps(path, model.config, device=dev)
     if (top_p or min_share) and not any(s in maps.calibrations for s in sels):
         raise ValueError(f"the maps {path} have no calibration for {', '.join(sels)}: run `hashattention calibrate`")
-    res = ruler.Resources()
     total, n = {}, 0
     t0 = time.perf_counter()
     with tqdm(total=len(ruler.TASKS) * args.suite_samples, unit="prompt", desc="selections") as bar:
-        for i in range(args.suite_samples):
-            for task in ruler.TASKS:
-                s = ruler.make_sample(tok, task, args.suite_length, 100 + i, args.seed, res)
-                cap = capture(model, torch.tensor([s.ids], device=dev))
-                r = evaluate_selections(maps, cap, s.context_len, budgets, sels, args.sink, args.window,
-                                        top_p=top_p, cap_heavy=cap_heavy, min_share=min_share)
-                for k, v in r.items():
-                    t = total.setdefault(k, dict.fromkeys(v, 0.0))
-                    for m in v:
-                        t[m] += v[m]
-                n += 1
-                bar.update(1)
+        for s in _probe_prompts(tok, list(ruler.TASKS), args):
+            cap = capture(model, torch.tensor([s.ids], device=dev))
+            r = evaluate_selections(maps, cap, s.context_len, budgets, sels, args.sink, args.window,
+                                    top_p=top_p, cap_heavy=cap_heavy, min_share=min_share)
+            for k, v in r.items():
+                t = total.setdefault(k, dict.fromkeys(v, 0.0))
+                for m in v:
+                    t[m] += v[m]
+            n += 1
+            bar.update(1)
     rows = {k: {m: x / n for m, x in v.items()} for k, v in total.items()}
     dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     lines = [f"Group selections on the questions of the suite's prompts ({n} prompts x {args.suite_length} tokens, "
