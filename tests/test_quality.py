@@ -279,3 +279,46 @@ def test_suite_refuses_a_residual_sample_larger_than_its_contexts_before_running
     with pytest.raises(ValueError, match="residual sample of 5000 tokens is larger than the context"):
         Suite(model, tok, tasks="vt", lengths="2K", policies="dense,oracle", budgets=["1/32+r5000"],
               modes=["context"], samples=1, progress=False, ppl_samples=0)
+
+
+# ------------------------------------------------------------------------------------------ per-layer budgets
+def test_layer_budgets_keep_the_total_and_reach_every_path():
+    from hashattention.core.budget import layer_budgets
+    from hashattention.evaluation.fastpath import accelerate
+    b = ha.Budget(heavy=1 / 32)
+    per = layer_budgets(b, "2:4,1:2", 6)
+    assert sorted(per) == list(range(6))
+    assert per[2].heavy == pytest.approx(4 * per[0].heavy) and per[1].heavy == pytest.approx(2 * per[0].heavy)
+    assert sum(p.heavy for p in per.values()) / 6 == pytest.approx(1 / 32)  # the same heavy reads in all
+    assert layer_budgets(ha.Budget(heavy=64), {0: 3}, 2)[0].heavy == 96  # counts stay counts
+    assert layer_budgets(ha.Budget(heavy=0.9), {0: 3}, 2)[0].heavy == 1.0  # a fraction is capped at the whole context
+    for bad, msg in [("20:4", "model has 6 layers"), ("x:1", "layer:weight"), ("3", "layer:weight"),
+                     ({1: 0}, "must be > 0"), ({-1: 2}, "integer >= 0")]:
+        with pytest.raises(ValueError, match=msg):
+            layer_budgets(b, bad, 6)
+    # the policy reads each layer's own count, in the reference select and in the eval's fast select
+    model = tiny_model("llama", layers=2)
+    maps = ha.HashMaps.simhash(ha.maps_config_for(model.config))
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 6, 1, 16, generator=g), torch.randn(1, 2, 400, 16, generator=g)
+    valid = torch.ones(1, 1, 1, 400, dtype=torch.bool)
+    for fast in (False, True):
+        pol = ha.HashAttentionPolicy(maps, ha.Budget(heavy=1 / 8, sink=4, window=4)).set_layer_weights("1:3", 2)
+        pol = accelerate(pol) if fast else pol
+        reads = []
+        for layer in (0, 1):
+            st = {}
+            pol.update(layer, st, k, k, 0)
+            reads.append(int(pol.select(layer, st, q, k, k, valid, 0.25)[0, 0, 0].sum()))
+        assert reads == [8 + int(400 * pol.budget_for(i).heavy) for i in (0, 1)], (fast, reads)
+        assert reads[1] > 2 * reads[0]
+
+
+def test_suite_checks_layer_weights_before_running():
+    from hashattention.evaluation.passes import parse_pass
+    from hashattention.evaluation.runner import Suite
+    assert parse_pass("mode=context;layers=20:4,19:2")["layers"] == "20:4,19:2"
+    model, tok, _ = ha.load_model()
+    with pytest.raises(ValueError, match="model has 30 layers"):
+        Suite(model, tok, tasks="vt", lengths="2K", policies="dense,hash-sum", budgets=["1/32"], modes=["context"],
+              samples=1, progress=False, ppl_samples=0, layer_weights="40:2")

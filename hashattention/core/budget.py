@@ -164,3 +164,48 @@ def parse_adaptive(label: str) -> tuple:
     if s[0] == "s" and not 0.0 < x < 1.0:
         raise ValueError(f"adaptive budget {label!r}: the min share must be in (0, 1), got {x}")
     return {"top_p" if s[0] == "p" else "min_share": x}, cap
+
+
+def parse_layer_weights(text) -> dict:
+    """'20:4,19:2' -> {20: 4.0, 19: 2.0} (layer -> weight of its heavy budget); a dict passes through checked."""
+    if isinstance(text, dict):
+        items = list(text.items())
+    else:
+        items = []
+        for part in str(text).split(","):
+            if not part.strip():
+                continue
+            layer, sep, w = part.partition(":")
+            try:
+                items.append((int(layer), float(w)))
+            except ValueError:
+                raise ValueError(f"cannot read layer weights from {text!r}: use layer:weight,... (e.g. 20:4,19:2)")
+            if not sep:
+                raise ValueError(f"cannot read layer weights from {text!r}: use layer:weight,... (e.g. 20:4,19:2)")
+    out = {}
+    for layer, w in items:
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"layer weights: a layer must be an integer >= 0, got {layer!r}")
+        if not (isinstance(w, (int, float)) and w > 0):
+            raise ValueError(f"layer weights: layer {layer}'s weight must be > 0, got {w!r}")
+        out[layer] = float(w)
+    return out
+
+
+def layer_budgets(budget: Budget, weights, num_layers: int) -> dict:
+    """Per-layer budgets that spend the same heavy tokens as ``budget`` on every layer, shared unevenly: a
+    listed layer reads ``weight`` times what each unlisted layer reads, the mean over the ``num_layers`` layers
+    staying ``budget.heavy`` (a fraction is capped at 1, a count at nothing: check_fits applies per layer).
+    weights: {layer: weight} or 'layer:weight,...'. Returns {layer: Budget} for every layer."""
+    from dataclasses import replace
+    w = parse_layer_weights(weights)
+    bad = [i for i in w if i >= num_layers]
+    if bad:
+        raise ValueError(f"layer weights name layer {bad[0]}, but the model has {num_layers} layers (0..{num_layers - 1})")
+    unit = num_layers / (sum(w.values()) + num_layers - len(w))
+
+    def scaled(x, f):  # a fraction stays a fraction (at most 1), a count a count
+        return min(float(x) * f, 1.0) if isinstance(x, float) else int(round(x * f))
+    return {i: replace(budget, heavy=scaled(budget.heavy, w.get(i, 1.0) * unit),
+                       heavy_min=scaled(budget.heavy_min, w.get(i, 1.0) * unit) if budget.heavy_min else 0)
+            for i in range(num_layers)}

@@ -71,7 +71,7 @@ def accelerate(policy: SelectionPolicy) -> SelectionPolicy:
     cls = type(policy)
     if cls.select is SelectionPolicy.select and not policy.budget.adaptive:  # topk_select has no adaptive rule
         def fast_select(layer, state, q, k, v, valid, scale, _p=policy):
-            return topk_select(_p.scores(layer, state, q, k, v, valid, scale), valid, _p.budget, _p.union_groups)
+            return topk_select(_p.scores(layer, state, q, k, v, valid, scale), valid, _p.budget_for(layer), _p.union_groups)
         policy.select = fast_select
     if cls.attend is SelectionPolicy.attend and not policy.wants_probs:
         policy.attend = sdpa_attend

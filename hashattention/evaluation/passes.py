@@ -5,10 +5,12 @@
         --pass "mode=context;policies=dense,oracle,hash-sum,hash-max;budgets=1/32,1/64;samples=12" \
         --pass "mode=everywhere;policies=dense,oracle,hash-max;budgets=1/16,1/32;samples=4;ppl=2" \
         --pass "mode=context;policies=hash-max;budgets=1/32;samples=12;maps=/tmp/t/long.safetensors;tag=long"
+        --pass "mode=context;policies=hash-sum;budgets=1/32;samples=12;layers=20:4;tag=l20x4"
 
 Each pass is a resumable `Suite` run of one mode (its own results file, ``quality_<mode>_<tag>.json``); passes
 of the same mode share the prompts (same seed), and a pass with other maps reuses the dense records of the
-mode's first pass instead of recomputing them. At the end every results file is summarised into
+mode's first pass instead of recomputing them. ``layers=20:4,19:2``: the heavy budget shared unevenly over the
+layers at the same total (a listed layer reads its weight times an unlisted one; core.budget.layer_budgets). At the end every results file is summarised into
 ``quality_summary.{json,md,png}`` (paired deltas against dense with 95% bootstrap intervals,
 :mod:`hashattention.evaluation.quality`).
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 from .quality import summarize_files
 from .runner import Suite
 
-KEYS = {"mode", "policies", "budgets", "samples", "round", "ppl", "maps", "tag", "lengths", "tasks", "chunk"}
+KEYS = {"mode", "policies", "budgets", "samples", "round", "ppl", "maps", "tag", "lengths", "tasks", "chunk", "layers"}
 
 
 def parse_pass(text: str) -> dict:
@@ -75,6 +77,7 @@ def run_passes(model, tok, passes: list, work, deadline: float, lengths: str = "
                           decode_budgets=budgets, decode_rounds=10 ** 6, maps=maps,
                           maps_path=shipped_name if maps_path == "shipped" else Path(maps_path).name,
                           ppl_samples=int(p.get("ppl", 0)), chunk=int(p.get("chunk", 128)), out=out,
+                          layer_weights=p.get("layers"),
                           time_limit=left, progress=False, log=log)
             suite.run()
             log("\n".join(f"  {k}: {v:.1f} s" for k, v in suite.data["timing"].items() if k != "total_s"))

@@ -314,7 +314,8 @@ class Suite:
                  decode_policies=None, decode_budgets=("1/16", "1/32"), decode_rounds=1, seed=0,
                  sink=128, window=128, chunk=128, page_size=16, maps=None, maps_path=None,
                  ppl_samples=2, ppl_from=1024, out=None, time_limit=None, progress=True, accelerate=True,
-                 resources=None, log=print, per_group=True, context_budgets=None, selection=None):
+                 resources=None, log=print, per_group=True, context_budgets=None, selection=None,
+                 layer_weights=None):
         from ..policies import POLICIES
         self.model, self.tok, self.log = model, tok, log
         self.tasks = ruler.check_tasks(tasks)
@@ -341,6 +342,11 @@ class Suite:
         self.seed, self.sink, self.window, self.chunk, self.page_size = seed, sink, window, chunk, page_size
         self.per_group = per_group
         self.selection = "head" if not per_group and selection is None else selection
+        # the heavy budget shared unevenly over the layers (core.budget.layer_budgets), checked before long work
+        from ..core.budget import layer_budgets, parse_layer_weights
+        self.layer_weights = parse_layer_weights(layer_weights) if layer_weights else {}
+        if self.layer_weights:
+            layer_budgets(Budget(), self.layer_weights, model.config.num_hidden_layers)
         for m in self.modes:  # an adaptive budget a policy cannot run (no calibration, no rule) fails now
             for p, b in self.configs(m):
                 if p != "dense" and parse_adaptive(b)[0]:
@@ -370,6 +376,8 @@ class Suite:
                 self.selection, f"per KV group ({self.selection})"),
             "scoring": "RULER string match: % of expected strings in the greedy answer",
         }
+        if self.layer_weights:  # not a resume key: a pass seeds its file with the dense records of another
+            self.settings["layer_weights"] = {str(k): v for k, v in self.layer_weights.items()}
         self.data = {"settings": self.settings, "records": {}, "stats": {}, "timing": {}}
         if self.out and self.out.is_file():
             self._resume()
@@ -407,7 +415,8 @@ class Suite:
         kw = {"page_size": self.page_size} if name == "quest" else {}
         if name in ("hash", "simhash") and self.selection:
             kw["selection"] = self.selection
-        return make_policy(name, b, maps=self.maps, model_config=self.model.config, per_group=self.per_group, **kw)
+        pol = make_policy(name, b, maps=self.maps, model_config=self.model.config, per_group=self.per_group, **kw)
+        return pol.set_layer_weights(self.layer_weights, self.model.config.num_hidden_layers)
 
     def configs(self, mode: str) -> list:
         pols = self.decode_policies if mode == "decode" else self.policies

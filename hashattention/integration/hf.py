@@ -197,7 +197,7 @@ class SparseAttentionHandle:
                 keep = torch.where(rows[:, None, s:s + self.chunk, None], keep, vc)
             bias = None
             if self.policy.budget.residual:  # a weighted sample of the rest (Budget.residual)
-                sample, logw = residual_sample(keep, vc, self.policy.budget, layer)
+                sample, logw = residual_sample(keep, vc, self.policy.budget_for(layer), layer)
                 keep, bias = keep | sample, torch.where(sample, logw, torch.zeros((), device=logw.device))
             if self.policy.wants_probs:
                 o, p = self.policy.attend(qc, key, value, keep, scale, return_probs=True, bias=bias)

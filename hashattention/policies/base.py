@@ -36,6 +36,21 @@ class SelectionPolicy:
             raise ValueError(f"policy {self.name!r} cannot use an adaptive budget (top_p, min_share): it needs bit-match scores "
                              "and a calibration (the hash policy) or true attention weights (the oracle)")
 
+    #: layer -> Budget overriding ``budget`` on that layer (core.budget.layer_budgets: an uneven share of the
+    #: same total); set with :meth:`set_layer_weights`
+    layer_budgets: dict = {}
+
+    def budget_for(self, layer: int) -> Budget:
+        """The budget this policy reads with on ``layer``."""
+        return self.layer_budgets.get(layer, self.budget)
+
+    def set_layer_weights(self, weights, num_layers: int) -> "SelectionPolicy":
+        """Share the heavy budget unevenly over the layers at the same total: ``weights`` {layer: w} or
+        'layer:w,...' (a listed layer reads w times an unlisted one). Returns self."""
+        from ..core.budget import layer_budgets
+        self.layer_budgets = layer_budgets(self.budget, weights, num_layers) if weights else {}
+        return self
+
     #: the policy can set its heavy count per row from a target mass (Budget.top_p): see mass_weights
     adaptive = False
     #: the scores are attention weights themselves (the oracle): top-p on them needs no calibration
@@ -64,7 +79,7 @@ class SelectionPolicy:
     def select(self, layer: int, state: dict, q, k, v, valid: torch.Tensor, scale: float) -> torch.Tensor:
         """bool keep mask [B, Hs, Lq, Lk]."""
         w = self.mass_weights(layer, q.device) if self.budget.adaptive else None
-        return select(self.scores(layer, state, q, k, v, valid, scale), valid, self.budget,
+        return select(self.scores(layer, state, q, k, v, valid, scale), valid, self.budget_for(layer),
                       max_score=self.max_score, union=self.union_groups, weights=w,
                       scores_are_mass=self.scores_are_mass)
 

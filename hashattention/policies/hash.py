@@ -144,7 +144,7 @@ class HashAttentionPolicy(SelectionPolicy):
         if k_sig.stride(-1) != 1:
             k_sig = k_sig.contiguous()
         lengths = torch.full_like(starts, lk)
-        idx, counts = kernels.score_select(q_sig, k_sig, starts, lengths, self.budget, k.shape[1],
+        idx, counts = kernels.score_select(q_sig, k_sig, starts, lengths, self.budget_for(layer), k.shape[1],
                                            per_group=self.per_group, strict=False, selection=self.selection)
         out = kernels.sparse_decode(q[:, :, 0], k, v, idx, counts, scale, check=False)  # checked above
         state["fast_read"] = counts.sum(dtype=torch.float64)  # tokens read, for the handle's statistics
