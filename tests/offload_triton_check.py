@@ -39,6 +39,13 @@ for b, h, s, d, p, k, dtype in [(2, 3, 200, 16, 40, 24, torch.float32), (1, 8, 1
     gather_rows_reference(src_k, src_v, out[2], out[3], src.to(DEV), dst.to(DEV))
     assert torch.equal(out[0], out[2]) and torch.equal(out[1], out[3]), (b, h, s, d)
     assert out[0].abs().sum() > 0
+    # a compacted list: only the first counts[row] entries are read, whatever follows them
+    counts = torch.randint(0, k + 1, (b * h,), generator=g, dtype=torch.int32)
+    cut = torch.where(torch.arange(k) < counts.view(b, h, 1), src, -1)
+    out = [torch.zeros(b, h, p, d, dtype=dtype, device=DEV) for _ in range(4)]
+    gather_rows(src_k, src_v, out[0], out[1], src.to(DEV), dst.to(DEV), counts=counts.to(DEV))
+    gather_rows_reference(src_k, src_v, out[2], out[3], cut.to(DEV), dst.to(DEV))
+    assert torch.equal(out[0], out[2]) and torch.equal(out[1], out[3]), ("counts", b, h, s, d)
 print("gather ok", flush=True)
 
 
@@ -136,10 +143,22 @@ for gl, read in ((0, "gather"), (1, "gather"), (0, "direct")):
                 else ("split",):
             if m.host_kv.hash_mode:  # the fused kernel (the rows copied by it, or after it), the reference; auto
                 m.host_kv.fetch_mode = fetch.split("-")[0]  # picks by tokens per KV head: "wide" lowers the cut
-            offload_mod.FUSED_MAX_K = 0 if fetch == "auto-wide" else CUT
+            offload_mod.FUSED_MAX_K = 0 if fetch == "auto-wide" else CUT  # (2 x 2 programs: under FUSED_MIN_ROWS)
             got = Generator(m).generate(ids, 6, mode=mode, prefill_chunk=32)
             assert torch.equal(got, ref[mode]), (gl, mode, fetch, got, ref[mode])
         st = m.offload_stats()  # counted since the prefill: heavy rows looked up in hash mode only
         assert (st["lookups"] > 0) == (mode == "hash") and st["hits"] <= st["lookups"], (mode, st)
 print("engine ok", flush=True)
+
+# `hashattention bench fetch`: every way of copying the misses gives the steady state's hit rate
+import argparse  # noqa: E402
+from hashattention.benchmarks import fetch as fetch_bench  # noqa: E402
+ap = argparse.ArgumentParser()
+fetch_bench.add_arguments(ap)
+res = fetch_bench.measure(ap.parse_args(["--context", "2K", "--batch", "1", "--kv-heads", "2", "--head-dim", "16",
+                                         "--heavy", "32", "--sink", "4", "--window", "4", "--steps", "2", "--warmup",
+                                         "3", "--repeats", "1", "--modes", "fused,split,auto,reference", "--device", DEV]))
+assert [r["hit_rate"] for r in res["rows"]] == [0.75] * 4, res["rows"]
+assert [r["copies"] for r in res["rows"]] == ["fused", "split", "fused", "reference"]  # k = 40 <= FUSED_MAX_K
+print("bench fetch ok", flush=True)
 print("ALL OK")

@@ -4,6 +4,7 @@ A plain CPU tensor stands in for pinned memory (the private ``_host_device`` hoo
 the engine's Triton path run under TRITON_INTERPRET=1 in a fresh process (tests/offload_triton_check.py);
 tests/gpu_offload_check.py repeats the checks on CUDA with pinned memory.
 """
+import json
 import os
 import random
 import subprocess
@@ -355,3 +356,30 @@ def test_fused_fetch_self_check_falls_back_on_a_wrong_or_failing_kernel(monkeypa
         with pytest.warns(RuntimeWarning, match=why):
             assert not offload.fused_fetch_works("cpu", 16, torch.float32, "fused")
         assert offload._FETCH_OK[("cpu", 16, "torch.float32", "fused")] is False  # checked once per process
+
+
+def test_bench_fetch_reaches_the_hit_rate_it_asks_for_and_refuses_bad_input(tmp_path):
+    """`hashattention bench fetch` on the CPU (the torch-ops fetch): steps whose heavy tokens are 3/4 the step
+    before's hit 3/4 of the time once the cache is warm; its files are written; bad input is named."""
+    import argparse
+    from hashattention.benchmarks import fetch
+    p = argparse.ArgumentParser()
+    fetch.add_arguments(p)
+    args = p.parse_args(["--context", "4K", "--batch", "2", "--kv-heads", "2", "--head-dim", "16", "--heavy", "64",
+                         "--sink", "4", "--window", "4", "--modes", "reference", "--steps", "3", "--warmup", "3",
+                         "--device", "cpu", "--out", str(tmp_path)])
+    assert fetch.run(args) == 0
+    res = json.loads((tmp_path / "fetch_cpu.json").read_text())
+    (row,) = res["rows"]
+    assert row["hit_rate"] == pytest.approx(0.75, abs=0.01) and row["k"] == 72 and row["ms_per_layer"] > 0
+    assert row["miss_bytes_per_layer"] == pytest.approx(2 * 2 * 16 * 2 * 16 * 4, rel=0.05)  # 16 misses per row
+    assert "| reference |" in (tmp_path / "fetch_cpu.md").read_text()
+    # auto's rule at the measured shapes: 512K x 1 at heavy 2048 and 1/32, 128K x 10 at 1/32 (8 KV heads)
+    from hashattention.engine.offload import fused_gather
+    assert fused_gather(2304, 8) and not fused_gather(16640, 8) and fused_gather(4352, 80)
+    for bad, msg in [(["--modes", "fast"], "unknown"), (["--hit", "1"], "--hit"), (["--context", "200"], "too few"),
+                     (["--row-cache", "0.5"], "at least the heavy budget"), (["--modes", "fused"], "Triton")]:
+        a = p.parse_args(["--context", "4K", "--heavy", "64", "--batch", "1", "--kv-heads", "1", "--head-dim", "16",
+                          "--device", "cpu", "--modes", "reference"] + bad)
+        with pytest.raises(ValueError, match=msg):
+            fetch.measure(a)

@@ -1,10 +1,11 @@
-"""`hashattention bench attention|decode`: kernel-level and end-to-end benchmarks (GPU)."""
+"""`hashattention bench attention|decode|fetch`: kernel-level and end-to-end benchmarks (GPU)."""
 from __future__ import annotations
 
 import importlib
 
 BENCHES = {"attention": "decode attention latency, HashAttention kernels vs SDPA (and FlashInfer)",
-           "decode": "end-to-end tokens/s and memory, dense vs HashAttention engine"}
+           "decode": "end-to-end tokens/s and memory, dense vs HashAttention engine",
+           "fetch": "one host layer's offload fetch in isolation: the misses copied by the fetch kernel or after it"}
 
 
 def add_parser(sub):

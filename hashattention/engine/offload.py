@@ -37,9 +37,9 @@ head): classify + look up + victims + map and queue updates + remapped indices +
 gather too, reading the pinned host tensor directly (zero-copy over unified addressing), or that gather as a second
 launch (:func:`gather_rows`, many programs per row: more reads in flight over PCIe) -- :func:`fetch_fused`; the
 environment variable HASHATTENTION_OFFLOAD_FETCH picks: auto (default: fused up to FUSED_MAX_K tokens per
-(sequence, KV head), split above; on an H100 at 512K fused gave 40.2 against split's 38.3 tok/s at heavy 2048 and
-12.9 against 18.2 at 1/32, where one program per KV head reads too few rows at a time), split, fused, or
-reference. Elsewhere
+(sequence, KV head) or from FUSED_MIN_ROWS programs, split otherwise: :func:`fused_gather`; at 512K x 1 on an H100
+fused gave 40.2 against split's 38.3 tok/s at heavy 2048 and 12.9 against 18.2 at 1/32, where 8 programs read too
+few rows at a time), split, fused, or reference. Elsewhere
 :meth:`HostKV.fetch_reference`, the same rule in torch ops (about 25 small kernels per layer on a GPU). All are
 static-shape with no host sync: capturable in a CUDA graph. On a GPU the fused kernel is first checked against the
 reference on a tiny state (:func:`fused_fetch_works`, once per process); if it fails to compile or disagrees,
@@ -142,9 +142,11 @@ def gather_rows_reference(k_src, v_src, k_dst, v_dst, src, dst):
     v_dst[b.to(dev), h.to(dev), d.to(dev)] = v_src[b.to(v_src.device), h.to(v_src.device), s.to(v_src.device)].to(dev)
 
 
-def gather_rows(k_src, v_src, k_dst, v_dst, src, dst, block: int = 16):
+def gather_rows(k_src, v_src, k_dst, v_dst, src, dst, block: int = 16, counts=None, warps: int = 4):
     """:func:`gather_rows_reference` as one Triton launch (program per (sequence, KV head, ``block`` entries)):
-    the loads read k_src / v_src where they live, pinned host memory included (zero-copy over PCIe)."""
+    the loads read k_src / v_src where they live, pinned host memory included (zero-copy over PCIe).
+    counts int32 [B * Hkv] (optional): only the first counts[b * Hkv + h] entries of a row are read (a compacted
+    list: the programs past it exit after one load)."""
     b, h, k = src.shape
     d = k_src.shape[-1]
     # one set of strides serves K and V (and the last dimension is read whole)
@@ -155,10 +157,10 @@ def gather_rows(k_src, v_src, k_dst, v_dst, src, dst, block: int = 16):
                          f"{k_dst.stride()} and {v_dst.stride()}")
     src, dst = src.contiguous(), dst.contiguous()
     grid = (b * h, triton.cdiv(k, block))
-    _gather_kernel[grid](k_src, v_src, k_dst, v_dst, src, dst,
+    _gather_kernel[grid](k_src, v_src, k_dst, v_dst, src, dst, src if counts is None else counts,
                          k_src.stride(0), k_src.stride(1), k_src.stride(2),
                          k_dst.stride(0), k_dst.stride(1), k_dst.stride(2), h, k,
-                         D=d, BLOCK=block, num_warps=4)
+                         D=d, BLOCK=block, COUNTED=counts is not None, num_warps=warps)
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -188,37 +190,44 @@ def fetch_fused(idx, length, res, slot_tok, lru, mark, vict, stats, k_src, v_src
     assert k_dst.stride() == v_dst.stride() and k_dst.stride(-1) == 1
     idx = idx.contiguous()
     out = torch.empty_like(idx)
-    src, dst = (out, out) if gather else (torch.empty_like(idx), torch.empty_like(idx))  # the misses' rows
+    # split: the misses' rows as a compacted list per row (src, dst, and their count): the gather's programs then
+    # each copy `block` live rows instead of `block` selected tokens of which most are hits
+    src, dst = (out, out) if gather else (torch.empty_like(idx), torch.empty_like(idx))
+    cnt = out if gather else torch.empty(b * h, dtype=torch.int32, device=idx.device)
     _fetch_kernel[(b * h,)](idx, out, res, slot_tok, lru, mark, vict, stats, length, k_src, v_src, k_dst, v_dst,
-                            src, dst, k_src.stride(0), k_src.stride(1), k_src.stride(2), k_dst.stride(0),
+                            src, dst, cnt, k_src.stride(0), k_src.stride(1), k_src.stride(2), k_dst.stride(0),
                             k_dst.stride(1), k_dst.stride(2), h, k, c, res.shape[-1], sink, window, ring, sink + ring,
                             D=k_src.shape[-1], BK=block_k, BC=block_c, GATHER=gather, num_warps=4)
     if not gather:
-        gather_rows(k_src, v_src, k_dst, v_dst, src, dst)
+        gather_rows(k_src, v_src, k_dst, v_dst, src, dst, counts=cnt)
     return out
 
 
 if triton is not None:
     @triton.jit
-    def _gather_kernel(KS, VS, KD, VD, SRC, DST, ss_b, ss_h, ss_n, sd_b, sd_h, sd_n, H, K,
-                       D: tl.constexpr, BLOCK: tl.constexpr):
+    def _gather_kernel(KS, VS, KD, VD, SRC, DST, CNT, ss_b, ss_h, ss_n, sd_b, sd_h, sd_n, H, K,
+                       D: tl.constexpr, BLOCK: tl.constexpr, COUNTED: tl.constexpr):
         bh = tl.program_id(0)
         b = bh // H
         h = bh % H
         j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = j < K
+        if COUNTED:
+            m = m & (j < tl.load(CNT + bh))
         src = tl.load(SRC + bh * K + j, mask=m, other=-1).to(tl.int64)
         dst = tl.load(DST + bh * K + j, mask=m, other=-1).to(tl.int64)
         live = (src >= 0)[:, None]
         d = tl.arange(0, D)[None, :]
         so = b.to(tl.int64) * ss_b + h.to(tl.int64) * ss_h + src[:, None] * ss_n + d  # int64: host caches > 2^31
         do = b.to(tl.int64) * sd_b + h.to(tl.int64) * sd_h + dst[:, None] * sd_n + d
-        tl.store(KD + do, tl.load(KS + so, mask=live, other=0.0), mask=live)
-        tl.store(VD + do, tl.load(VS + so, mask=live, other=0.0), mask=live)
+        kr = tl.load(KS + so, mask=live, other=0.0)  # both loads before either store: twice the reads in flight
+        vr = tl.load(VS + so, mask=live, other=0.0)
+        tl.store(KD + do, kr, mask=live)
+        tl.store(VD + do, vr, mask=live)
 
 
     @triton.jit
-    def _fetch_kernel(IDX, OUT, RES, STOK, LRU, MARK, VICT, STATS, LEN, KS, VS, KD, VD, SRC, DST,
+    def _fetch_kernel(IDX, OUT, RES, STOK, LRU, MARK, VICT, STATS, LEN, KS, VS, KD, VD, SRC, DST, CNT,
                       ss_b, ss_h, ss_n, sd_b, sd_h, sd_n, H, K, C, SEQ1, SINK, WINDOW, RING, BASE,
                       D: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, GATHER: tl.constexpr):
         """One (sequence, KV head) row of :func:`fetch_fused`, in three passes separated by barriers (each
@@ -301,13 +310,17 @@ if triton is not None:
                 so = b.to(tl.int64) * ss_b + h.to(tl.int64) * ss_h + p[:, None] * ss_n + d
                 do = b.to(tl.int64) * sd_b + h.to(tl.int64) * sd_h + (BASE + v).to(tl.int64)[:, None] * sd_n + d
                 mm = miss[:, None]
-                tl.store(KD + do, tl.load(KS + so, mask=mm, other=0.0), mask=mm)
-                tl.store(VD + do, tl.load(VS + so, mask=mm, other=0.0), mask=mm)
-            else:  # for gather_rows after the kernel (more programs in flight on the transfer)
-                tl.store(SRC + bh * K + j, tl.where(miss, p, -1).to(tl.int32), mask=j < K)
-                tl.store(DST + bh * K + j, tl.where(miss, BASE + v, -1).to(tl.int32), mask=j < K)
+                kr = tl.load(KS + so, mask=mm, other=0.0)
+                vr = tl.load(VS + so, mask=mm, other=0.0)
+                tl.store(KD + do, kr, mask=mm)
+                tl.store(VD + do, vr, mask=mm)
+            else:  # for gather_rows after the kernel (more programs in flight on the transfer), compacted
+                tl.store(SRC + bh * K + mr, p.to(tl.int32), mask=miss)
+                tl.store(DST + bh * K + mr, (BASE + v).to(tl.int32), mask=miss)
             seen_heavy += tl.sum(heavy.to(tl.int32))
             seen_miss += tl.sum(miss.to(tl.int32))
+        if not GATHER:
+            tl.store(CNT + bh, n_miss)
         tl.atomic_add(STATS, n_heavy.to(tl.int64))
         tl.atomic_add(STATS + 1, n_hit.to(tl.int64))
 
@@ -332,6 +345,15 @@ def offload_bytes(num_layers: int, gpu_layers: int, batch: int, seq: int, num_kv
 
 FETCH_MODES = ("auto", "split", "fused", "reference")
 FUSED_MAX_K = 4096  # auto: tokens per (sequence, KV head) up to which the gather runs inside the fetch kernel
+FUSED_MIN_ROWS = 64  # auto: (sequence, KV head) programs from which it does at any K (enough programs in flight)
+
+
+def fused_gather(k: int, rows: int) -> bool:
+    """auto's choice: copy the rows inside the fetch kernel (one program per (sequence, KV head), ``rows`` of
+    them, ``k`` selected tokens each) rather than by a second, wider gather kernel. H100 (Llama-3.1-8B shape):
+    512K x 1 (8 programs): fused 40.2 vs split 38.3 tok/s at k = 2304, 12.9 vs 18.2 at k = 16640; one host layer
+    of 128K x 10 (80 programs, k = 4096, 3/4 hits): fused 1.91-1.96 vs split 2.71-2.75 ms."""
+    return k <= FUSED_MAX_K or rows >= FUSED_MIN_ROWS
 _FETCH_OK: dict = {}  # (device, head_dim, dtype, mode) -> whether the fused fetch passed its check
 
 
@@ -521,7 +543,7 @@ class HostKV:
             return fetch_fused(idx, length, self.res[hi], self.slot_tok[hi], self.lru[hi], self._mark, self._vict,
                                self.stats, self.k_host[hi], self.v_host[hi], self.ws_k[hi], self.ws_v[hi],
                                self.sink, self.window, gather=self.fetch_mode == "fused" or
-                               (self.fetch_mode == "auto" and idx.shape[-1] <= FUSED_MAX_K))
+                               (self.fetch_mode == "auto" and fused_gather(idx.shape[-1], idx.shape[0] * idx.shape[1])))
         return self.fetch_reference(hi, idx, length)
 
     def fetch_reference(self, hi: int, idx: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
