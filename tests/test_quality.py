@@ -312,6 +312,8 @@ def test_layer_budgets_keep_the_total_and_reach_every_path():
             reads.append(int(pol.select(layer, st, q, k, k, valid, 0.25)[0, 0, 0].sum()))
         assert reads == [8 + int(400 * pol.budget_for(i).heavy) for i in (0, 1)], (fast, reads)
         assert reads[1] > 2 * reads[0]
+    with pytest.raises(ValueError, match="its own rule"):  # a policy whose selection would ignore them
+        ha.make_policy("bucket", ha.Budget(heavy=1 / 8)).set_layer_weights("1:3", 2)
 
 
 def test_suite_checks_layer_weights_before_running():

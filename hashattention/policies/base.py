@@ -48,6 +48,9 @@ class SelectionPolicy:
         """Share the heavy budget unevenly over the layers at the same total: ``weights`` {layer: w} or
         'layer:w,...' (a listed layer reads w times an unlisted one). Returns self."""
         from ..core.budget import layer_budgets
+        if weights and type(self).select is not SelectionPolicy.select:  # its own rule reads self.budget
+            raise ValueError(f"policy {self.name!r} selects by its own rule: per-layer budgets apply to the "
+                             "policies on the shared top-k selection (hash, oracle, quest, h2o, ...)")
         self.layer_budgets = layer_budgets(self.budget, weights, num_layers) if weights else {}
         return self
 
