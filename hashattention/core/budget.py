@@ -172,15 +172,13 @@ def parse_layer_weights(text) -> dict:
         items = list(text.items())
     else:
         items = []
-        for part in str(text).split(","):
-            if not part.strip():
-                continue
+        for part in filter(str.strip, str(text).split(",")):
             layer, sep, w = part.partition(":")
             try:
-                items.append((int(layer), float(w)))
+                items.append((int(layer), float(w)) if sep else None)
             except ValueError:
-                raise ValueError(f"cannot read layer weights from {text!r}: use layer:weight,... (e.g. 20:4,19:2)")
-            if not sep:
+                items.append(None)
+            if items[-1] is None:
                 raise ValueError(f"cannot read layer weights from {text!r}: use layer:weight,... (e.g. 20:4,19:2)")
     out = {}
     for layer, w in items:

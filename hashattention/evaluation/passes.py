@@ -4,15 +4,15 @@
     hashattention eval --work /tmp/quality --deadline 500 \
         --pass "mode=context;policies=dense,oracle,hash-sum,hash-max;budgets=1/32,1/64;samples=12" \
         --pass "mode=everywhere;policies=dense,oracle,hash-max;budgets=1/16,1/32;samples=4;ppl=2" \
-        --pass "mode=context;policies=hash-max;budgets=1/32;samples=12;maps=/tmp/t/long.safetensors;tag=long"
+        --pass "mode=context;policies=hash-max;budgets=1/32;samples=12;maps=/tmp/t/long.safetensors;tag=long" \
         --pass "mode=context;policies=hash-sum;budgets=1/32;samples=12;layers=20:4;tag=l20x4"
 
 Each pass is a resumable `Suite` run of one mode (its own results file, ``quality_<mode>_<tag>.json``); passes
 of the same mode share the prompts (same seed), and a pass with other maps reuses the dense records of the
 mode's first pass instead of recomputing them. ``layers=20:4,19:2``: the heavy budget shared unevenly over the
-layers at the same total (a listed layer reads its weight times an unlisted one; core.budget.layer_budgets). At the end every results file is summarised into
-``quality_summary.{json,md,png}`` (paired deltas against dense with 95% bootstrap intervals,
-:mod:`hashattention.evaluation.quality`).
+layers at the same total (a listed layer reads its weight times an unlisted one; core.budget.layer_budgets). At
+the end every results file is summarised into ``quality_summary.{json,md,png}`` (paired deltas against dense with
+95% bootstrap intervals, :mod:`hashattention.evaluation.quality`).
 """
 from __future__ import annotations
 
