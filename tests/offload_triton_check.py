@@ -49,7 +49,7 @@ for b, h, s, d, p, k, dtype in [(2, 3, 200, 16, 40, 24, torch.float32), (1, 8, 1
 print("gather ok", flush=True)
 
 
-def check_fused_fetch(b, h, s, d, sink, window, heavy, c, steps, seed, dtype=torch.bfloat16):
+def check_fused_fetch(b, h, s, d, sink, window, heavy, c, steps, seed, dtype=torch.bfloat16, layout="interleaved"):
     """The fused fetch kernel against HostKV.fetch_reference, step after step on two copies of the same state,
     with selections that mix hits and misses: rows whose heavy set repeats the last one (all hits), rows of
     fresh tokens only (all misses), rows with few heavy tokens (-1 padding); 2 host layers; both ways of copying
@@ -58,7 +58,9 @@ def check_fused_fetch(b, h, s, d, sink, window, heavy, c, steps, seed, dtype=tor
     g = torch.Generator().manual_seed(seed)
     start = s - steps - 1
     rows = torch.randn(2, b, h, s, d, generator=g).to(dtype)
-    hks = [HostKV(2, [0, 1], b, s, h, d, dtype, DEV, sink, window, c, hash_mode=True) for _ in range(2)]
+    # the kernel on the given host layout against the reference on two separate tensors
+    hks = [HostKV(2, [0, 1], b, s, h, d, dtype, DEV, sink, window, c, hash_mode=True, layout=lay)
+           for lay in (layout, "separate")]
     fused_kv, ref_kv = hks
     for hk in hks:
         for hi in range(2):
@@ -117,7 +119,7 @@ def check_fused_fetch(b, h, s, d, sink, window, heavy, c, steps, seed, dtype=tor
 # (b, h, s, d, sink, window, heavy, C, steps): C = 2x heavy, C == heavy (the edge), no window, several blocks
 for case in [(2, 3, 160, 16, 4, 8, 12, 24, 12), (1, 2, 120, 32, 2, 4, 16, 16, 12), (2, 2, 100, 16, 3, 0, 10, 20, 8),
              (1, 2, 400, 16, 4, 4, 150, 300, 6)]:
-    check_fused_fetch(*case, seed=sum(case))
+    check_fused_fetch(*case, seed=sum(case), layout="separate" if case[2] == 100 else "interleaved")
 from hashattention.engine.offload import fused_fetch_works  # noqa: E402
 for mode in ("split", "fused"):  # the engine's own once-per-process check passes with the real kernel
     assert fused_fetch_works(DEV, 64, torch.bfloat16, mode), mode

@@ -367,19 +367,61 @@ def test_bench_fetch_reaches_the_hit_rate_it_asks_for_and_refuses_bad_input(tmp_
     fetch.add_arguments(p)
     args = p.parse_args(["--context", "4K", "--batch", "2", "--kv-heads", "2", "--head-dim", "16", "--heavy", "64",
                          "--sink", "4", "--window", "4", "--modes", "reference", "--steps", "3", "--warmup", "3",
-                         "--device", "cpu", "--out", str(tmp_path)])
+                         "--device", "cpu", "--out", str(tmp_path), "--layouts", "interleaved,separate"])
     assert fetch.run(args) == 0
     res = json.loads((tmp_path / "fetch_cpu.json").read_text())
-    (row,) = res["rows"]
-    assert row["hit_rate"] == pytest.approx(0.75, abs=0.01) and row["k"] == 72 and row["ms_per_layer"] > 0
-    assert row["miss_bytes_per_layer"] == pytest.approx(2 * 2 * 16 * 2 * 16 * 4, rel=0.05)  # 16 misses per row
-    assert "| reference |" in (tmp_path / "fetch_cpu.md").read_text()
+    assert [r["layout"] for r in res["rows"]] == ["interleaved", "separate"]
+    for row in res["rows"]:
+        assert row["hit_rate"] == pytest.approx(0.75, abs=0.01) and row["k"] == 72 and row["ms_per_layer"] > 0
+        assert row["miss_bytes_per_layer"] == pytest.approx(2 * 2 * 16 * 2 * 16 * 4, rel=0.05)  # 16 misses a row
+    md = (tmp_path / "fetch_cpu.md").read_text()
+    assert "| interleaved | reference |" in md and "reference: interleaved layout against separate" in md
     # auto's rule at the measured shapes: 512K x 1 at heavy 2048 and 1/32, 128K x 10 at 1/32 (8 KV heads)
     from hashattention.engine.offload import fused_gather
     assert fused_gather(2304, 8) and not fused_gather(16640, 8) and fused_gather(4352, 80)
     for bad, msg in [(["--modes", "fast"], "unknown"), (["--hit", "1"], "--hit"), (["--context", "200"], "too few"),
-                     (["--row-cache", "0.5"], "at least the heavy budget"), (["--modes", "fused"], "Triton")]:
+                     (["--row-cache", "0.5"], "at least the heavy budget"), (["--modes", "fused"], "Triton"),
+                     (["--layouts", "rows"], "--layouts")]:
         a = p.parse_args(["--context", "4K", "--heavy", "64", "--batch", "1", "--kv-heads", "1", "--head-dim", "16",
                           "--device", "cpu", "--modes", "reference"] + bad)
         with pytest.raises(ValueError, match=msg):
             fetch.measure(a)
+
+
+def test_host_layouts_hold_the_same_rows_and_refuse_unknown(monkeypatch):
+    """A token's K and V side by side ([..., S, 2, D], the default with hashing) or two tensors: the same fetched
+    rows, steps and counters; k_host and v_host are views of one tensor with equal strides; the host bytes are
+    the same; an unknown layout is named."""
+    b, h, s, d, sink, window, heavy = 2, 2, 200, 8, 4, 4, 16
+    kvs = {lay: HostKV(1, [0], b, s, h, d, torch.float32, "cpu", sink, window, 2 * heavy, hash_mode=True, layout=lay)
+           for lay in ("interleaved", "separate")}
+    il, sep = kvs["interleaved"], kvs["separate"]
+    assert HostKV(1, [0], b, s, h, d, torch.float32, "cpu", sink, window, 32, hash_mode=True).layout == "interleaved"
+    assert HostKV(1, [0], b, s, h, d, torch.float32, "cpu", sink, window, 0, hash_mode=False).layout == "separate"
+    assert il.k_host.stride() == il.v_host.stride() and il.v_host.data_ptr() - il.k_host.data_ptr() == d * 4
+    assert len(il.host_tensors()) == 1 and len(sep.host_tensors()) == 2 and il.host_bytes() == sep.host_bytes()
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(b, h, s, d, generator=g)
+    for hk in kvs.values():
+        hk.write_chunk(0, 0, rows[:, :, :150], -rows[:, :, :150])
+    assert torch.equal(il.k_host[0], sep.k_host[0]) and torch.equal(il.v_host[0], sep.v_host[0])
+    for step in range(6):
+        pos = 150 + step
+        length, one = torch.tensor([pos + 1]), torch.tensor([pos])
+        far = torch.stack([torch.randperm(pos + 1 - window - sink, generator=g)[:heavy] + sink for _ in range(b * h)])
+        idx = torch.cat([torch.arange(sink).expand(b * h, sink), far.sort(-1).values,
+                         torch.arange(pos + 1 - window, pos + 1).expand(b * h, window)], 1).view(b, h, -1).int()
+        out = []
+        for hk in kvs.values():
+            hk.write_token(0, rows[:, :, pos], -rows[:, :, pos], one, hk.ring_slot(one))
+            w = hk.fetch(0, idx, length)
+            sel = w.long()[..., None].expand(-1, -1, -1, d)
+            out.append((w, hk.ws_k[0].gather(2, sel), hk.ws_v[0].gather(2, sel), hk.stats.clone()))
+        for a, r in zip(*out):
+            assert torch.equal(a, r), step
+        want = rows.gather(2, idx.long()[..., None].expand(-1, -1, -1, d))
+        assert torch.equal(out[0][1], want) and torch.equal(out[0][2], -want)
+    monkeypatch.setenv("HASHATTENTION_OFFLOAD_LAYOUT", "rows")
+    with pytest.raises(ValueError, match="HASHATTENTION_OFFLOAD_LAYOUT"):
+        HostKV(1, [0], b, s, h, d, torch.float32, "cpu", sink, window, 32, hash_mode=True)
+

@@ -16,13 +16,14 @@ On a CPU only ``reference`` runs, unless TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
 
 from ..core.budget import Budget, parse_heavy
 from ..engine.memory import parse_tokens
-from ..engine.offload import FETCH_MODES, HostKV, fused_gather, use_triton
+from ..engine.offload import FETCH_MODES, HOST_LAYOUTS, HostKV, fused_gather, use_triton
 from . import device_tag, write_results
 
 
@@ -37,6 +38,8 @@ def add_arguments(p):
     p.add_argument("--row-cache", type=float, default=2.0, help="heavy-row cache slots, in multiples of heavy")
     p.add_argument("--hit", type=float, default=0.75, help="fraction of a step's heavy tokens selected the step before")
     p.add_argument("--modes", default="fused,split", help=f"comma list of {', '.join(FETCH_MODES)}")
+    p.add_argument("--layouts", default="interleaved", help="comma list of host layouts (interleaved: a token's K "
+                   "and V side by side; separate: two tensors)")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=12)
     p.add_argument("--repeats", type=int, default=2, help="passes over the modes (their order alternates)")
@@ -66,7 +69,7 @@ def measure(args) -> dict:
         raise ValueError(f"--hit must be in [0, 1), got {args.hit}")
     middle = s - args.sink - args.window
     new = max(1, round(heavy * (1 - args.hit)))  # tokens a step brings in
-    need = heavy + new * (args.warmup + args.steps * args.repeats * len(modes))
+    need = heavy + new * (args.warmup + len(modes) + args.steps * args.repeats * len(modes))  # per layout
     if heavy < 1 or need > middle:
         raise ValueError(f"a context of {s} tokens holds {middle} between sink and window: too few for {heavy} heavy "
                          f"tokens sliding by {new} over {args.warmup} + steps; use a longer --context or fewer steps")
@@ -83,41 +86,51 @@ def measure(args) -> dict:
     def selection(t):  # int32 [B, Hkv, sink + heavy + window], ascending
         return torch.cat([fixed, perm[..., t * new: t * new + heavy]], -1).sort(-1).values.int().contiguous()
 
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    if not layouts or any(x not in HOST_LAYOUTS for x in layouts):
+        raise ValueError(f"--layouts: choose from {', '.join(HOST_LAYOUTS)}, got {args.layouts!r}")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    hk = HostKV(1, [0], b, s, h, d, dtype, dev, args.sink, args.window, slots, hash_mode=True)
-    length = torch.tensor([s], device=dev)
-    clock = _timer(dev)
-    t = 0
-    for i in range(args.warmup):  # fill the row cache (any mode: the state is the same)
-        hk.fetch(0, selection(t), length)
-        t += 1
-    k = args.sink + heavy + args.window
-    times = {m: [] for m in modes}
-    hits = {m: [0, 0] for m in modes}
-    for r in range(args.repeats):
-        for m in (modes if r % 2 == 0 else modes[::-1]):
-            hk.fetch_mode = m
-            sel = [selection(t + i) for i in range(args.steps)]
-            hk.stats.zero_()
-            t0 = clock()
-            for x in sel:
-                hk.fetch(0, x, length)
-            times[m].append((clock() - t0) * 1e3 / args.steps)
-            st = hk.stats.tolist()
-            hits[m][0] += st[0]
-            hits[m][1] += st[1]
-            t += args.steps
-    elt = torch.empty(0, dtype=dtype).element_size()
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    k = args.sink + heavy + args.window
+    elt = torch.empty(0, dtype=dtype).element_size()
     rows = []
-    for m in modes:
-        ms = sorted(times[m])[len(times[m]) // 2]
-        hit = hits[m][1] / max(hits[m][0], 1)
-        miss_bytes = hits[m][0] / (args.repeats * args.steps) * (1 - hit) * 2 * d * elt
-        rows.append({"mode": m, "copies": ("fused" if fused_gather(k, b * h) else "split") if m == "auto" else m,
-                     "ms_per_layer": ms, "ms_all": times[m], "hit_rate": hit, "miss_bytes_per_layer": miss_bytes,
-                     "miss_gbps": miss_bytes / ms / 1e6, "context": s, "batch": b, "kv_heads": h, "head_dim": d,
-                     "heavy": heavy, "k": k, "row_cache": slots, "device": name})
+    for layout in layouts:
+        hk = HostKV(1, [0], b, s, h, d, dtype, dev, args.sink, args.window, slots, hash_mode=True, layout=layout)
+        length = torch.tensor([s], device=dev)
+        clock = _timer(dev)
+        t = 0
+        for i in range(args.warmup):  # fill the row cache (any mode: the state is the same)
+            hk.fetch(0, selection(t), length)
+            t += 1
+        for m in modes:  # compile each mode's kernels outside the timing (the first launch of a split fetch is
+            hk.fetch_mode = m  # its gather kernel's compile: 70 ms on an H100)
+            hk.fetch(0, selection(t), length)
+            t += 1
+        times = {m: [] for m in modes}
+        hits = {m: [0, 0] for m in modes}
+        for r in range(args.repeats):
+            for m in (modes if r % 2 == 0 else modes[::-1]):
+                hk.fetch_mode = m
+                sel = [selection(t + i) for i in range(args.steps)]
+                hk.stats.zero_()
+                t0 = clock()
+                for x in sel:
+                    hk.fetch(0, x, length)
+                times[m].append((clock() - t0) * 1e3 / args.steps)
+                st = hk.stats.tolist()
+                hits[m][0] += st[0]
+                hits[m][1] += st[1]
+                t += args.steps
+        del hk
+        for m in modes:
+            ms = statistics.median(times[m])
+            hit = hits[m][1] / max(hits[m][0], 1)
+            miss_bytes = hits[m][0] / (args.repeats * args.steps) * (1 - hit) * 2 * d * elt
+            rows.append({"mode": m, "layout": layout,
+                         "copies": ("fused" if fused_gather(k, b * h) else "split") if m == "auto" else m,
+                         "ms_per_layer": ms, "ms_all": times[m], "hit_rate": hit, "miss_bytes_per_layer": miss_bytes,
+                         "miss_gbps": miss_bytes / ms / 1e6, "context": s, "batch": b, "kv_heads": h, "head_dim": d,
+                         "heavy": heavy, "k": k, "row_cache": slots, "device": name})
     return {"device": name, "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
             "steps": args.steps, "repeats": args.repeats, "target_hit": args.hit, "rows": rows}
 
@@ -128,14 +141,20 @@ def markdown(res: dict) -> str:
              f"torch {res['torch']}, {res['dtype']}; {r0['batch']} x {r0['kv_heads']} (sequence, KV head) rows of "
              f"{r0['context']:,} tokens, {r0['k']:,} selected per row ({r0['heavy']:,} heavy), row cache "
              f"{r0['row_cache']:,}; median of {res['repeats']} passes of {res['steps']} steps.", "",
-             "| mode | copies | ms per layer | hit rate | MB of misses | GB/s of misses |", "|---|---|---|---|---|---|"]
+             "| layout | mode | copies | ms per layer | hit rate | MB of misses | GB/s of misses |",
+             "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        lines.append(f"| {r['mode']} | {r['copies']} | {r['ms_per_layer']:.3f} | {r['hit_rate']:.3f} | "
-                     f"{r['miss_bytes_per_layer'] / 1e6:.1f} | {r['miss_gbps']:.1f} |")
-    by = {r["mode"]: r for r in res["rows"]}
-    if "fused" in by and "split" in by:
-        lines += ["", f"fused against split: **{by['split']['ms_per_layer'] / by['fused']['ms_per_layer']:.2f}x** "
-                      "(split's time over fused's)"]
+        lines.append(f"| {r.get('layout', 'separate')} | {r['mode']} | {r['copies']} | {r['ms_per_layer']:.3f} | "
+                     f"{r['hit_rate']:.3f} | {r['miss_bytes_per_layer'] / 1e6:.1f} | {r['miss_gbps']:.1f} |")
+    by = {(r.get("layout", "separate"), r["mode"]): r for r in res["rows"]}
+    for lay in dict.fromkeys(r.get("layout", "separate") for r in res["rows"]):
+        if (lay, "fused") in by and (lay, "split") in by:
+            lines += ["", f"{lay}: fused against split **{by[lay, 'split']['ms_per_layer'] / by[lay, 'fused']['ms_per_layer']:.2f}x** "
+                          "(split's time over fused's)"]
+    for m in dict.fromkeys(r["mode"] for r in res["rows"]):
+        if ("interleaved", m) in by and ("separate", m) in by:
+            lines += ["", f"{m}: interleaved layout against separate **{by['separate', m]['ms_per_layer'] / by['interleaved', m]['ms_per_layer']:.2f}x** "
+                          "(separate's time over interleaved's)"]
     return "\n".join(lines) + "\n"
 
 
@@ -145,7 +164,8 @@ def plot(res: dict, path: str):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3))
     rows = res["rows"]
-    ax.bar([r["mode"] for r in rows], [r["ms_per_layer"] for r in rows], color="#4c72b0")
+    ax.bar([f"{r['mode']}\n{r.get('layout', 'separate')}" for r in rows], [r["ms_per_layer"] for r in rows],
+           color="#4c72b0")
     ax.set_ylabel("ms per host layer")
     ax.set_title(f"offload fetch, {rows[0]['context'] // 1024}K x {rows[0]['batch']} ({res['device']})", fontsize=9)
     fig.tight_layout()

@@ -103,8 +103,8 @@ def _synthetic(m, context: int):
         _fill(m.v_cache, g)
     hk = m.host_kv
     if hk is not None:
-        _fill(hk.k_host, gh)
-        _fill(hk.v_host, gh)
+        for t in hk.host_tensors():
+            _fill(t, gh)
         if hk.hash_mode:
             _fill(hk.ws_k, g)
             _fill(hk.ws_v, g)
@@ -183,6 +183,7 @@ def _case(m, maps, budget, heavy_label, context, batch, mode, args, slots, gpu_l
         if offload:
             row["gpu_layers"] = m.c.num_layers - len(hk.host_layers)
             row["row_cache"] = hk.slots if hashed and read == "gather" else 0
+            row["layout"] = hk.layout
         if bw and pcie:
             row["bw_fraction"] = pcie / (ms / 1e3) / bw
         if offload and hashed and read == "gather" and args.offload_breakdown == "on":
@@ -381,6 +382,11 @@ def summary(res: dict) -> list[str]:
                     and d["heavy"] == r["heavy"] and same(r, d):
                 out.append(f"- {r['context']:,} x {r['batch']}, heavy {r['heavy']}: direct reads {r['tok_s']:.1f} "
                            f"tok/s against the row cache's {d['tok_s']:.1f}: **{r['tok_s'] / d['tok_s']:.2f}x**")
+            if r.get("layout") == "interleaved" and d.get("layout") == "separate" and d["mode"] == "hash-offload" \
+                    and d["heavy"] == r["heavy"] and d.get("row_cache") == r.get("row_cache") and same(r, d):
+                out.append(f"- {r['context']:,} x {r['batch']}, heavy {r['heavy']}: a token's K and V side by side in "
+                           f"host memory {r['tok_s']:.1f} tok/s against two separate tensors' {d['tok_s']:.1f}: "
+                           f"**{r['tok_s'] / d['tok_s']:.2f}x**")
             if r.get("fetch") == "fused" and d.get("fetch") == "split" and d["heavy"] == r["heavy"] and same(r, d):
                 out.append(f"- {r['context']:,} x {r['batch']}, heavy {r['heavy']}: the rows copied inside the fetch "
                            f"kernel {r['tok_s']:.1f} tok/s against a second gather kernel's {d['tok_s']:.1f}: "
@@ -390,10 +396,11 @@ def summary(res: dict) -> list[str]:
         off = [r for r in here if r["mode"] == "hash-offload"]
         dense = [r for r in here if r["mode"] == "dense-gpu"]
         if off and dense:
-            bo = max(off, key=lambda r: (r["batch"], r["tok_s"]))
+            bo = max(off, key=lambda r: (r["batch"], r.get("layout") != "separate", r["tok_s"]))  # the default
             bd = max(dense, key=lambda r: (r["batch"], r["tok_s"]))
             drift = f", query drift {bo['query_drift']:g}" if bo.get("query_drift") else ""
-            out.append(f"- {ctx:,}{drift}: largest batch with offload {bo['batch']} ({bo['tok_s']:.1f} tok/s, "
+            tag = f", run {run}" if run else ""
+            out.append(f"- {ctx:,}{drift}{tag}: largest batch with offload {bo['batch']} ({bo['tok_s']:.1f} tok/s, "
                        f"{bo.get('gpu_layers')} layers' K/V on the GPU) against the largest dense batch on the card "
                        f"{bd['batch']} ({bd['tok_s']:.1f} tok/s): **{bo['batch'] / bd['batch']:.2f}x** the batch, "
                        f"**{bo['tok_s'] / bd['tok_s']:.2f}x** the throughput")
@@ -404,7 +411,10 @@ def _variant(r: dict) -> str:
     """How hash-offload read its rows, where a run compared ways: direct reads, or the fetch kernel's mode."""
     if r.get("read") == "direct":
         return " (direct)"
-    return f" ({r['fetch']} fetch)" if r.get("fetch") and r.get("run") else ""
+    ways = [f"{r['fetch']} fetch"] if r.get("fetch") and r.get("run") else []
+    if r.get("layout") and r.get("run") and r["mode"] == "hash-offload":
+        ways.append(r["layout"])
+    return f" ({', '.join(ways)})" if ways else ""
 
 
 def table(res: dict) -> str:
@@ -443,6 +453,9 @@ def table(res: dict) -> str:
     s = summary(res)
     if s:
         lines += ["", "Comparisons (same run):", ""] + s
+    for f in res.get("fetch", []):  # `bench fetch` runs joined to this file: one host layer's fetch alone
+        from .fetch import markdown as fetch_markdown
+        lines += [""] + ["#" + x if x.startswith("# ") else x for x in fetch_markdown(f).splitlines()]
     return "\n".join(lines) + "\n"
 
 

@@ -3,7 +3,9 @@
 Tiered by layer: the first ``gpu_layers`` layers keep K/V on the GPU as before; every other ("host") layer keeps
 its K/V in pinned host memory and, on the GPU, a small *working set* per (layer, sequence, KV head):
 
-    k_host, v_host  [Lh, B, Hkv, S, D]        pinned host memory (a plain CPU tensor in the CPU reference path)
+    k_host, v_host  [Lh, B, Hkv, S, D]        pinned host memory (a plain CPU tensor in the CPU reference path);
+                                              with hashing, views of one [Lh, B, Hkv, S, 2, D] tensor (a token's
+                                              K and V rows side by side: a miss reads one span)
     ws_k, ws_v      [Lh, B, Hkv, P + 1, D]    GPU; P = sink + ring + C slots, then one trash slot:
                         [0, sink)             the sink tokens 0..sink-1
                         [sink, sink + ring)   the recent window: token p at sink + p % ring (ring = max(window, 1))
@@ -345,6 +347,7 @@ def offload_bytes(num_layers: int, gpu_layers: int, batch: int, seq: int, num_kv
 
 
 FETCH_MODES = ("auto", "split", "fused", "reference")
+HOST_LAYOUTS = ("interleaved", "separate")
 FUSED_MAX_K = 4096  # auto: tokens per (sequence, KV head) up to which the gather runs inside the fetch kernel
 FUSED_MIN_ROWS = 64  # auto: (sequence, KV head) programs from which it does at any K (enough programs in flight)
 
@@ -353,7 +356,9 @@ def fused_gather(k: int, rows: int) -> bool:
     """auto's choice: copy the rows inside the fetch kernel (one program per (sequence, KV head), ``rows`` of
     them, ``k`` selected tokens each) rather than by a second, wider gather kernel. H100 (Llama-3.1-8B shape):
     512K x 1 (8 programs): fused 40.2 vs split 38.3 tok/s at k = 2304, 12.9 vs 18.2 at k = 16640; one host layer
-    of 128K x 10 (80 programs, k = 4096, 3/4 hits): fused 1.91-1.96 vs split 2.71-2.75 ms."""
+    of 128K x 10 (80 programs, k = 4096, 3/4 hits): fused 1.91-1.96 vs split 2.71-2.75 ms. With K and V side by
+    side in host memory (the default layout since): 128K x 10 fused 1.24 vs split 1.92 ms, 512K x 1 (k = 16640)
+    split 0.87 vs fused 1.47 ms (``bench fetch``)."""
     return k <= FUSED_MAX_K or rows >= FUSED_MIN_ROWS
 
 
@@ -418,7 +423,7 @@ class HostKV:
 
     def __init__(self, num_layers: int, host_layers: list[int], batch: int, seq: int, num_kv_heads: int,
                  head_dim: int, dtype, device, sink: int, window: int, cache_slots: int, hash_mode: bool,
-                 self_check: bool = True):
+                 self_check: bool = True, layout: str | None = None):
         self.host_layers = list(host_layers)
         self.index = [-1] * num_layers  # engine layer -> host layer or -1
         for i, li in enumerate(self.host_layers):
@@ -428,14 +433,24 @@ class HostKV:
         self.sink, self.window, self.ring, self.slots = sink, window, max(window, 1), cache_slots
         self.base = sink + self.ring  # first heavy slot
         self.seq = seq
+        # layout: "interleaved" keeps a token's K and V rows side by side ([..., S, 2, D]; k_host and v_host are
+        # views of one tensor with the same strides), so a miss reads one 2*D span of host memory, not two rows
+        # in separate gigabytes of it; "separate" is two [..., S, D] tensors (the dense baseline streams them)
+        self.layout = layout or os.environ.get("HASHATTENTION_OFFLOAD_LAYOUT",
+                                               "interleaved" if hash_mode else "separate")
+        if self.layout not in HOST_LAYOUTS:
+            raise ValueError(f"HASHATTENTION_OFFLOAD_LAYOUT must be one of {', '.join(HOST_LAYOUTS)}, got "
+                             f"{self.layout!r}")
         shape = (lh, batch, num_kv_heads, seq, head_dim)
+        shapes = [shape[:-1] + (2, head_dim)] if self.layout == "interleaved" else [shape, shape]
         if self.device.type == "cuda":
-            self.k_host, self.v_host = pinned_empty(shape, dtype), pinned_empty(shape, dtype)
-            if use_triton(torch.empty(1, head_dim, device=self.device)):  # the step will read it with Triton
-                check_device_can_read(self.k_host, self.device)
+            self._host = [pinned_empty(sh, dtype) for sh in shapes]
         else:
-            self.k_host = torch.zeros(shape, dtype=dtype, device="cpu")
-            self.v_host = torch.zeros(shape, dtype=dtype, device="cpu")
+            self._host = [torch.zeros(sh, dtype=dtype, device="cpu") for sh in shapes]
+        self.k_host, self.v_host = (self._host[0].select(-2, 0), self._host[0].select(-2, 1)) \
+            if self.layout == "interleaved" else self._host
+        if self.device.type == "cuda" and use_triton(torch.empty(1, head_dim, device=self.device)):
+            check_device_can_read(self.k_host, self.device)  # the step will read it with Triton
         # CUDA: the host K/V are only ever touched by GPU loads and stores (copy_rows, gather_rows)
         self.gpu_io = use_triton(torch.empty(1, head_dim, device=self.device))  # the interpreter too (tests)
         self.hash_mode = hash_mode
@@ -465,7 +480,11 @@ class HostKV:
                 self.fetch_mode = "reference"
 
     def host_bytes(self) -> int:
-        return 2 * self.k_host.numel() * self.k_host.element_size()
+        return sum(t.numel() * t.element_size() for t in self._host)
+
+    def host_tensors(self) -> list:
+        """The contiguous host tensors behind k_host and v_host (one when interleaved, else two)."""
+        return list(self._host)
 
     def reset(self):
         """Empty the heavy-row caches and the counters (a new prompt)."""
