@@ -425,3 +425,19 @@ def test_host_layouts_hold_the_same_rows_and_refuse_unknown(monkeypatch):
     with pytest.raises(ValueError, match="HASHATTENTION_OFFLOAD_LAYOUT"):
         HostKV(1, [0], b, s, h, d, torch.float32, "cpu", sink, window, 32, hash_mode=True)
 
+
+
+def test_fetch_self_check_ignores_torch_default_device():
+    """The once-per-process check draws its random state on the CPU whatever torch's default device is (a user's
+    torch.set_default_device("cuda") made it fail and fall back to the slow torch-ops fetch, found on an H100)."""
+    import warnings
+    from hashattention.engine import offload as off
+    off._FETCH_OK.clear()
+    torch.set_default_device("meta")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert off.fused_fetch_works(torch.device("cpu"), 16, torch.float32, "reference")
+    finally:
+        torch.set_default_device("cpu")
+        off._FETCH_OK.clear()

@@ -80,7 +80,7 @@ def measure(args) -> dict:
         raise ValueError(f"the fused and split fetches are Triton kernels: on {dev} run --modes reference "
                          "(or TRITON_INTERPRET=1)")
     g = torch.Generator(device="cpu").manual_seed(0)
-    perm = (torch.argsort(torch.rand(b * h, middle, generator=g), -1)[:, :need] + args.sink).view(b, h, need).to(dev)
+    perm = (torch.argsort(torch.rand(b * h, middle, generator=g, device="cpu"), -1)[:, :need] + args.sink).view(b, h, need).to(dev)
     fixed = torch.cat([torch.arange(args.sink), torch.arange(s - args.window, s)]).to(dev).expand(b, h, -1)
 
     def selection(t):  # int32 [B, Hkv, sink + heavy + window], ascending

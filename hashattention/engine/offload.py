@@ -381,7 +381,7 @@ def fused_fetch_works(device, head_dim: int, dtype, mode: str = "split", steps: 
         hks = [HostKV(1, [0], 1, s, 2, head_dim, dtype, device, sink, window, c, True, self_check=False)
                for _ in range(2)]
         hks[0].fetch_mode, hks[1].fetch_mode = mode, "reference"
-        rows = torch.randn(2, s, head_dim, generator=g).to(dtype)[None].to(device)
+        rows = torch.randn(2, s, head_dim, generator=g, device="cpu").to(dtype)[None].to(device)
         start = s - steps
         for hk in hks:
             hk.write_chunk(0, 0, rows[:, :, :start], -rows[:, :, :start])
@@ -391,14 +391,15 @@ def fused_fetch_works(device, head_dim: int, dtype, mode: str = "split", steps: 
             one, length = torch.tensor([pos], device=device), torch.tensor([pos + 1], device=device)
             for hk in hks:
                 hk.write_token(0, rows[:, :, pos], -rows[:, :, pos], one, hk.ring_slot(one))
-            far = torch.stack([torch.randperm(pos + 1 - window - sink, generator=g)[:heavy] + sink
+            far = torch.stack([torch.randperm(pos + 1 - window - sink, generator=g, device="cpu")[:heavy] + sink
                                for _ in range(2)])  # [Hkv, heavy]
             if prev is not None and step % 2:  # every other step half the previous step's tokens: hits
                 far[:, : heavy // 2] = prev[:, : heavy // 2]
             prev = far
-            idx = torch.cat([torch.arange(sink).expand(2, sink), far,
-                             torch.arange(pos + 1 - window, pos + 1).expand(2, window)], 1)
-            idx = torch.cat([idx, torch.full((2, 3), -1)], 1)[None].to(torch.int32).to(device)
+            cpu = far.device  # the draws stay on the CPU whatever torch's default device (one seeded stream)
+            idx = torch.cat([torch.arange(sink, device=cpu).expand(2, sink), far,
+                             torch.arange(pos + 1 - window, pos + 1, device=cpu).expand(2, window)], 1)
+            idx = torch.cat([idx, torch.full((2, 3), -1, device=cpu)], 1)[None].to(torch.int32).to(device)
             got, want = (hk.fetch(0, idx, length) for hk in hks)
             ok = ok and torch.equal(got, want)
             for hk, w in zip(hks, (got, want)):  # the rows each path put where its indices point
