@@ -80,7 +80,8 @@ def measure(args) -> dict:
         raise ValueError(f"the fused and split fetches are Triton kernels: on {dev} run --modes reference "
                          "(or TRITON_INTERPRET=1)")
     g = torch.Generator(device="cpu").manual_seed(0)
-    perm = (torch.argsort(torch.rand(b * h, middle, generator=g, device="cpu"), -1)[:, :need] + args.sink).view(b, h, need).to(dev)
+    draws = torch.rand(b * h, middle, generator=g, device="cpu")  # on the CPU whatever torch's default device
+    perm = (torch.argsort(draws, -1)[:, :need] + args.sink).view(b, h, need).to(dev)
     fixed = torch.cat([torch.arange(args.sink), torch.arange(s - args.window, s)]).to(dev).expand(b, h, -1)
 
     def selection(t):  # int32 [B, Hkv, sink + heavy + window], ascending
@@ -146,15 +147,15 @@ def markdown(res: dict) -> str:
     for r in res["rows"]:
         lines.append(f"| {r.get('layout', 'separate')} | {r['mode']} | {r['copies']} | {r['ms_per_layer']:.3f} | "
                      f"{r['hit_rate']:.3f} | {r['miss_bytes_per_layer'] / 1e6:.1f} | {r['miss_gbps']:.1f} |")
-    by = {(r.get("layout", "separate"), r["mode"]): r for r in res["rows"]}
-    for lay in dict.fromkeys(r.get("layout", "separate") for r in res["rows"]):
-        if (lay, "fused") in by and (lay, "split") in by:
-            lines += ["", f"{lay}: fused against split **{by[lay, 'split']['ms_per_layer'] / by[lay, 'fused']['ms_per_layer']:.2f}x** "
-                          "(split's time over fused's)"]
-    for m in dict.fromkeys(r["mode"] for r in res["rows"]):
-        if ("interleaved", m) in by and ("separate", m) in by:
-            lines += ["", f"{m}: interleaved layout against separate **{by['separate', m]['ms_per_layer'] / by['interleaved', m]['ms_per_layer']:.2f}x** "
-                          "(separate's time over interleaved's)"]
+    ms = {(r.get("layout", "separate"), r["mode"]): r["ms_per_layer"] for r in res["rows"]}
+    for lay in dict.fromkeys(lay for lay, _ in ms):
+        if (lay, "fused") in ms and (lay, "split") in ms:
+            lines += ["", f"{lay}: fused against split **{ms[lay, 'split'] / ms[lay, 'fused']:.2f}x** (split's time "
+                          "over fused's)"]
+    for m in dict.fromkeys(m for _, m in ms):
+        if ("interleaved", m) in ms and ("separate", m) in ms:
+            lines += ["", f"{m}: interleaved layout against separate **{ms['separate', m] / ms['interleaved', m]:.2f}x**"
+                          " (separate's time over interleaved's)"]
     return "\n".join(lines) + "\n"
 
 

@@ -453,9 +453,10 @@ def table(res: dict) -> str:
     s = summary(res)
     if s:
         lines += ["", "Comparisons (same run):", ""] + s
-    for f in res.get("fetch", []):  # `bench fetch` runs joined to this file: one host layer's fetch alone
+    if res.get("fetch"):  # `bench fetch` runs joined to this file: one host layer's fetch alone
         from .fetch import markdown as fetch_markdown
-        lines += [""] + ["#" + x if x.startswith("# ") else x for x in fetch_markdown(f).splitlines()]
+        for f in res["fetch"]:
+            lines += [""] + ["#" + x if x.startswith("# ") else x for x in fetch_markdown(f).splitlines()]
     return "\n".join(lines) + "\n"
 
 

@@ -440,8 +440,8 @@ class HostKV:
         self.layout = layout or os.environ.get("HASHATTENTION_OFFLOAD_LAYOUT",
                                                "interleaved" if hash_mode else "separate")
         if self.layout not in HOST_LAYOUTS:
-            raise ValueError(f"HASHATTENTION_OFFLOAD_LAYOUT must be one of {', '.join(HOST_LAYOUTS)}, got "
-                             f"{self.layout!r}")
+            raise ValueError(f"the host K/V layout (layout= or HASHATTENTION_OFFLOAD_LAYOUT) must be one of "
+                             f"{', '.join(HOST_LAYOUTS)}, got {self.layout!r}")
         shape = (lh, batch, num_kv_heads, seq, head_dim)
         shapes = [shape[:-1] + (2, head_dim)] if self.layout == "interleaved" else [shape, shape]
         if self.device.type == "cuda":
