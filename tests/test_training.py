@@ -176,10 +176,11 @@ def test_cli_train_and_recall_end_to_end(tmp_path, capsys):
     rc = main(["train", *common, "--data", str(tmp_path / "train.txt"), "--heldout", str(tmp_path / "held.txt"),
                "--context", "320", "--sequences", "3", "--qchunk", "64", "--topk", "8", "--sink", "16",
                "--window", "16", "--hidden", "32", "--dtype", "float32", "--out", str(out), "--quiet",
-               "--finetune-passkey", "1"])
+               "--finetune-passkey", "1", "--lengths", "160,320"])
     assert rc == 0
     meta = json.loads((tmp_path / "maps.json").read_text())["config"]
     assert meta["extra"]["sequences"] == 4 and meta["extra"]["tokens"] == 1280 and meta["extra"]["steps"] > 0
+    assert meta["extra"]["lengths"] == [160, 320]
     assert "1 passkey prompts" in meta["extra"]["data"]
     assert meta["extra"]["target"] == "group" and "train.txt" in meta["extra"]["data"]
     capsys.readouterr()
@@ -206,7 +207,9 @@ def test_cli_train_and_recall_end_to_end(tmp_path, capsys):
         assert msg in capsys.readouterr().err
     # bad input: clear one-line errors before any long work
     for argv, msg in [(["--data", str(tmp_path / "missing.txt")], "does not exist"),
-                      (["--data", str(tmp_path / "train.txt"), "--context", "5000"], "longer than the model supports")]:
+                      (["--data", str(tmp_path / "train.txt"), "--context", "5000"], "longer than the model supports"),
+                      (["--data", str(tmp_path / "train.txt"), "--context", "320", "--lengths", "640"],
+                       "training length 640")]:
         assert main(["train", *common, *argv, "--out", str(tmp_path / "x"), "--quiet"]) == 2
         assert msg in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("")
@@ -308,3 +311,28 @@ def test_cli_train_fits_a_bucket_projection(tmp_path, capsys):
     assert main(["train", "--model", folder, "--device", "cpu", "--data", str(tmp_path / "train.txt"),
                  "--context", "256", "--out", str(out), "--bucket-projection", "bucket-nope"]) == 2
     assert "unknown bucket policy" in capsys.readouterr().err
+
+
+def test_mixed_lengths_cut_sequences_into_pieces_from_position_zero(monkeypatch):
+    """lengths=(80, 160, 320): sequence 0 trains as four 80-token pieces, 1 as two of 160, 2 whole; each piece is
+    captured on its own (prefilled from position 0); the steps add up; lengths outside (first query, context]
+    are refused before any work."""
+    from hashattention.training import trainer as tr
+    model = tiny_model(layers=2)
+    seqs = torch.randint(3, 97, (3, 320))
+    seen = []
+    real = tr.capture
+
+    def spy(m, ids, chunk=1024, dtype=None):
+        seen.append(ids.clone())
+        return real(m, ids, chunk, dtype)
+    monkeypatch.setattr(tr, "capture", spy)
+    tc = TrainConfig(**SMALL, lengths=(80, 160, 320))
+    maps = train(model, seqs, maps_config_for(model.config, hidden=16), tc, progress=False)
+    assert [x.shape[1] for x in seen] == [80] * 4 + [160] * 2 + [320]
+    assert torch.equal(torch.cat(seen[:4], 1), seqs[:1]) and torch.equal(torch.cat(seen[4:6], 1), seqs[1:2])
+    assert maps.config.extra["steps"] == 4 * 1 + 2 * 2 + 5 and maps.config.extra["lengths"] == [80, 160, 320]
+    assert [p.shape[1] for p in TrainConfig(**SMALL, lengths=(100,)).pieces(0, seqs[:1])] == [100] * 3  # 20 left
+    for bad in [(39,), (640,)]:
+        with pytest.raises(ValueError, match="training length"):
+            TrainConfig(**SMALL, lengths=bad)

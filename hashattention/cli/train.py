@@ -21,6 +21,10 @@ def add_parser(sub):
                    help="text for the held-out recall in the progress bar (default: pydoc:heldout)")
     p.add_argument("--out", required=True, help="output maps file (.safetensors + .json)")
     p.add_argument("--context", type=int, default=8192, help="training sequence length in tokens")
+    p.add_argument("--lengths", default="", metavar="N,N,...",
+                   help="mixed lengths (e.g. 2K,4K,8K): sequence i is cut into pieces of the i-th length in turn, "
+                        "each prefilled from position 0, so the maps also learn shorter contexts' positions "
+                        "(default: whole --context sequences)")
     p.add_argument("--sequences", type=int, default=None, help="at most this many training sequences (default: all)")
     p.add_argument("--epochs", type=int, default=1, help="passes over the data (reshuffled each pass)")
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this much training time")
@@ -112,10 +116,12 @@ def run(args) -> int:
     if args.bucket_projection:  # a bad variant name fails before the model loads
         from ..policies.bucket import parse_variant
         parse_variant(args.bucket_projection)
+    from ..engine.memory import parse_tokens
+    lengths = tuple(parse_tokens(x.strip()) for x in args.lengths.split(",") if x.strip())
     tc = TrainConfig(context=args.context, qchunk=args.qchunk, topk=args.topk, target=args.target, score=args.score,
                      alpha=args.alpha, beta=args.beta, threshold=args.threshold, lr=args.lr, sink=args.sink,
                      window=args.window, prefill_chunk=args.prefill_chunk, max_seconds=args.max_seconds,
-                     seed=args.seed)
+                     seed=args.seed, lengths=lengths)
     if args.epochs <= 0:
         raise ValueError(f"--epochs must be positive, got {args.epochs}")
     if args.sequences is not None and args.sequences <= 0:
@@ -148,7 +154,8 @@ def run(args) -> int:
     held_name = args.heldout or "pydoc:heldout"
     held_docs, _ = load_documents(held_name, "validation", args.text_field)
     held = pack_sequences(tok, held_docs, args.context, 1, seed=args.seed)
-    log(f"training maps for {model_id}: {seqs.shape[0]} sequences x {args.context} tokens of {desc}; "
+    log(f"training maps for {model_id}: {seqs.shape[0]} sequences x {args.context} tokens of {desc}"
+        + (f" (cut into pieces of {', '.join(map(str, lengths))} in turn)" if lengths else "") + "; "
         f"target {args.target}/{args.score}, top-{args.topk}, alpha {args.alpha}")
     tc.extra = {"data": desc, "epochs": args.epochs, "data_sha": text_sha(docs), "heldout": held_name,
                 "command": "hashattention train " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["train"] else ""}

@@ -47,6 +47,9 @@ class TrainConfig:
     eval_every: int = 50  # steps between held-out recall checks
     save_every: int = 10  # sequences between checkpoints
     seed: int = 0
+    # mixed lengths: sequence i (of ``context`` tokens) is cut into pieces of lengths[i % len(lengths)] tokens,
+    # each prefilled from position 0 (the maps learn short-context positions too); () = whole sequences
+    lengths: tuple = ()
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -60,6 +63,18 @@ class TrainConfig:
         if self.context < self.first_query + 1:
             raise ValueError(f"context {self.context} is too short: queries start after sink {self.sink} + window "
                              f"{self.window} + top-k {self.topk} tokens")
+        self.lengths = tuple(int(n) for n in self.lengths)
+        for n in self.lengths:
+            if not self.first_query < n <= self.context:
+                raise ValueError(f"training length {n} must be longer than sink {self.sink} + window {self.window} "
+                                 f"+ top-k {self.topk} ({self.first_query} tokens) and at most the context "
+                                 f"{self.context}")
+
+    def pieces(self, i: int, seq: torch.Tensor) -> list:
+        """Sequence number ``i`` [1, context] as the sequences trained on: whole, or cut into pieces of this
+        sequence's length (``lengths`` taken in turn; a remainder shorter than it is left out)."""
+        n = self.lengths[i % len(self.lengths)] if self.lengths else seq.shape[1]
+        return [seq[:, j:j + n] for j in range(0, seq.shape[1] - n + 1, n)]
 
     @property
     def first_query(self) -> int:
@@ -168,20 +183,22 @@ def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, h
     stopped = False
     try:
         for i in range(state["seq"], seqs.shape[0]):
-            cap = capture(model, seqs[i:i + 1].to(dev), tc.prefill_chunk)
-            for s, e in _steps_of(cap.length, tc):
-                loss, _, _ = chunk_loss(maps, cap, s, e, tc)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                state["step"] += 1
-                lv = float(loss.detach())
-                state["loss"] = 0.9 * state["loss"] + 0.1 * lv if math.isfinite(state["loss"]) else lv
-                if held is not None and state["step"] % tc.eval_every == 0:
-                    state["recall"] = heldout_recall(maps, held, tc)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{state['loss']:.3f}", recall16=f"{state['recall']:.3f}", refresh=False)
-            del cap
+            for piece in tc.pieces(i, seqs[i:i + 1]):
+                cap = capture(model, piece.to(dev), tc.prefill_chunk)
+                for s, e in _steps_of(cap.length, tc):
+                    loss, _, _ = chunk_loss(maps, cap, s, e, tc)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    state["step"] += 1
+                    lv = float(loss.detach())
+                    state["loss"] = 0.9 * state["loss"] + 0.1 * lv if math.isfinite(state["loss"]) else lv
+                    if held is not None and state["step"] % tc.eval_every == 0:
+                        state["recall"] = heldout_recall(maps, held, tc)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{state['loss']:.3f}", recall16=f"{state['recall']:.3f}",
+                                        refresh=False)
+                del cap
             state["seq"] = i + 1
             state["tokens"] += seqs.shape[1]
             state["seconds"] = time.perf_counter() - t0
@@ -210,6 +227,7 @@ def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, h
                          "score": tc.score, "topk": tc.topk, "alpha": tc.alpha, "beta": tc.beta,
                          "threshold": tc.threshold, "lr": tc.lr, "optimizer": "Adam", "context": tc.context,
                          "qchunk": tc.qchunk, "sink": tc.sink, "window": tc.window,
+                         **({"lengths": list(tc.lengths)} if tc.lengths else {}),
                          "sequences": state["seq"], "tokens": state["tokens"], "steps": state["step"],
                          "seconds": round(state["seconds"], 1), "final_loss": round(state["loss"], 4),
                          "heldout_recall_1_16": round(state["recall"], 4), "stopped_by_time": stopped,
