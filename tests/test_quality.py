@@ -259,9 +259,11 @@ def test_evaluate_selections_on_a_tiny_model():
     cap = capture(model, ids)
     maps = ha.HashMaps.simhash(ha.maps_config_for(model.config))
     res = evaluate_selections(maps, cap, 280, budgets=(1 / 8,), selections=("sum", "max", "union", "head",
-                                                                          "soft-sum", "qsoft-sum"), sink=4, window=4)
-    assert set(res) == {f"{n}@1/8" for n in ("sum", "max", "union", "head", "soft-sum", "qsoft-sum", "oracle",
-                                               "oracle-head")}
+                                                                          "soft-sum", "qsoft-sum", "tanh-sum"),
+                              sink=4, window=4)
+    assert set(res) == {f"{n}@1/8" for n in ("sum", "max", "union", "head", "soft-sum", "qsoft-sum", "tanh-sum",
+                                               "oracle", "oracle-head")}
+    assert res["tanh-sum@1/8"]["heavy_mass"] != res["sum@1/8"]["heavy_mass"]  # real-valued keys rank otherwise
     assert res["oracle-head@1/8"]["top1"] == 1.0  # each head's own top-k holds its heaviest candidate
     for n, r in res.items():
         assert 0 < r["heavy_mass"] <= res["oracle-head@1/8"]["heavy_mass"] + 1e-6 or n == "oracle", n

@@ -28,7 +28,8 @@ def add_parser(sub):
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--selections", default=None, metavar="LIST",
-                   help="instead: compare group selections (sum,max,union,head,soft-sum,soft-head,qsoft-sum) on the "
+                   help="instead: compare group selections (sum,max,union,head,soft-sum,soft-head,qsoft-sum; "
+                        "tanh-sum, a diagnostic: both sides tanh, what the training loss ranks by) on the "
                         "questions of the suite's prompts (the context mode's sparse queries): attention mass, heavy "
                         "mass, top-1 hits, output error, rows read; with --suite-length and --suite-samples")
     p.add_argument("--top-p", default=None, metavar="LIST",
@@ -145,7 +146,7 @@ def _probe_prompts(tok, tasks: list, args):
             yield ruler.make_sample(tok, task, args.suite_length, 100 + i, args.seed, res)
 
 
-SELECTION_NAMES = ("sum", "max", "union", "head", "soft-sum", "soft-head", "qsoft-sum")
+SELECTION_NAMES = ("sum", "max", "union", "head", "soft-sum", "soft-head", "qsoft-sum", "tanh-sum")
 
 
 def run_selections(args) -> int:

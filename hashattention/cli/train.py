@@ -39,6 +39,14 @@ def add_parser(sub):
     p.add_argument("--beta", type=float, default=0.0)
     p.add_argument("--threshold", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-decay", choices=["none", "cosine"], default="none",
+                   help="cosine: the learning rate falls to 0 over the run (its steps, or --max-seconds if sooner)")
+    p.add_argument("--relax", choices=["tanh", "ste"], default="tanh",
+                   help="the sign's relaxation in the loss: tanh (paper), or ste (the hard bits forward, tanh's "
+                        "gradient back: the loss sees the scores the selection ranks by)")
+    p.add_argument("--query-weight", choices=["uniform", "mass"], default="uniform",
+                   help="mass: each query's loss weighted by the attention weight its candidate keys hold (queries "
+                        "that read only sink and window have nothing to find)")
     p.add_argument("--bits", type=int, default=32)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--depth", type=int, default=3)
@@ -121,7 +129,8 @@ def run(args) -> int:
     tc = TrainConfig(context=args.context, qchunk=args.qchunk, topk=args.topk, target=args.target, score=args.score,
                      alpha=args.alpha, beta=args.beta, threshold=args.threshold, lr=args.lr, sink=args.sink,
                      window=args.window, prefill_chunk=args.prefill_chunk, max_seconds=args.max_seconds,
-                     seed=args.seed, lengths=lengths)
+                     seed=args.seed, lengths=lengths, lr_decay=args.lr_decay, query_weight=args.query_weight,
+                     relax=args.relax)
     if args.epochs <= 0:
         raise ValueError(f"--epochs must be positive, got {args.epochs}")
     if args.sequences is not None and args.sequences <= 0:

@@ -215,6 +215,8 @@ def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 6
         soft = group_similarity(pq, sk, hkv)  # [Ly, Hkv, G, C, T]
         lv = SOFT_LEVELS
         quant = group_similarity(torch.round(pq * lv), sk, hkv).round()  # integer weights in -lv..lv per bit
+        both = group_similarity(pq, torch.tanh(project_all(maps.k, key_input(maps, k, v).to(dt), sl).float()),
+                                hkv) if "tanh-sum" in selections else None  # what the training loss ranks by
         _, cand, _ = forced_and_candidates(vmask, Budget(sink=sink, window=window))  # [Ly, 1, C, T]
         pc = probs * cand.unsqueeze(2)  # candidates' weights [Ly, Hkv, G, C, T] (the same for every budget)
         cand_mass = pc.sum(-1).clamp_min(1e-12)
@@ -233,6 +235,7 @@ def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 6
                                        weights=wts("head") if p is not None else None),
                 "soft-sum": lambda: select(soft.sum(2), vmask, bud),
                 "soft-head": lambda: select(soft.flatten(1, 2), vmask, bud),
+                "tanh-sum": lambda: select(both.sum(2), vmask, bud),
                 "qsoft-sum": lambda: select((quant.sum(2) + bits * lv * g).to(torch.int64), vmask, bud,
                                             max_score=2 * bits * lv * g),
                 "oracle": lambda: select(probs.sum(2), vmask, bud, scores_are_mass=True),

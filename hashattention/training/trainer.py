@@ -9,7 +9,11 @@ head in one batched computation:
             query head (``target="head"``, the paper) or per KV group (``target="group"``: the group's summed
             weights, matching the default per-group selection);
   predict = sigmoid(<tanh(phi_q(q)), tanh(phi_k(k))> - threshold)  (for "group" the group's mean similarity);
-  loss    = binary cross-entropy over the candidates, class-1 weight alpha + beta * context length.
+  loss    = binary cross-entropy over the candidates, class-1 weight alpha + beta * context length;
+            with ``query_weight="mass"`` each query counts by the attention weight its candidates hold (a query
+            that reads only sink and window has no heavy keys to find, and its top-k labels are noise).
+``relax="ste"``: the similarity is the hard signatures' (what the selection ranks by), with tanh's gradient.
+``lr_decay="cosine"``: the learning rate falls to 0 over the run (its steps, or ``max_seconds`` when sooner).
 """
 from __future__ import annotations
 
@@ -27,6 +31,9 @@ from .recall import evaluate_layers, group_similarity, key_input, project_all
 
 TARGETS = ("group", "head")
 SCORES = ("weight", "weight_vnorm")
+QUERY_WEIGHTS = ("uniform", "mass")
+RELAXES = ("tanh", "ste")
+LR_DECAYS = ("none", "cosine")
 
 
 @dataclass
@@ -50,6 +57,9 @@ class TrainConfig:
     # mixed lengths: sequence i (of ``context`` tokens) is cut into pieces of lengths[i % len(lengths)] tokens,
     # each prefilled from position 0 (the maps learn short-context positions too); () = whole sequences
     lengths: tuple = ()
+    query_weight: str = "uniform"  # "mass": a query's loss weighted by its candidates' attention weight
+    lr_decay: str = "none"  # "cosine": to 0 over the run
+    relax: str = "tanh"  # the sign's relaxation: "tanh", or "ste" (the sign forward, tanh's gradient back)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -57,6 +67,12 @@ class TrainConfig:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.query_weight not in QUERY_WEIGHTS:
+            raise ValueError(f"query_weight must be one of {QUERY_WEIGHTS}, got {self.query_weight!r}")
+        if self.relax not in RELAXES:
+            raise ValueError(f"relax must be one of {RELAXES}, got {self.relax!r}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
         for n in ("context", "qchunk", "topk", "prefill_chunk"):
             if getattr(self, n) <= 0:
                 raise ValueError(f"{n} must be positive, got {getattr(self, n)}")
@@ -86,7 +102,8 @@ class TrainConfig:
 def targets(cap: Capture, s: int, e: int, tc: TrainConfig):
     """Labels and candidate mask for queries s..e-1 against keys 0..e-1, all layers.
 
-    Returns labels bool [Ly, Hkv, C, T] ("group") or [Ly, Hkv, G, C, T] ("head"), candidates bool [C, T].
+    Returns labels bool [Ly, Hkv, C, T] ("group") or [Ly, Hkv, G, C, T] ("head"), candidates bool [C, T] and
+    the candidates' attention weight per query, the shape of labels without T (the group's mean for "group").
     """
     q = cap.q[:, :, s:e].float()
     k, v = cap.k[:, :, :e].float(), cap.v[:, :, :e].float()
@@ -99,6 +116,9 @@ def targets(cap: Capture, s: int, e: int, tc: TrainConfig):
     logits = group_similarity(q, k, hkv) * cap.scale  # [Ly, Hkv, G, C, T]
     w = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
     del logits
+    mass = (w * cand).sum(-1)  # [Ly, Hkv, G, C]: each query head's weight on the candidates
+    if tc.target == "group":
+        mass = mass.mean(2)
     if tc.score == "weight_vnorm":
         w = w * v.norm(dim=-1)[:, :, None, None, :]
     if tc.target == "group":
@@ -107,26 +127,46 @@ def targets(cap: Capture, s: int, e: int, tc: TrainConfig):
     kk = min(tc.topk, int(cand.sum(-1).min()))
     idx = w.topk(kk, dim=-1).indices
     labels = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, idx, True) & cand
-    return labels, cand
+    return labels, cand, mass
 
 
 def chunk_loss(maps: HashMaps, cap: Capture, s: int, e: int, tc: TrainConfig):
     """Weighted BCE of queries s..e-1 (all layers, all heads). Returns (loss, labels, candidates)."""
-    labels, cand = targets(cap, s, e, tc)
+    labels, cand, mass = targets(cap, s, e, tc)
     dt = maps.q.weights[0].dtype
     q = cap.q[:, :, s:e].to(dt)
     k = key_input(maps, cap.k[:, :, :e], cap.v[:, :, :e]).to(dt)
-    sq = torch.tanh(project_all(maps.q, q))
-    sk = torch.tanh(project_all(maps.k, k))
+    sq = _relaxed_sign(project_all(maps.q, q), tc.relax)
+    sk = _relaxed_sign(project_all(maps.k, k), tc.relax)
     sim = group_similarity(sq, sk, cap.k.shape[1]).float()  # [Ly, Hkv, G, C, T]
     if tc.target == "group":
         sim = sim.mean(2)
     pos_w = tc.alpha + tc.beta * torch.arange(s + 1, e + 1, device=sim.device, dtype=sim.dtype)[:, None]
     bce = F.binary_cross_entropy_with_logits(sim - tc.threshold, labels.to(sim.dtype), reduction="none")
     weight = torch.where(labels, pos_w, torch.ones_like(pos_w))
-    n = cand.sum() * (sim.numel() // cand.numel())
-    loss = (bce * weight).masked_fill(~cand, 0.0).sum() / n
+    per_query = (bce * weight).masked_fill(~cand, 0.0).sum(-1)  # [..., C]
+    if tc.query_weight == "mass":
+        qw = mass.float()
+        loss = (per_query * qw).sum() / (qw * cand.sum(-1)).sum().clamp_min(1e-12)
+    else:
+        loss = per_query.sum() / (cand.sum() * (sim.numel() // cand.numel()))
     return loss, labels, cand
+
+
+def _relaxed_sign(x: torch.Tensor, relax: str) -> torch.Tensor:
+    """tanh(x); with "ste" the forward value is the sign the selection uses (0 read as -1, as pack_signs does)."""
+    t = torch.tanh(x)
+    if relax == "ste":
+        return t + (torch.where(x > 0, 1.0, -1.0).to(t.dtype) - t).detach()
+    return t
+
+
+def _cosine(state: dict, total_steps: int, max_seconds: float | None, elapsed: float) -> float:
+    """Learning-rate factor: cosine from 1 to 0 over the run's steps, or over max_seconds when that ends sooner."""
+    done = state["step"] / max(total_steps, 1)
+    if max_seconds:
+        done = max(done, elapsed / max_seconds)
+    return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
 
 def _steps_of(length: int, tc: TrainConfig) -> list[tuple[int, int]]:
@@ -156,6 +196,7 @@ def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, h
                              f"{same} vs {maps_config.to_dict()}")
         maps.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
     opt = torch.optim.Adam(maps.parameters(), lr=tc.lr)
+    total_steps = sum(len(_steps_of(p.shape[1], tc)) for i in range(seqs.shape[0]) for p in tc.pieces(i, seqs[i:i + 1]))
     state = {"seq": 0, "step": 0, "tokens": 0, "seconds": 0.0, "loss": float("nan"), "recall": float("nan")}
     if resume and checkpoint and os.path.isfile(checkpoint):
         ck = torch.load(checkpoint, map_location=dev, weights_only=True)
@@ -186,6 +227,9 @@ def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, h
             for piece in tc.pieces(i, seqs[i:i + 1]):
                 cap = capture(model, piece.to(dev), tc.prefill_chunk)
                 for s, e in _steps_of(cap.length, tc):
+                    if tc.lr_decay == "cosine":
+                        for grp in opt.param_groups:
+                            grp["lr"] = tc.lr * _cosine(state, total_steps, tc.max_seconds, time.perf_counter() - t0)
                     loss, _, _ = chunk_loss(maps, cap, s, e, tc)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -228,6 +272,9 @@ def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, h
                          "threshold": tc.threshold, "lr": tc.lr, "optimizer": "Adam", "context": tc.context,
                          "qchunk": tc.qchunk, "sink": tc.sink, "window": tc.window,
                          **({"lengths": list(tc.lengths)} if tc.lengths else {}),
+                         **({"query_weight": tc.query_weight} if tc.query_weight != "uniform" else {}),
+                         **({"lr_decay": tc.lr_decay} if tc.lr_decay != "none" else {}),
+                         **({"relax": tc.relax} if tc.relax != "tanh" else {}),
                          "sequences": state["seq"], "tokens": state["tokens"], "steps": state["step"],
                          "seconds": round(state["seconds"], 1), "final_loss": round(state["loss"], 4),
                          "heldout_recall_1_16": round(state["recall"], 4), "stopped_by_time": stopped,
