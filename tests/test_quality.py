@@ -326,3 +326,34 @@ def test_suite_checks_layer_weights_before_running():
     with pytest.raises(ValueError, match="model has 30 layers"):
         Suite(model, tok, tasks="vt", lengths="2K", policies="dense,hash-sum", budgets=["1/32"], modes=["context"],
               samples=1, progress=False, ppl_samples=0, layer_weights="40:2")
+
+
+def test_compare_two_runs_is_paired_on_shared_prompts(tmp_path, capsys):
+    """eval --compare A B: per (mode, policy, budget) the stratified mean of A - B over the prompts both answered,
+    its interval, the count; a bundle's member by FILE#TAG; dense left out; bad specs named."""
+    from hashattention.cli.main import main
+    from hashattention.evaluation.quality import compare_runs, load_results
+
+    def run(scores):  # {(policy, task, idx): score}
+        recs = {f"context|{p}|{'full' if p == 'dense' else '1/32'}|2048|{t}|{i}": {"score": s}
+                for (p, t, i), s in scores.items()}
+        return {"settings": {}, "records": recs}
+    a = run({("hash-sum", "vt", 0): 100, ("hash-sum", "vt", 1): 50, ("hash-sum", "cwe", 0): 20,
+             ("hash-sum", "cwe", 9): 70, ("dense", "vt", 0): 100})
+    b = run({("hash-sum", "vt", 0): 80, ("hash-sum", "vt", 1): 50, ("hash-sum", "cwe", 0): 60,
+             ("dense", "vt", 0): 0})
+    rows = compare_runs(a, b, reps=200)
+    assert len(rows) == 1 and rows[0]["policy"] == "hash-sum" and rows[0]["n_items"] == 3  # cwe 9 unpaired
+    assert rows[0]["delta"] == pytest.approx(((20 + 0) / 2 + -40) / 2)  # cells weighted equally
+    assert rows[0]["ci95"][0] <= rows[0]["delta"] <= rows[0]["ci95"][1]
+    (tmp_path / "b.json").write_text(json.dumps({"bundle": {"x": b}}))
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    assert load_results(f"{tmp_path / 'b.json'}#x") == b
+    assert main(["eval", "--compare", str(tmp_path / "a.json"), f"{tmp_path / 'b.json'}#x"]) == 0
+    assert "| context | hash-sum | 1/32 | -15.0 [" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="is a bundle"):
+        load_results(str(tmp_path / "b.json"))
+    with pytest.raises(ValueError, match="not a bundle"):
+        load_results(f"{tmp_path / 'a.json'}#x")
+    with pytest.raises(FileNotFoundError):
+        load_results(str(tmp_path / "none.json"))

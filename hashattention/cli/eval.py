@@ -46,6 +46,9 @@ def add_parser(sub):
     p.add_argument("--summarize", nargs="+", default=None, metavar="FILE[@MAPS[@SKIP+SKIP]]",
                    help="only write the paired quality summary (--out's .json/.md/.png) of these results files: "
                         "the label of each file's hash maps, policies to leave out")
+    p.add_argument("--compare", nargs=2, default=None, metavar=("A", "B"),
+                   help="paired differences A - B of two results files (FILE or BUNDLE#TAG) on the prompts both "
+                        "answered, per mode, policy and budget, with 95%% intervals (e.g. two maps files)")
     p.add_argument("--bundle", default=None, metavar="OUT.json",
                    help="with --summarize FILE@TAG ...: write the files as one bundle file instead (read back by "
                         "--summarize, each member labelled by its tag)")
@@ -71,6 +74,17 @@ def run(args) -> int:
         out = None if args.out == REPORT_DEFAULT_OUT else args.out
         print(render(args.report, out, pick(args.policies), pick(args.budgets) if args.budgets != DEFAULT_BUDGETS
                      else None, pick(args.lengths) if args.lengths != DEFAULT_LENGTHS else None))
+        return 0
+    if args.compare:
+        from ..evaluation.quality import compare_runs, load_results
+        rows = compare_runs(load_results(args.compare[0]), load_results(args.compare[1]))
+        if not rows:
+            raise ValueError(f"{args.compare[0]} and {args.compare[1]} share no answered prompt of a sparse policy")
+        print(f"A = {args.compare[0]}, B = {args.compare[1]}\n\n| mode | policy | budget | A - B [95% CI] | items |\n"
+              "|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['mode']} | {r['policy']} | {r['budget']} | {r['delta']:+.1f} [{r['ci95'][0]:+.1f}, "
+                  f"{r['ci95'][1]:+.1f}] | {r['n_items']} |")
         return 0
     if args.summarize:
         from ..evaluation.quality import bundle_files, parse_summary_spec, summarize_files

@@ -217,6 +217,46 @@ def bundle_files(files: list, tags: list, out) -> Path:
     return out
 
 
+def load_results(spec: str) -> dict:
+    """A suite results file, or one member of a bundle: 'FILE' or 'FILE#TAG'."""
+    path, _, tag = spec.partition("#")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"results file {path} does not exist")
+    data = json.loads(Path(path).read_text())
+    if "bundle" in data:
+        if tag not in data["bundle"]:
+            raise ValueError(f"{path} is a bundle: name a member as {path}#TAG, one of {sorted(data['bundle'])}")
+        data = data["bundle"][tag]
+    elif tag:
+        raise ValueError(f"{path} is not a bundle, so it has no member {tag!r}")
+    if "records" not in data:
+        raise ValueError(f"{spec}: not a suite results file (no records)")
+    return data
+
+
+def compare_runs(a: dict, b: dict, reps: int = REPS) -> list[dict]:
+    """Paired differences between two runs on the prompts both answered (e.g. two maps files on the same
+    prompts): one row per (mode, policy, budget) that both ran, other than dense, with the stratified mean of
+    a - b, its 95% bootstrap interval and the number of paired prompts."""
+    ra, rb = a["records"], b["records"]
+    groups: dict = {}
+    for k, v in ra.items():
+        mode, pol, bud, L, task, idx = k.split("|")
+        w = rb.get(k)
+        if pol == DENSE or task == "ppl" or w is None or "score" not in v or "score" not in w:
+            continue
+        g = groups.setdefault((mode, pol, bud), ([], [], {}))
+        g[0].append(v["score"] - w["score"])
+        g[1].append(g[2].setdefault((task, L), len(g[2])))
+    rows = []
+    for (mode, pol, bud), (d, cells, _) in sorted(groups.items()):
+        d, cells = np.asarray(d, dtype=np.float64), np.asarray(cells, dtype=np.int64)
+        lo, hi = bootstrap_ci(d, cells, reps)
+        rows.append({"mode": mode, "policy": pol, "budget": bud, "delta": round(stratified_mean(d, cells), 3),
+                     "ci95": [round(lo, 3), round(hi, 3)], "n_items": int(d.size)})
+    return rows
+
+
 def parse_summary_spec(spec: str) -> tuple[str, str | None, set]:
     """'results.json[@maps label[@policy+policy]]' -> (path, label or None, policies to leave out)."""
     parts = spec.split("@")
