@@ -6,7 +6,8 @@
 #       trains the variants side by side (`hashattention train --model default --context 8192` + ARGS, at most
 #       three at once: more ran an 80 GB card out of memory beside the suite)
 #   bash bench/maps_run.sh eval $OUT DEADLINE NAME [NAME ...]
-#       the context mode at 1/32 on the suite's prompts (48 per task and length), each maps file paired with the
+#       the context mode at 1/32 on the suite's prompts ($SAMPLES, default 48, per task and length; the first of
+#       big48's prompts), each maps file paired with the
 #       dense records of the committed run `big48` (quality_context_h100_big.json: the same prompts, so dense runs
 #       once, and its hash-sum rows are the shipped maps' on the same prompts)
 set -u
@@ -39,7 +40,7 @@ json.dump(d, open(sys.argv[1], "w"))
 PY
   P=(--pass "mode=context;policies=dense,hash-sum;budgets=1/32;samples=48;round=8;tag=big48")
   for n in "$@"; do
-    P+=(--pass "mode=context;policies=hash-sum;budgets=1/32;samples=48;round=8;maps=$M/$n.safetensors;tag=$n")
+    P+=(--pass "mode=context;policies=hash-sum;budgets=1/32;samples=${SAMPLES:-48};round=8;maps=$M/$n.safetensors;tag=$n")
   done
   python3 -m hashattention eval --work $W --deadline $DEADLINE "${P[@]}" 2>&1 | grep -v Convert
   tar czf $OUT/mq.tgz -C $W .

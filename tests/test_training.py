@@ -423,3 +423,73 @@ def test_ste_relaxation_scores_by_the_hard_bits_with_tanh_gradients():
     torch.testing.assert_close(loss.detach(), want, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="relax"):
         TrainConfig(**SMALL, relax="sigmoid")
+
+
+def test_training_some_layers_keeps_the_others_and_matches_a_direct_run(tmp_path, capsys):
+    """tc.layers: only the listed layers' maps change (the others are --init's), and they equal a run of the
+    layers alone (take_layers / put_layers); --init required; bad indices named; the CLI runs it and
+    `recall --selections --layers` evaluates only those layers."""
+    from hashattention.cli.main import main
+    model = tiny_model(layers=3)
+    seqs = torch.randint(3, 97, (2, 320))
+    cfg = maps_config_for(model.config, hidden=16)
+    torch.manual_seed(5)
+    start = HashMaps(cfg)
+    tc = TrainConfig(**SMALL, lr=1e-2, layers=(2, 0))
+    got = train(model, seqs, maps_config_for(model.config, hidden=16), tc, init=start, progress=False)
+    assert got.config.extra["trained_layers"] == [2, 0]
+    for (name, a), b in zip(got.state_dict().items(), start.state_dict().values()):
+        torch.testing.assert_close(a[1], b[1], msg=name)  # layer 1 untouched
+        assert not torch.equal(a[[2, 0]], b[[2, 0]]), name
+    # the same steps on the two layers alone
+    part = start.take_layers([2, 0])
+    opt = torch.optim.Adam(part.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for i in range(2):
+        cap = capture(model, seqs[i:i + 1]).take_layers([2, 0])
+        for s in range(tc.first_query, 320, tc.qchunk):
+            loss = chunk_loss(part, cap, s, min(s + tc.qchunk, 320), tc)[0]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    whole = HashMaps(cfg)
+    whole.load_state_dict(start.state_dict())
+    whole.put_layers([2, 0], part)
+    for a, b in zip(got.state_dict().values(), whole.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="--init"):
+        train(model, seqs, cfg, tc, progress=False)
+    with pytest.raises(ValueError, match="not layers of these maps"):
+        train(model, seqs, cfg, TrainConfig(**SMALL, layers=(3,)), init=start, progress=False)
+    with pytest.raises(ValueError, match="distinct"):
+        TrainConfig(**SMALL, layers=(1, 1))
+    # CLI
+    folder = _tiny_folder(tmp_path)
+    common = ["--model", folder, "--device", "cpu"]
+    base = tmp_path / "base"
+    args = ["--data", str(tmp_path / "train.txt"), "--heldout", str(tmp_path / "held.txt"), "--context", "320",
+            "--sequences", "2", "--qchunk", "64", "--topk", "8", "--sink", "16", "--window", "16", "--hidden", "32",
+            "--dtype", "float32", "--quiet"]
+    assert main(["train", *common, *args, "--out", str(base)]) == 0
+    assert main(["train", *common, *args, "--out", str(tmp_path / "part"), "--init", str(base) + ".safetensors",
+                 "--layers", "1", "--lr-decay", "cosine"]) == 0
+    meta = json.loads((tmp_path / "part.json").read_text())["config"]["extra"]
+    assert meta["trained_layers"] == [1] and meta["lr_decay"] == "cosine"
+    assert main(["train", *common, *args, "--out", str(tmp_path / "x"), "--layers", "1"]) == 2
+    assert "--init" in capsys.readouterr().err
+    assert main(["train", *common, *args, "--out", str(tmp_path / "x"), "--layers", "a"]) == 2
+    assert "layer indices" in capsys.readouterr().err
+    for argv, msg in [(["--layers", "x"], "layer indices"), (["--layers", "1", "--top-p", "0.9"], "adaptive budget"),
+                      (["--layers", "5", "--suite-length", "1000"], "not layers of these maps")]:
+        assert main(["recall", *common, "--maps", str(tmp_path / "part") + ".safetensors", "--selections", "sum",
+                     *argv]) == 2
+        assert msg in capsys.readouterr().err
+    # the capture's and the maps' layers picked alike: evaluating the part = evaluating that layer
+    from hashattention.training.recall import evaluate_selections
+    maps = HashMaps(cfg)
+    cap = capture(model, seqs[:1])
+    one = evaluate_selections(maps.take_layers([1]), cap.take_layers([1]), 300, (1 / 8,), ("sum",), 16, 16)
+    both = evaluate_selections(maps, cap, 300, (1 / 8,), ("sum",), 16, 16)
+    other = evaluate_selections(maps.take_layers([0, 2]), cap.take_layers([0, 2]), 300, (1 / 8,), ("sum",), 16, 16)
+    for key in ("heavy_mass", "top1", "rel_error"):  # the mean over 3 layers = (layer 1 + 2 x the other two) / 3
+        assert both["sum@1/8"][key] == pytest.approx((one["sum@1/8"][key] + 2 * other["sum@1/8"][key]) / 3, rel=1e-4)

@@ -41,6 +41,8 @@ def add_parser(sub):
                         "whose estimated share of the candidates' mass is at least this")
     p.add_argument("--top-p-cap", default="1/16", help="the adaptive budget's hard cap (heavy tokens)")
     p.add_argument("--suite-length", type=int, default=4096, help="prompt length for --selections")
+    p.add_argument("--layers", default="", metavar="I,I,...",
+                   help="with --selections: only these layers (e.g. 7,20; default all)")
     p.add_argument("--suite-samples", type=int, default=1, help="prompts per task for --selections (indices 100+)")
     p.add_argument("--answers", default=None, metavar="TASKS",
                    help="instead of held-out text: suite prompts of these tasks (comma list, 'all'; --suite-length, "
@@ -182,11 +184,20 @@ def run_selections(args) -> int:
         Budget(heavy=cap_heavy, top_p=x)
     for x in min_share:
         Budget(heavy=cap_heavy, min_share=x)
+    try:
+        layers = [int(x) for x in args.layers.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layers takes layer indices like 7,20, got {args.layers!r}") from None
+    if layers and (top_p or min_share):
+        raise ValueError("--layers does not take the adaptive budget (--top-p/--min-share): its calibration "
+                         "covers every layer")
     path = str(DEFAULT_MAPS) if args.maps == "default" else args.maps
     model, tok, model_id = load_model(args.model, device=args.device)
     check_capturable(model, args.suite_length)
     dev = next(model.parameters()).device
     maps = load_maps(path, model.config, device=dev)
+    if layers:
+        maps = maps.take_layers(layers)  # names a layer the maps lack
     if (top_p or min_share) and not any(s in maps.calibrations for s in sels):
         raise ValueError(f"the maps {path} have no calibration for {', '.join(sels)}: run `hashattention calibrate`")
     total, n = {}, 0
@@ -194,6 +205,8 @@ def run_selections(args) -> int:
     with tqdm(total=len(ruler.TASKS) * args.suite_samples, unit="prompt", desc="selections") as bar:
         for s in _probe_prompts(tok, list(ruler.TASKS), args):
             cap = capture(model, torch.tensor([s.ids], device=dev))
+            if layers:
+                cap = cap.take_layers(layers)
             r = evaluate_selections(maps, cap, s.context_len, budgets, sels, args.sink, args.window,
                                     top_p=top_p, cap_heavy=cap_heavy, min_share=min_share)
             for k, v in r.items():
@@ -208,7 +221,8 @@ def run_selections(args) -> int:
              f"{model_id}, maps {Path(path).stem}, sink {args.sink} + window {args.window}; device {dev_name}). "
              "mass: attention weight on the tokens read, heavy: the same over the heavy candidates only (sink and "
              "window excluded), top-1: a query head's heaviest candidate read, error: relative error of the "
-             "attention output, rows: rows read per KV head and query. Means over layers, heads and queries."
+             "attention output, rows: rows read per KV head and query. Means over "
+             + (f"layers {', '.join(map(str, layers))}" if layers else "layers") + ", heads and queries."
              + (f" NAME-pP: the adaptive budget, top-p P of the estimated candidate mass under a cap of "
                 f"{args.top_p_cap}; NAME-sS: the keys whose estimated share of it is at least S, same cap "
                 "(oracle-pP, oracle-sS: the same rules on the true weights)." if top_p or min_share else ""), "",
@@ -225,6 +239,7 @@ def run_selections(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model_id, "maps": path, "length": args.suite_length,
                                                "prompts": n, "device": dev_name, "sink": args.sink,
+                                               **({"layers": layers} if layers else {}),
                                                "window": args.window, "seconds": round(time.perf_counter() - t0, 1),
                                                "command": "hashattention recall " + " ".join(sys.argv[2:]),
                                                "rows": rows}, indent=1))

@@ -41,6 +41,9 @@ def add_parser(sub):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr-decay", choices=["none", "cosine"], default="none",
                    help="cosine: the learning rate falls to 0 over the run (its steps, or --max-seconds if sooner)")
+    p.add_argument("--layers", default="", metavar="I,I,...",
+                   help="train only these layers' maps (e.g. 7,20), the others kept from --init (required); only "
+                        "their targets are computed, so a run costs about their share of a full one")
     p.add_argument("--relax", choices=["tanh", "ste"], default="tanh",
                    help="the sign's relaxation in the loss: tanh (paper), or ste (the hard bits forward, tanh's "
                         "gradient back: the loss sees the scores the selection ranks by)")
@@ -111,6 +114,13 @@ def _fit_bucket_projection(args, model, model_id, seqs, desc, log) -> int:
     return 0
 
 
+def _int_list(text: str, what: str) -> tuple:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{what} takes layer indices like 7,20, got {text!r}") from None
+
+
 def run(args) -> int:
     import torch
 
@@ -130,7 +140,9 @@ def run(args) -> int:
                      alpha=args.alpha, beta=args.beta, threshold=args.threshold, lr=args.lr, sink=args.sink,
                      window=args.window, prefill_chunk=args.prefill_chunk, max_seconds=args.max_seconds,
                      seed=args.seed, lengths=lengths, lr_decay=args.lr_decay, query_weight=args.query_weight,
-                     relax=args.relax)
+                     relax=args.relax, layers=_int_list(args.layers, "--layers"))
+    if tc.layers and not args.init:
+        raise ValueError("--layers trains only some layers and keeps the others' maps: give --init (e.g. shipped)")
     if args.epochs <= 0:
         raise ValueError(f"--epochs must be positive, got {args.epochs}")
     if args.sequences is not None and args.sequences <= 0:

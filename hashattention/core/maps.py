@@ -116,6 +116,24 @@ class HashMaps(nn.Module):
         c.extra = {**c.extra, "kind": "simhash", "seed": seed}
         return maps
 
+    def take_layers(self, layers: list) -> "HashMaps":
+        """A copy holding only these layers' maps (a list of indices, in that order)."""
+        from copy import deepcopy
+        bad = [i for i in layers if not 0 <= i < self.config.num_layers]
+        if bad or not layers:
+            raise ValueError(f"layers {bad or layers} are not layers of these maps (0..{self.config.num_layers - 1})")
+        c = deepcopy(self.config)
+        c.num_layers = len(layers)
+        out = HashMaps(c, init=False)
+        out.load_state_dict({k: v[list(layers)].clone() for k, v in self.state_dict().items()})
+        return out.to(self.q.weights[0].device)
+
+    def put_layers(self, layers: list, part: "HashMaps"):
+        """Write ``part`` (from :meth:`take_layers` with the same list) back into these layers."""
+        with torch.no_grad():
+            for (name, dst), src in zip(self.state_dict(keep_vars=True).items(), part.state_dict().values()):
+                dst[list(layers)] = src.to(dst.dtype).to(dst.device)
+
     def _key_input(self, k: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
         if not self.config.value_norm:
             return k

@@ -50,6 +50,10 @@ class Capture:
     def length(self) -> int:
         return self.k.shape[2]
 
+    def take_layers(self, layers) -> "Capture":
+        """Only these layers (a list of indices), in that order."""
+        return Capture(self.q[layers], self.k[layers], self.v[layers], self.scale)
+
 
 def max_context(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)

@@ -59,6 +59,7 @@ class TrainConfig:
     lengths: tuple = ()
     query_weight: str = "uniform"  # "mass": a query's loss weighted by its candidates' attention weight
     lr_decay: str = "none"  # "cosine": to 0 over the run
+    layers: tuple = ()  # train only these layers' maps (the others stay as they start: from ``init``); () = all
     relax: str = "tanh"  # the sign's relaxation: "tanh", or "ste" (the sign forward, tanh's gradient back)
     extra: dict = field(default_factory=dict)
 
@@ -79,6 +80,9 @@ class TrainConfig:
         if self.context < self.first_query + 1:
             raise ValueError(f"context {self.context} is too short: queries start after sink {self.sink} + window "
                              f"{self.window} + top-k {self.topk} tokens")
+        self.layers = tuple(int(i) for i in self.layers)
+        if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
+            raise ValueError(f"layers must be distinct layer indices, got {list(self.layers)}")
         self.lengths = tuple(int(n) for n in self.lengths)
         for n in self.lengths:
             if not self.first_query < n <= self.context:
@@ -182,6 +186,8 @@ def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, h
     heldout: token ids [1, L] for the periodic held-out recall (at 1/16, per-group selection).
     checkpoint: file for resumable state (written every ``save_every`` sequences and at the end).
     init: maps of the same shape to start from (longer training of a shipped file: a fresh optimizer).
+    ``tc.layers``: only those layers' maps train (and only their targets are computed); the others keep
+    ``init``'s, which is then required.
     """
     check_capturable(model, seqs.shape[1])
     dev = next(model.parameters()).device
@@ -195,12 +201,18 @@ def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, h
             raise ValueError("the maps to start from (--init) have another shape than the maps to train: "
                              f"{same} vs {maps_config.to_dict()}")
         maps.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
+    sub = list(tc.layers)
+    if sub and init is None:
+        raise ValueError("training only some layers keeps the others' maps as they start: give the maps to start "
+                         "from (--init)")
+    full, maps = maps, (maps.take_layers(sub) if sub else maps)  # ``maps``: what trains
     opt = torch.optim.Adam(maps.parameters(), lr=tc.lr)
     total_steps = sum(len(_steps_of(p.shape[1], tc)) for i in range(seqs.shape[0]) for p in tc.pieces(i, seqs[i:i + 1]))
     state = {"seq": 0, "step": 0, "tokens": 0, "seconds": 0.0, "loss": float("nan"), "recall": float("nan")}
     if resume and checkpoint and os.path.isfile(checkpoint):
         ck = torch.load(checkpoint, map_location=dev, weights_only=True)
-        if ck["maps_config"] != {k: v for k, v in maps_config.to_dict().items() if k != "extra"}:
+        if ck["maps_config"] != {k: v for k, v in maps_config.to_dict().items() if k != "extra"} \
+                or ck.get("layers", []) != sub:
             raise ValueError(f"checkpoint {checkpoint} was written for other maps settings; remove it or drop --resume")
         maps.load_state_dict(ck["maps"])
         opt.load_state_dict(ck["opt"])
@@ -211,11 +223,12 @@ def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, h
         if checkpoint:
             os.makedirs(os.path.dirname(os.path.abspath(checkpoint)), exist_ok=True)
             tmp = checkpoint + ".tmp"
-            torch.save({"maps": maps.state_dict(), "opt": opt.state_dict(), "state": dict(state),
+            torch.save({"maps": maps.state_dict(), "opt": opt.state_dict(), "state": dict(state), "layers": sub,
                         "maps_config": {k: v for k, v in maps_config.to_dict().items() if k != "extra"}}, tmp)
             os.replace(tmp, checkpoint)
 
-    held = capture(model, heldout.to(dev), tc.prefill_chunk) if heldout is not None else None
+    held_all = capture(model, heldout.to(dev), tc.prefill_chunk) if heldout is not None else None
+    held = held_all.take_layers(sub) if held_all is not None and sub else held_all
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -226,6 +239,8 @@ def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, h
         for i in range(state["seq"], seqs.shape[0]):
             for piece in tc.pieces(i, seqs[i:i + 1]):
                 cap = capture(model, piece.to(dev), tc.prefill_chunk)
+                if sub:
+                    cap = cap.take_layers(sub)
                 for s, e in _steps_of(cap.length, tc):
                     if tc.lr_decay == "cosine":
                         for grp in opt.param_groups:
@@ -263,9 +278,12 @@ def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, h
         raise
     if bar is not None:
         bar.close()
-    if held is not None:
-        state["recall"] = heldout_recall(maps, held, tc)
     save_ckpt()
+    if sub:
+        full.put_layers(sub, maps)
+        maps = full
+    if held_all is not None:  # every layer's, also when only some trained
+        state["recall"] = heldout_recall(maps, held_all, tc)
     maps = maps.cpu()
     maps.config.extra = {**maps.config.extra, **tc.extra, "kind": "learned", "target": tc.target,
                          "score": tc.score, "topk": tc.topk, "alpha": tc.alpha, "beta": tc.beta,
@@ -275,6 +293,7 @@ def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, h
                          **({"query_weight": tc.query_weight} if tc.query_weight != "uniform" else {}),
                          **({"lr_decay": tc.lr_decay} if tc.lr_decay != "none" else {}),
                          **({"relax": tc.relax} if tc.relax != "tanh" else {}),
+                         **({"trained_layers": sub} if sub else {}),
                          "sequences": state["seq"], "tokens": state["tokens"], "steps": state["step"],
                          "seconds": round(state["seconds"], 1), "final_loss": round(state["loss"], 4),
                          "heldout_recall_1_16": round(state["recall"], 4), "stopped_by_time": stopped,
