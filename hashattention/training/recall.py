@@ -206,7 +206,8 @@ def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 6
         dt = maps.q.weights[0].dtype
         pre = project_all(maps.q, q.to(dt), sl).float()
         sq = torch.sign(pre)
-        sk = torch.sign(project_all(maps.k, key_input(maps, k, v).to(dt), sl).float())
+        pre_k = project_all(maps.k, key_input(maps, k, v).to(dt), sl).float()
+        sk = torch.sign(pre_k)
         sq[sq == 0] = -1
         sk[sk == 0] = -1
         match = ((group_similarity(sq, sk, hkv) + bits) / 2).round().to(torch.int64)  # [Ly, Hkv, G, C, T]
@@ -215,8 +216,8 @@ def evaluate_selections(maps: HashMaps, cap, qstart: int, budgets=(1 / 32, 1 / 6
         soft = group_similarity(pq, sk, hkv)  # [Ly, Hkv, G, C, T]
         lv = SOFT_LEVELS
         quant = group_similarity(torch.round(pq * lv), sk, hkv).round()  # integer weights in -lv..lv per bit
-        both = group_similarity(pq, torch.tanh(project_all(maps.k, key_input(maps, k, v).to(dt), sl).float()),
-                                hkv) if "tanh-sum" in selections else None  # what the training loss ranks by
+        # both sides relaxed: the score the training loss ranks by (diagnostic)
+        both = group_similarity(pq, torch.tanh(pre_k), hkv) if "tanh-sum" in selections else None
         _, cand, _ = forced_and_candidates(vmask, Budget(sink=sink, window=window))  # [Ly, 1, C, T]
         pc = probs * cand.unsqueeze(2)  # candidates' weights [Ly, Hkv, G, C, T] (the same for every budget)
         cand_mass = pc.sum(-1).clamp_min(1e-12)
