@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import layer_list
+
 
 def add_parser(sub):
     p = sub.add_parser("recall", help="attention-level evaluation of maps: oracle top-k recall per layer",
@@ -184,10 +186,7 @@ def run_selections(args) -> int:
         Budget(heavy=cap_heavy, top_p=x)
     for x in min_share:
         Budget(heavy=cap_heavy, min_share=x)
-    try:
-        layers = [int(x) for x in args.layers.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--layers takes layer indices like 7,20, got {args.layers!r}") from None
+    layers = list(layer_list(args.layers))
     if layers and (top_p or min_share):
         raise ValueError("--layers does not take the adaptive budget (--top-p/--min-share): its calibration "
                          "covers every layer")

@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import layer_list
+
 
 def add_parser(sub):
     p = sub.add_parser("train", help="train the hash maps of a model on long text",
@@ -114,13 +116,6 @@ def _fit_bucket_projection(args, model, model_id, seqs, desc, log) -> int:
     return 0
 
 
-def _int_list(text: str, what: str) -> tuple:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"{what} takes layer indices like 7,20, got {text!r}") from None
-
-
 def run(args) -> int:
     import torch
 
@@ -140,7 +135,7 @@ def run(args) -> int:
                      alpha=args.alpha, beta=args.beta, threshold=args.threshold, lr=args.lr, sink=args.sink,
                      window=args.window, prefill_chunk=args.prefill_chunk, max_seconds=args.max_seconds,
                      seed=args.seed, lengths=lengths, lr_decay=args.lr_decay, query_weight=args.query_weight,
-                     relax=args.relax, layers=_int_list(args.layers, "--layers"))
+                     relax=args.relax, layers=layer_list(args.layers))
     if tc.layers and not args.init:
         raise ValueError("--layers trains only some layers and keeps the others' maps: give --init (e.g. shipped)")
     if args.epochs <= 0:

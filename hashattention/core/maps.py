@@ -131,7 +131,7 @@ class HashMaps(nn.Module):
     def put_layers(self, layers: list, part: "HashMaps"):
         """Write ``part`` (from :meth:`take_layers` with the same list) back into these layers."""
         with torch.no_grad():
-            for (name, dst), src in zip(self.state_dict(keep_vars=True).items(), part.state_dict().values()):
+            for dst, src in zip(self.state_dict(keep_vars=True).values(), part.state_dict().values()):
                 dst[list(layers)] = src.to(dst.dtype).to(dst.device)
 
     def _key_input(self, k: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
