@@ -189,8 +189,15 @@ def test_bundled_results_summarize_member_by_member(tmp_path):
         ("1/32", "shipped", 5, -100.0), ("1/64", "shipped", 2, 0.0)]
     with pytest.raises(ValueError, match="own tag"):
         bundle_files(files, ["v1", "v1"], tmp_path / "x.json")
-    with pytest.raises(ValueError, match="not a suite results file"):
+    with pytest.raises(ValueError, match="is a bundle: name a member"):
         bundle_files([b], ["b"], tmp_path / "x.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"settings": {}}))
+    with pytest.raises(ValueError, match="not a suite results file"):
+        bundle_files([tmp_path / "bad.json"], ["b"], tmp_path / "x.json")
+    # a bundle grows: its members named BUNDLE#TAG beside a new file
+    b3 = bundle_files([f"{b}#v1", f"{b}#v2", tmp_path / "v3.json"], ["v1", "v2", "v3"], tmp_path / "bundle3.json")
+    grown = json.loads(b3.read_text())["bundle"]
+    assert grown["v1"] == json.loads(b.read_text())["bundle"]["v1"] and grown["v3"]["records"] == more
 
 # --------------------------------------------------------------------------------------- residual sample
 def test_residual_sample_counts_weights_and_bad_input():

@@ -176,12 +176,13 @@ def test_cli_train_and_recall_end_to_end(tmp_path, capsys):
     rc = main(["train", *common, "--data", str(tmp_path / "train.txt"), "--heldout", str(tmp_path / "held.txt"),
                "--context", "320", "--sequences", "3", "--qchunk", "64", "--topk", "8", "--sink", "16",
                "--window", "16", "--hidden", "32", "--dtype", "float32", "--out", str(out), "--quiet",
-               "--finetune-passkey", "1", "--lengths", "160,320"])
+               "--finetune-passkey", "1", "--lengths", "160,320", "--questions", "2"])
     assert rc == 0
     meta = json.loads((tmp_path / "maps.json").read_text())["config"]
     assert meta["extra"]["sequences"] == 4 and meta["extra"]["tokens"] == 1280 and meta["extra"]["steps"] > 0
     assert meta["extra"]["lengths"] == [160, 320]
     assert "1 passkey prompts" in meta["extra"]["data"]
+    assert "2 retrieval questions" in meta["extra"]["data"] and meta["extra"]["question_prompts"] == 2
     assert meta["extra"]["target"] == "group" and "train.txt" in meta["extra"]["data"]
     capsys.readouterr()
     rc = main(["recall", *common, "--maps", str(out), "--names", "learned", "--data", str(tmp_path / "held.txt"),
@@ -209,7 +210,8 @@ def test_cli_train_and_recall_end_to_end(tmp_path, capsys):
     for argv, msg in [(["--data", str(tmp_path / "missing.txt")], "does not exist"),
                       (["--data", str(tmp_path / "train.txt"), "--context", "5000"], "longer than the model supports"),
                       (["--data", str(tmp_path / "train.txt"), "--context", "320", "--lengths", "640"],
-                       "training length 640")]:
+                       "training length 640"),
+                      (["--data", str(tmp_path / "train.txt"), "--questions", "-1"], "--questions")]:
         assert main(["train", *common, *argv, "--out", str(tmp_path / "x"), "--quiet"]) == 2
         assert msg in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("")
@@ -493,3 +495,95 @@ def test_training_some_layers_keeps_the_others_and_matches_a_direct_run(tmp_path
     other = evaluate_selections(maps.take_layers([0, 2]), cap.take_layers([0, 2]), 300, (1 / 8,), ("sum",), 16, 16)
     for key in ("heavy_mass", "top1", "rel_error"):  # the mean over 3 layers = (layer 1 + 2 x the other two) / 3
         assert both["sum@1/8"][key] == pytest.approx((one["sum@1/8"][key] + 2 * other["sum@1/8"][key]) / 3, rel=1e-4)
+
+
+class _CharTok:
+    """Characters as tokens (no chat template): prompts can be checked character by character."""
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+
+def test_question_prompts_fit_their_length_and_ask_a_fact_of_the_text():
+    from hashattention.training.questions import question_prompts
+    import random
+    r = random.Random(0)
+    words = ["".join(r.choice("abcdefghij") for _ in range(6)) for _ in range(60)]
+    docs = [" ".join(r.choice(words) for _ in range(8)) + f" {i}" for i in range(400)]
+    got = question_prompts(_CharTok(), docs, 6, (900, 1800), seed=3)
+    again = question_prompts(_CharTok(), docs, 6, (900, 1800), seed=3)
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(got, again))  # seeded
+    for i, (ids, qstart) in enumerate(got):
+        n = (900, 1800)[i % 2]
+        assert ids.dim() == 2 and ids.shape[0] == 1 and 0.9 * n <= ids.shape[1] <= n
+        text = "".join(map(chr, ids[0].tolist()))
+        context, tail = text[:qstart], text[qstart:]
+        assert tail.split("\n")[0].endswith("?") and "\n\n" not in tail  # the question starts at qstart
+        value = tail.rsplit(" ", 1)[1].rstrip(".")
+        question = tail.split("\n")[0]
+        name = next(w for w in question.rstrip("?").split() if "_" in w)
+        facts = [ln for ln in context.split("\n") if name in ln]
+        assert len(facts) == 1 and value in facts[0]  # the answer is the asked fact's value, stated once
+    with pytest.raises(ValueError, match="too small"):
+        question_prompts(_CharTok(), ["short"], 1, (500,))
+    with pytest.raises(ValueError, match="does not fit in 100 tokens"):
+        question_prompts(_CharTok(), docs, 1, (100,))
+
+
+def test_training_with_questions_trains_their_queries_only():
+    """The question prompts' steps run after their sequence, from qstart on (the question and the answer):
+    the same as a direct loop over those steps; the count is in the maps' facts."""
+    model = tiny_model(layers=2)
+    seqs = torch.randint(3, 97, (2, 320))
+    cfg = maps_config_for(model.config, hidden=16)
+    qs = [(torch.randint(3, 97, (1, 300)), 250), (torch.randint(3, 97, (1, 280)), 60)]
+    tc = TrainConfig(**SMALL, lr=1e-2)
+    torch.manual_seed(1)
+    start = HashMaps(cfg)
+    got = train(model, seqs, cfg, tc, init=start, progress=False, questions=qs)
+    assert got.config.extra["question_prompts"] == 2
+    plain = train(model, seqs, cfg, tc, init=start, progress=False)
+    steps = lambda L, s0: len(range(s0, L, tc.qchunk))  # noqa: E731
+    assert got.config.extra["steps"] == plain.config.extra["steps"] + steps(300, 250) + steps(280, tc.first_query)
+    direct = HashMaps(cfg)
+    direct.load_state_dict(start.state_dict())
+    opt = torch.optim.Adam(direct.parameters(), lr=1e-2)
+    work = [(seqs[0:1], tc.first_query), qs[0], (seqs[1:2], tc.first_query), qs[1]]
+    for ids, s0 in work:
+        cap = capture(model, ids)
+        for s in range(max(s0, tc.first_query), ids.shape[1], tc.qchunk):
+            loss = chunk_loss(direct, cap, s, min(s + tc.qchunk, ids.shape[1]), tc)[0]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for a, b in zip(got.state_dict().values(), direct.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_recall_selections_compares_several_maps_on_the_same_captures(tmp_path, capsys):
+    """`recall --selections --maps A,B --names a,b`: one capture per prompt, rows per maps; the same maps twice
+    give the same rows, other maps other rows; names must match the files."""
+    from hashattention.cli.main import main
+    from hashattention.weights import save_maps
+    folder = _tiny_folder(tmp_path)
+    conf = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**conf, "max_position_embeddings": 4096}))
+    from transformers import AutoConfig
+    cfg = maps_config_for(AutoConfig.from_pretrained(folder), hidden=16)
+    torch.manual_seed(1)
+    save_maps(HashMaps(cfg), tmp_path / "a")
+    torch.manual_seed(2)
+    save_maps(HashMaps(cfg), tmp_path / "b")
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    common = ["recall", "--model", folder, "--device", "cpu", "--selections", "sum", "--suite-length", "2600",
+              "--suite-samples", "1", "--sink", "16", "--window", "16", "--budgets", "1/8"]
+    assert main([*common, "--maps", f"{a},{a},{b}", "--names", "x,y,z", "--json", str(tmp_path / "s.json")]) == 0
+    res = json.loads((tmp_path / "s.json").read_text())
+    by = res["rows_by_maps"]
+    assert set(by) == {"x", "y", "z"} and res["rows"] == by["x"] and res["maps_files"]["z"] == b
+    assert by["x"] == by["y"] and by["x"]["sum@1/8"] != by["z"]["sum@1/8"]
+    assert by["x"]["oracle@1/8"] == by["z"]["oracle@1/8"]  # the same captures
+    capsys.readouterr()
+    assert main([*common, "--maps", f"{a},{b}", "--names", "x"]) == 2
+    assert "names" in capsys.readouterr().err

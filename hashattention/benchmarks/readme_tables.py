@@ -33,6 +33,7 @@ KERNEL_FILES = ("attention_h200.json", "attention_h100.json")
 DECODE_FILES = ("decode_h200.json", "decode_h100.json")
 MEMORY_FILE = "memory_h100.json"
 SELECTION_FILE = "selection_cpu.json"
+QUESTIONS_FILE = "questions_cpu.json"  # maps trained with retrieval questions, on SELECTION_FILE's prompts
 OFFLOAD_FILE = "offload_h100.json"
 ADAPTIVE_FILES = ("adaptive_cpu.json", "adaptive_share_cpu.json")  # top-p, then min-share (same prompts)
 MODE_ORDER = ("context", "everywhere", "decode")
@@ -294,6 +295,28 @@ def group_selections(root: Path = ROOT) -> str:
             f"`{data['command']}`).")
 
 
+def question_maps(root: Path = ROOT) -> str:
+    """The shipped maps against maps trained further (with and without retrieval questions), same suite questions."""
+    ship, new = _load(root, SELECTION_FILE), _load(root, QUESTIONS_FILE)
+    if (ship["length"], ship["prompts"]) != (new["length"], new["prompts"]):
+        raise ValueError(f"{SELECTION_FILE} and {QUESTIONS_FILE} measured other prompts")
+    sources = [("shipped", ship["rows"])] + list(new.get("rows_by_maps", {Path(new["maps"]).stem: new["rows"]}).items())
+    rows = []
+    order = {"sum": 0, "oracle": 2}
+    for key in sorted(new["rows"], key=lambda k: (-_budget_key(k.split("@")[1]), order.get(k.split("@")[0], 1), k)):
+        name, b = key.split("@")
+        if name == "oracle-head":
+            continue
+        for label, data in (sources if name != "oracle" else [("-", new["rows"])]):
+            v = data[key]
+            rows.append([label, f"**{name}**" if name == "sum" else name, b, f"{v['heavy_mass']:.3f}",
+                         f"{v['top1']:.3f}", f"{v['rel_error']:.3f}"])
+    return (_table(["maps", "scores", "budget", "heavy mass", "top-1 hit", "output error"], rows)
+            + f"\n\n{new['prompts']} suite prompts x {_ctx(new['length'])} tokens, the question's tokens as queries, every "
+            f"layer, {device_label(new['device'])} (`{QUESTIONS_FILE}`: `{new['command']}`; the shipped maps' rows "
+            f"from `{SELECTION_FILE}`).")
+
+
 def offload(root: Path = ROOT) -> str:
     """Decode with the K/V in host memory against the dense baselines (docs/performance.md)."""
     from .offload import _variant, summary
@@ -343,7 +366,8 @@ def adaptive_budget(root: Path = ROOT) -> str:
 
 TABLES = {"quality": quality, "kernels": kernels, "decode": decode, "memory": memory,
           "decode-breakdown": decode_breakdown, "kernel-breakdown": kernel_breakdown,
-          "selection-floor": selection_floor, "group-selections": group_selections, "quality-maps": quality_maps,
+          "selection-floor": selection_floor, "group-selections": group_selections,
+          "question-maps": question_maps, "quality-maps": quality_maps,
           "offload": offload, "adaptive-budget": adaptive_budget}
 
 

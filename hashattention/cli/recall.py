@@ -190,32 +190,63 @@ def run_selections(args) -> int:
     if layers and (top_p or min_share):
         raise ValueError("--layers does not take the adaptive budget (--top-p/--min-share): its calibration "
                          "covers every layer")
-    path = str(DEFAULT_MAPS) if args.maps == "default" else args.maps
+    paths = [str(DEFAULT_MAPS) if p.strip() == "default" else p.strip() for p in args.maps.split(",")]
+    names = args.names.split(",") if args.names else [Path(p).stem for p in paths]
+    if len(names) != len(paths) or len(set(names)) != len(names):
+        raise ValueError(f"{len(names)} names for {len(paths)} maps files (one distinct name each)")
     model, tok, model_id = load_model(args.model, device=args.device)
     check_capturable(model, args.suite_length)
     dev = next(model.parameters()).device
-    maps = load_maps(path, model.config, device=dev)
-    if layers:
-        maps = maps.take_layers(layers)  # names a layer the maps lack
-    if (top_p or min_share) and not any(s in maps.calibrations for s in sels):
-        raise ValueError(f"the maps {path} have no calibration for {', '.join(sels)}: run `hashattention calibrate`")
-    total, n = {}, 0
+    all_maps = {}
+    for name, path in zip(names, paths):
+        maps = load_maps(path, model.config, device=dev)
+        if layers:
+            maps = maps.take_layers(layers)  # names a layer the maps lack
+        if (top_p or min_share) and not any(s in maps.calibrations for s in sels):
+            raise ValueError(f"the maps {path} have no calibration for {', '.join(sels)}: run `hashattention calibrate`")
+        all_maps[name] = maps
+    totals, n = {name: {} for name in names}, 0
     t0 = time.perf_counter()
     with tqdm(total=len(ruler.TASKS) * args.suite_samples, unit="prompt", desc="selections") as bar:
         for s in _probe_prompts(tok, list(ruler.TASKS), args):
-            cap = capture(model, torch.tensor([s.ids], device=dev))
+            cap = capture(model, torch.tensor([s.ids], device=dev))  # one capture for every maps file
             if layers:
                 cap = cap.take_layers(layers)
-            r = evaluate_selections(maps, cap, s.context_len, budgets, sels, args.sink, args.window,
-                                    top_p=top_p, cap_heavy=cap_heavy, min_share=min_share)
-            for k, v in r.items():
-                t = total.setdefault(k, dict.fromkeys(v, 0.0))
-                for m in v:
-                    t[m] += v[m]
+            for name, maps in all_maps.items():
+                r = evaluate_selections(maps, cap, s.context_len, budgets, sels, args.sink, args.window,
+                                        top_p=top_p, cap_heavy=cap_heavy, min_share=min_share)
+                for k, v in r.items():
+                    t = totals[name].setdefault(k, dict.fromkeys(v, 0.0))
+                    for m in v:
+                        t[m] += v[m]
             n += 1
             bar.update(1)
-    rows = {k: {m: x / n for m, x in v.items()} for k, v in total.items()}
-    dev_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    by_maps = {name: {k: {m: x / n for m, x in v.items()} for k, v in t.items()} for name, t in totals.items()}
+    path = paths[0]
+    md = "\n".join(_selections_md(args, rows, n, model_id, paths[names.index(name)], layers, top_p, min_share, dev)
+                   for name, rows in by_maps.items())
+    print(md)
+    if args.md:
+        Path(args.md).write_text(md)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": model_id, "maps": path, "length": args.suite_length,
+                                               "prompts": n, "device": _device_name(dev), "sink": args.sink,
+                                               **({"layers": layers} if layers else {}),
+                                               "window": args.window, "seconds": round(time.perf_counter() - t0, 1),
+                                               "command": "hashattention recall " + " ".join(sys.argv[2:]),
+                                               "rows": by_maps[names[0]],
+                                               **({"maps_files": dict(zip(names, paths)), "rows_by_maps": by_maps}
+                                                  if len(names) > 1 else {})}, indent=1))
+    return 0
+
+
+def _device_name(dev) -> str:
+    import torch
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+
+def _selections_md(args, rows: dict, n: int, model_id: str, path: str, layers, top_p, min_share, dev) -> str:
+    dev_name = _device_name(dev)
     lines = [f"Group selections on the questions of the suite's prompts ({n} prompts x {args.suite_length} tokens, "
              f"{model_id}, maps {Path(path).stem}, sink {args.sink} + window {args.window}; device {dev_name}). "
              "mass: attention weight on the tokens read, heavy: the same over the heavy candidates only (sink and "
@@ -231,15 +262,4 @@ def run_selections(args) -> int:
         name, b = k.split("@")
         lines.append(f"| {name} | {b} | {v['mass']:.3f} | {v['heavy_mass']:.3f} | {v['top1']:.3f} | "
                      f"{v['rel_error']:.3f} | {v['read']:.0f} |")
-    md = "\n".join(lines) + "\n"
-    print(md)
-    if args.md:
-        Path(args.md).write_text(md)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"model": model_id, "maps": path, "length": args.suite_length,
-                                               "prompts": n, "device": dev_name, "sink": args.sink,
-                                               **({"layers": layers} if layers else {}),
-                                               "window": args.window, "seconds": round(time.perf_counter() - t0, 1),
-                                               "command": "hashattention recall " + " ".join(sys.argv[2:]),
-                                               "rows": rows}, indent=1))
-    return 0
+    return "\n".join(lines) + "\n"

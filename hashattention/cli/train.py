@@ -59,6 +59,10 @@ def add_parser(sub):
     p.add_argument("--value-norm", action="store_true", help="key maps also read log||v||")
     p.add_argument("--sink", type=int, default=128)
     p.add_argument("--window", type=int, default=128)
+    p.add_argument("--questions", type=int, default=0, metavar="N",
+                   help="mix N retrieval questions over the training text into the data (facts hidden in it, a "
+                        "question and its answer; only those queries train: the queries that read far back). "
+                        "Lengths: --lengths, else context/4, /2 and /1 in turn. Never the suite's prompts")
     p.add_argument("--finetune-passkey", type=int, default=0, metavar="N",
                    help="mix N synthetic passkey prompts into the data (task fine-tuning; generic maps use 0)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="dtype of the saved maps")
@@ -140,6 +144,8 @@ def run(args) -> int:
         raise ValueError("--layers trains only some layers and keeps the others' maps: give --init (e.g. shipped)")
     if args.epochs <= 0:
         raise ValueError(f"--epochs must be positive, got {args.epochs}")
+    if args.questions < 0:
+        raise ValueError(f"--questions must be 0 or more, got {args.questions}")
     if args.sequences is not None and args.sequences <= 0:
         raise ValueError(f"--sequences must be positive, got {args.sequences}")
     _check_data_arg(args.data)
@@ -162,6 +168,14 @@ def run(args) -> int:
         seqs = torch.cat([seqs, torch.stack(extra)])[torch.randperm(seqs.shape[0] + len(extra),
                                                                     generator=torch.Generator().manual_seed(args.seed))]
         desc += f" + {args.finetune_passkey} passkey prompts"
+    questions = []
+    if args.questions:
+        from ..training.questions import question_prompts
+        qlen = lengths or tuple(max(tc.first_query + 64, args.context // d) for d in (4, 2, 1))
+        questions = question_prompts(tok, docs, args.questions, qlen, args.seed)
+        desc += f" + {args.questions} retrieval questions"
+        qg = torch.Generator().manual_seed(args.seed + 2)
+        questions = [questions[j] for _ in range(args.epochs) for j in torch.randperm(len(questions), generator=qg)]
     if args.epochs > 1:
         g = torch.Generator().manual_seed(args.seed + 1)
         seqs = torch.cat([seqs] + [seqs[torch.randperm(seqs.shape[0], generator=g)] for _ in range(args.epochs - 1)])
@@ -183,7 +197,7 @@ def run(args) -> int:
         prev = init.config.extra
         tc.extra.update(init=args.init, init_seconds=prev.get("seconds"), init_tokens=prev.get("tokens"))
     maps = train(model, seqs, mc, tc, heldout=held, checkpoint=str(Path(args.out).with_suffix("")) + ".ckpt.pt",
-                 resume=args.resume, progress=not args.quiet, log=log, init=init)
+                 resume=args.resume, progress=not args.quiet, log=log, init=init, questions=questions)
     maps = maps.to(getattr(torch, args.dtype))
     path = save_maps(maps, args.out)
     e = maps.config.extra

@@ -205,13 +205,11 @@ def largest_runs(rows: list[dict]) -> list[dict]:
 
 def bundle_files(files: list, tags: list, out) -> Path:
     """Several suite results files (e.g. one per maps variant, each paired with its own dense rows) as one
-    file {"bundle": {tag: results}}, which :func:`summarize_files` reads member by member."""
+    file {"bundle": {tag: results}}, which :func:`summarize_files` reads member by member. A file may be a
+    member of another bundle, 'BUNDLE#TAG' (so a bundle grows by rewriting it with a new member)."""
     if len(set(tags)) != len(tags) or not all(tags):
         raise ValueError(f"every bundled file needs its own tag (FILE@TAG), got {tags}")
-    bundle = {t: json.loads(Path(f).read_text()) for f, t in zip(files, tags)}
-    for t, d in bundle.items():
-        if "records" not in d or "bundle" in d:
-            raise ValueError(f"{t}: not a suite results file (no records)")
+    bundle = {t: load_results(f) for f, t in zip(files, tags)}
     out = Path(out)
     out.write_text(json.dumps({"bundle": bundle}) + "\n")
     return out
@@ -219,7 +217,7 @@ def bundle_files(files: list, tags: list, out) -> Path:
 
 def load_results(spec: str) -> dict:
     """A suite results file, or one member of a bundle: 'FILE' or 'FILE#TAG'."""
-    path, _, tag = spec.partition("#")
+    path, _, tag = str(spec).partition("#")
     if not Path(path).is_file():
         raise FileNotFoundError(f"results file {path} does not exist")
     data = json.loads(Path(path).read_text())
@@ -262,7 +260,7 @@ def parse_summary_spec(spec: str) -> tuple[str, str | None, set]:
     parts = spec.split("@")
     if not parts[0] or len(parts) > 3:
         raise ValueError(f"bad --summarize item {spec!r}: FILE[@MAPS_LABEL[@POLICY+POLICY]]")
-    if not Path(parts[0]).is_file():
+    if not Path(parts[0].partition("#")[0]).is_file():
         raise FileNotFoundError(f"results file {parts[0]} does not exist")
     return parts[0], (parts[1] or None) if len(parts) > 1 else None, set(filter(None, parts[2].split("+"))) \
         if len(parts) > 2 else set()

@@ -17,6 +17,7 @@ head in one batched computation:
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -177,9 +178,14 @@ def _steps_of(length: int, tc: TrainConfig) -> list[tuple[int, int]]:
     return [(s, min(s + tc.qchunk, length)) for s in range(tc.first_query, length, tc.qchunk)]
 
 
+def _question_steps(length: int, qstart: int, tc: TrainConfig) -> list[tuple[int, int]]:
+    s0 = max(qstart, tc.first_query)
+    return [(s, min(s + tc.qchunk, length)) for s in range(s0, length, tc.qchunk)]
+
+
 def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, heldout: torch.Tensor | None = None,
           checkpoint: str | None = None, resume: bool = False, progress: bool = True, log=print,
-          init: HashMaps | None = None) -> HashMaps:
+          init: HashMaps | None = None, questions: list | None = None) -> HashMaps:
     """Train maps on ``seqs`` [N, context] token ids with the frozen ``model``. Returns fp32 maps (on CPU),
     with the training facts in ``config.extra``.
 
@@ -188,13 +194,15 @@ def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, h
     init: maps of the same shape to start from (longer training of a shipped file: a fresh optimizer).
     ``tc.layers``: only those layers' maps train (and only their targets are computed); the others keep
     ``init``'s, which is then required.
+    questions: retrieval prompts [(ids [1, L], qstart)] (:mod:`.questions`), spread evenly between the
+    sequences; only their queries from ``qstart`` on (the question and the answer) are trained.
     """
     check_capturable(model, seqs.shape[1])
     dev = next(model.parameters()).device
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(tc.seed)
-    maps = HashMaps(maps_config).to(dev)
+    maps = HashMaps(copy.deepcopy(maps_config)).to(dev)  # its facts are written into config.extra
     if init is not None:
         same = {k: v for k, v in init.config.to_dict().items() if k != "extra"}
         if same != {k: v for k, v in maps_config.to_dict().items() if k != "extra"}:
@@ -207,7 +215,11 @@ def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, h
                          "from (--init)")
     full, maps = maps, (maps.take_layers(sub) if sub else maps)  # ``maps``: what trains
     opt = torch.optim.Adam(maps.parameters(), lr=tc.lr)
-    total_steps = sum(len(_steps_of(p.shape[1], tc)) for i in range(seqs.shape[0]) for p in tc.pieces(i, seqs[i:i + 1]))
+    questions = list(questions or [])
+    n_seq = seqs.shape[0]
+    after = [questions[len(questions) * i // n_seq:len(questions) * (i + 1) // n_seq] for i in range(n_seq)]
+    total_steps = sum(len(_steps_of(p.shape[1], tc)) for i in range(n_seq) for p in tc.pieces(i, seqs[i:i + 1])) \
+        + sum(len(_question_steps(ids.shape[1], qs, tc)) for ids, qs in questions)
     state = {"seq": 0, "step": 0, "tokens": 0, "seconds": 0.0, "loss": float("nan"), "recall": float("nan")}
     if resume and checkpoint and os.path.isfile(checkpoint):
         ck = torch.load(checkpoint, map_location=dev, weights_only=True)
@@ -237,11 +249,13 @@ def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, h
     stopped = False
     try:
         for i in range(state["seq"], seqs.shape[0]):
-            for piece in tc.pieces(i, seqs[i:i + 1]):
+            work = [(p, _steps_of(p.shape[1], tc)) for p in tc.pieces(i, seqs[i:i + 1])] \
+                + [(ids, _question_steps(ids.shape[1], qs, tc)) for ids, qs in after[i]]
+            for piece, steps in work:
                 cap = capture(model, piece.to(dev), tc.prefill_chunk)
                 if sub:
                     cap = cap.take_layers(sub)
-                for s, e in _steps_of(cap.length, tc):
+                for s, e in steps:
                     if tc.lr_decay == "cosine":
                         for grp in opt.param_groups:
                             grp["lr"] = tc.lr * _cosine(state, total_steps, tc.max_seconds, time.perf_counter() - t0)
@@ -294,6 +308,7 @@ def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, h
                          **({"lr_decay": tc.lr_decay} if tc.lr_decay != "none" else {}),
                          **({"relax": tc.relax} if tc.relax != "tanh" else {}),
                          **({"trained_layers": sub} if sub else {}),
+                         **({"question_prompts": len(questions)} if questions else {}),
                          "sequences": state["seq"], "tokens": state["tokens"], "steps": state["step"],
                          "seconds": round(state["seconds"], 1), "final_loss": round(state["loss"], 4),
                          "heldout_recall_1_16": round(state["recall"], 4), "stopped_by_time": stopped,
