@@ -107,10 +107,11 @@ def _numbers(rng, k: int, digits: int = 7) -> list:
     return out
 
 
-def _keys(rng, words, k: int) -> list:
+def word_pairs(rng, words, k: int, sep: str = "-") -> list:
+    """k distinct names of two random words joined by ``sep``."""
     out = []
     while len(out) < k:
-        key = f"{rng.choice(words)}-{rng.choice(words)}"
+        key = f"{rng.choice(words)}{sep}{rng.choice(words)}"
         if key not in out:
             out.append(key)
     return out
@@ -134,7 +135,7 @@ def _insert(units: list, needles: list, depths: list) -> str:
 
 def _niah(haystack: str, n_keys: int, n_values: int, n_queries: int):
     def build(rng, res: Resources) -> Draft:
-        keys = _keys(rng, res.words, n_keys)
+        keys = word_pairs(rng, res.words, n_keys)
         values = _numbers(rng, n_keys * n_values)
         needles = [NIAH_NEEDLE.format(key=keys[i // n_values], value=v) for i, v in enumerate(values)]
         depths = [rng.random() for _ in needles]

@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from ..evaluation.ruler import encode, render
+from ..evaluation.ruler import encode, render, word_pairs
 
 #: (fact, question, answer prefix) templates; {name} and {value} are filled per prompt
 FACTS = (
@@ -25,15 +25,6 @@ FACTS = (
 )
 ATTRS = ("access code", "serial number", "order number", "ticket id", "locker number")
 INTRO = "Read the following documentation carefully; a question about it follows."
-
-
-def _names(rng: random.Random, words: list, k: int) -> list:
-    out = []
-    while len(out) < k:
-        n = f"{rng.choice(words)}_{rng.choice(words)}"
-        if n not in out:
-            out.append(n)
-    return out
 
 
 def _value(rng: random.Random) -> str:
@@ -47,7 +38,7 @@ def question_prompt(tok, lines: list, words: list, length: int, rng: random.Rand
     index of the first question token. ``lines``: training text as lines; ``words``: names are made of them."""
     fact, question, prefix = rng.choice(FACTS)
     attr = rng.choice(ATTRS)
-    names = _names(rng, words, rng.randint(1, 4))
+    names = word_pairs(rng, words, rng.randint(1, 4), sep="_")
     values = [_value(rng) for _ in names]
     facts = [fact.format(attr=attr, name=n, value=v) for n, v in zip(names, values)]
     ask = rng.randrange(len(names))
