@@ -174,13 +174,9 @@ def _cosine(state: dict, total_steps: int, max_seconds: float | None, elapsed: f
     return 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
 
-def _steps_of(length: int, tc: TrainConfig) -> list[tuple[int, int]]:
-    return [(s, min(s + tc.qchunk, length)) for s in range(tc.first_query, length, tc.qchunk)]
-
-
-def _question_steps(length: int, qstart: int, tc: TrainConfig) -> list[tuple[int, int]]:
-    s0 = max(qstart, tc.first_query)
-    return [(s, min(s + tc.qchunk, length)) for s in range(s0, length, tc.qchunk)]
+def _steps_of(length: int, tc: TrainConfig, start: int = 0) -> list[tuple[int, int]]:
+    """Query blocks of a sequence of ``length`` tokens from ``start`` (never before the first trainable query)."""
+    return [(s, min(s + tc.qchunk, length)) for s in range(max(start, tc.first_query), length, tc.qchunk)]
 
 
 def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, heldout: torch.Tensor | None = None,
@@ -219,7 +215,7 @@ def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, h
     n_seq = seqs.shape[0]
     after = [questions[len(questions) * i // n_seq:len(questions) * (i + 1) // n_seq] for i in range(n_seq)]
     total_steps = sum(len(_steps_of(p.shape[1], tc)) for i in range(n_seq) for p in tc.pieces(i, seqs[i:i + 1])) \
-        + sum(len(_question_steps(ids.shape[1], qs, tc)) for ids, qs in questions)
+        + sum(len(_steps_of(ids.shape[1], tc, qs)) for ids, qs in questions)
     state = {"seq": 0, "step": 0, "tokens": 0, "seconds": 0.0, "loss": float("nan"), "recall": float("nan")}
     if resume and checkpoint and os.path.isfile(checkpoint):
         ck = torch.load(checkpoint, map_location=dev, weights_only=True)
@@ -250,7 +246,7 @@ def train(model, seqs: torch.Tensor, maps_config: MapsConfig, tc: TrainConfig, h
     try:
         for i in range(state["seq"], seqs.shape[0]):
             work = [(p, _steps_of(p.shape[1], tc)) for p in tc.pieces(i, seqs[i:i + 1])] \
-                + [(ids, _question_steps(ids.shape[1], qs, tc)) for ids, qs in after[i]]
+                + [(ids, _steps_of(ids.shape[1], tc, qs)) for ids, qs in after[i]]
             for piece, steps in work:
                 cap = capture(model, piece.to(dev), tc.prefill_chunk)
                 if sub:
