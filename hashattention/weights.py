@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 
@@ -94,8 +95,18 @@ def load_maps(path, model_config=None, allow_other_model: bool = False, device=N
         check_maps_match_model(cfg, model_config, allow_other_model)
     maps = maps.to(device) if device is not None else maps
     cal = calibration_path(st)
-    maps.calibrations = load_calibrations(cal, maps, digest) if cal.is_file() else {}
+    maps.calibrations = {}
+    if cal.is_file():
+        try:
+            maps.calibrations = load_calibrations(cal, maps, digest)
+        except StaleCalibration as e:  # maps retrained in place: they load, an adaptive budget says why it can't run
+            maps.calibration_note = str(e)
+            warnings.warn(str(e), stacklevel=2)
     return maps
+
+
+class StaleCalibration(WeightsError):
+    """A calibration file written for other maps (e.g. maps retrained under the same name)."""
 
 
 def calibration_path(path) -> Path:
@@ -138,7 +149,7 @@ def load_calibrations(path, maps: HashMaps, maps_sha256: str | None = None) -> d
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise WeightsError(f"{path} is not a valid calibration file: {e}") from None
     if maps_sha256 is not None and meta.get("maps_sha256") != maps_sha256:
-        raise WeightsError(f"{path} calibrates other maps (sha256 {str(meta.get('maps_sha256'))[:12]}…, these maps "
+        raise StaleCalibration(f"{path} calibrates other maps (sha256 {str(meta.get('maps_sha256'))[:12]}…, these maps "
                            f"{maps_sha256[:12]}…): run `hashattention calibrate` again")
     c = maps.config
     out = {}

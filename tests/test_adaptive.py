@@ -161,8 +161,13 @@ def test_calibration_file_beside_maps_is_validated_and_optional(tmp_path):
     meta["calibrations"] = [good.to_dict()]
     meta["maps_sha256"] = "0" * 64
     calibration_path(path).write_text(json.dumps(meta))
-    with pytest.raises(WeightsError, match="calibrates other maps"):
-        ha.load_maps(path)
+    # maps retrained under the same name: they load (with a warning), an adaptive budget says why it cannot run
+    with pytest.warns(UserWarning, match="calibrates other maps"):
+        stale = ha.load_maps(path)
+    assert stale.calibrations == {}
+    with pytest.raises(ValueError, match="hashattention calibrate.*calibrates other maps"):
+        ha.HashAttentionPolicy(stale, Budget(heavy=1 / 4, top_p=0.9))
+    assert ha.HashAttentionPolicy(stale, Budget(heavy=1 / 4)).budget.top_p is None  # a plain budget runs
 
 
 def test_adaptive_policy_through_the_integration():

@@ -48,7 +48,8 @@ class HashAttentionPolicy(SelectionPolicy):
             cal = calibration if calibration is not None else getattr(maps, "calibrations", {}).get(selection)
             if cal is None:
                 raise ValueError(f"an adaptive budget (top_p, min_share) needs a calibration of these maps for selection "
-                                 f"{selection!r}: run `hashattention calibrate --maps <maps> --selections {selection}`")
+                                 f"{selection!r}: run `hashattention calibrate --maps <maps> --selections {selection}`"
+                                 + (f" ({maps.calibration_note})" if getattr(maps, "calibration_note", None) else ""))
             if cal.selection != selection:
                 raise ValueError(f"calibration is for selection {cal.selection!r}, the policy uses {selection!r}")
             c = maps.config
