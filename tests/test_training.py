@@ -525,6 +525,25 @@ def test_question_prompts_fit_their_length_and_ask_a_fact_of_the_text():
         name = next(w for w in question.rstrip("?").split() if "_" in w)
         facts = [ln for ln in context.split("\n") if name in ln]
         assert len(facts) == 1 and value in facts[0]  # the answer is the asked fact's value, stated once
+    # built side by side (one batched tokenization per round, as a fast tokenizer gets them): the same prompts
+    # as one at a time from the same random stream
+    from hashattention.training.questions import question_prompt
+
+    class _BatchTok(_CharTok):
+        is_fast, calls = True, 0
+
+        def __call__(self, texts, add_special_tokens=False):
+            self.calls += 1
+            return {"input_ids": [self.encode(t) for t in texts]}
+
+    lines = [ln.strip() for d in docs for ln in d.splitlines() if len(ln.strip()) > 20]
+    words = sorted({w.lower() for ln in lines for w in __import__("re").findall(r"[A-Za-z]{4,10}", ln)})
+    rng, batch, toks = random.Random(10**6 + 3), _BatchTok(), [_BatchTok() for _ in range(6)]
+    one = [question_prompt(toks[i], lines, words, (900, 1800)[i % 2], rng) for i in range(6)]
+    side = question_prompts(batch, docs, 6, (900, 1800), seed=3)
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(one, side)) and len(side) == 6
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(got, side))
+    assert batch.calls == max(t.calls for t in toks) < sum(t.calls for t in toks)  # one call per round
     with pytest.raises(ValueError, match="too small"):
         question_prompts(_CharTok(), ["short"], 1, (500,))
     with pytest.raises(ValueError, match="does not fit in 100 tokens"):

@@ -33,47 +33,76 @@ def _value(rng: random.Random) -> str:
     return "".join(rng.choice("abcdef0123456789") for _ in range(6))
 
 
-def question_prompt(tok, lines: list, words: list, length: int, rng: random.Random) -> tuple[torch.Tensor, int]:
-    """One prompt of at most ``length`` tokens: ids [1, L] (question and answer included) and ``qstart``, the
-    index of the first question token. ``lines``: training text as lines; ``words``: names are made of them."""
+def _plan(lines: list, words: list, rng: random.Random) -> dict:
+    """Every random choice of one prompt (the tokenizing that fits it to its length draws none)."""
     fact, question, prefix = rng.choice(FACTS)
     attr = rng.choice(ATTRS)
     names = word_pairs(rng, words, rng.randint(1, 4), sep="_")
     values = [_value(rng) for _ in names]
-    facts = [fact.format(attr=attr, name=n, value=v) for n, v in zip(names, values)]
     ask = rng.randrange(len(names))
-    q = question.format(attr=attr, name=names[ask])
-    pre = prefix.format(attr=attr, name=names[ask])
-    answer = f" {values[ask]}."
-    start = rng.randrange(len(lines))
-    depths = [rng.random() for _ in facts]
+    return {"facts": [fact.format(attr=attr, name=n, value=v) for n, v in zip(names, values)],
+            "q": question.format(attr=attr, name=names[ask]), "pre": prefix.format(attr=attr, name=names[ask]),
+            "answer": f" {values[ask]}.", "start": rng.randrange(len(lines)),
+            "depths": [rng.random() for _ in names]}
 
-    def build(n: int) -> tuple[list, str]:
-        hay = [lines[(start + i) % len(lines)] for i in range(n)]
-        for d, f in sorted(zip(depths, facts), reverse=True):
+
+def _fit(tok, lines: list, plan: dict, length: int):
+    """Fit one planned prompt to at most ``length`` tokens: a generator that yields each text to tokenize and is
+    sent its ids (so many prompts share one batched tokenization, :func:`_tokenize_all`); returns
+    (ids [1, L], qstart)."""
+    q = plan["q"]
+
+    def build(n: int) -> str:
+        hay = [lines[(plan["start"] + i) % len(lines)] for i in range(n)]
+        for d, f in sorted(zip(plan["depths"], plan["facts"]), reverse=True):
             hay.insert(round(d * n), f)
-        user = INTRO + "\n\n" + "\n".join(hay) + "\n\n" + q
-        text = render(tok, user, pre)
-        return encode(tok, text + answer), text
+        return render(tok, INTRO + "\n\n" + "\n".join(hay) + "\n\n" + q, plan["pre"])
 
     n = max(1, length // 12)  # about 12 tokens a line to start; then scaled to fit
-    ids, text = build(n)
+    text = build(n)
+    ids = yield text + plan["answer"]
     for _ in range(6):
         if length * 0.97 <= len(ids) <= length:
             break
         n = max(1, int(n * length / len(ids) * 0.99))
-        ids, text = build(n)
+        text = build(n)
+        ids = yield text + plan["answer"]
     while len(ids) > length and n > 1:
         n = max(1, int(n * 0.97))
-        ids, text = build(n)
+        text = build(n)
+        ids = yield text + plan["answer"]
     if len(ids) > length:
         raise ValueError(f"a retrieval question does not fit in {length} tokens (it takes {len(ids)} with one line "
                          "of text): use longer training lengths")
-    head = encode(tok, text[:text.rindex(q)])
+    head = yield text[:text.rindex(q)]
     qstart = next((i for i, (a, b) in enumerate(zip(head, ids)) if a != b), len(head))
     if not 0 < qstart < len(ids):
         raise ValueError(f"cannot place the question inside the prompt ({qstart} of {len(ids)} tokens)")
     return torch.tensor([ids]), qstart
+
+
+def _tokenize_all(tok, fits: list) -> list:
+    """Run the :func:`_fit` generators side by side: each round tokenizes every pending text in one batch (a fast
+    tokenizer spreads a batch over the cores; thousands of prompts took minutes one by one)."""
+    out, pending = [None] * len(fits), {i: next(f) for i, f in enumerate(fits)}
+    fast = getattr(tok, "is_fast", False)
+    while pending:
+        keys = list(pending)
+        texts = [pending[k] for k in keys]
+        ids = tok(texts, add_special_tokens=False)["input_ids"] if fast else [encode(tok, t) for t in texts]
+        for k, x in zip(keys, ids):
+            try:
+                pending[k] = fits[k].send(list(x))
+            except StopIteration as done:
+                out[k] = done.value
+                del pending[k]
+    return out
+
+
+def question_prompt(tok, lines: list, words: list, length: int, rng: random.Random) -> tuple[torch.Tensor, int]:
+    """One prompt of at most ``length`` tokens: ids [1, L] (question and answer included) and ``qstart``, the
+    index of the first question token. ``lines``: training text as lines; ``words``: names are made of them."""
+    return _tokenize_all(tok, [_fit(tok, lines, _plan(lines, words, rng), length)])[0]
 
 
 def question_prompts(tok, docs: list, n: int, lengths: tuple, seed: int = 0) -> list:
@@ -87,4 +116,9 @@ def question_prompts(tok, docs: list, n: int, lengths: tuple, seed: int = 0) -> 
         raise ValueError(f"the training text is too small for retrieval questions ({len(lines)} lines, "
                          f"{len(words)} words; need 50 and 40)")
     rng = random.Random(10**6 + seed)
-    return [question_prompt(tok, lines, words, lengths[i % len(lengths)], rng) for i in range(n)]
+    plans = [_plan(lines, words, rng) for _ in range(n)]  # drawn in order: the same prompts as one at a time
+    out = []
+    for i in range(0, n, 512):  # batches of texts of at most 512 prompts
+        out += _tokenize_all(tok, [_fit(tok, lines, p, lengths[j % len(lengths)])
+                                   for j, p in enumerate(plans[i:i + 512], start=i)])
+    return out
