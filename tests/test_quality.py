@@ -198,6 +198,11 @@ def test_bundled_results_summarize_member_by_member(tmp_path):
     b3 = bundle_files([f"{b}#v1", f"{b}#v2", tmp_path / "v3.json"], ["v1", "v2", "v3"], tmp_path / "bundle3.json")
     grown = json.loads(b3.read_text())["bundle"]
     assert grown["v1"] == json.loads(b.read_text())["bundle"]["v1"] and grown["v3"]["records"] == more
+    # one member summarized alone, labelled by its tag or by the label given
+    rows = json.loads(summarize_files([f"{b}#v2", f"{b3}#v1"], tmp_path / "s3.json", ["", "shipped"]).read_text())
+    assert {(r["maps"], r["delta_vs_dense"]) for r in rows} == {("v2", -25.0), ("shipped", -75.0)}
+    with pytest.raises(ValueError, match="one of"):
+        summarize_files([f"{b}#v9"], tmp_path / "s4.json")
 
 # --------------------------------------------------------------------------------------- residual sample
 def test_residual_sample_counts_weights_and_bad_input():

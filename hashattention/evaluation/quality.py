@@ -178,16 +178,18 @@ def write_summary(rows: list[dict], out) -> Path:
 
 def summarize_files(files: list, out, maps_names: list | None = None, skip: list | None = None) -> Path:
     """Rows of several suite results files into one summary. ``maps_names``: the label of each file's hash
-    maps (default: the file's setting; a bundle's members: their tags, or all this label when given);
+    maps (default: the file's setting; a bundle's members: their tags, or all this label when given); a file
+    may be one member of a bundle, 'BUNDLE#TAG' (labelled by its tag unless a label is given);
     ``skip``: per file, policies to leave out (e.g. hash rows of maps that are no longer shipped). Where rows
     of several files measure the same thing (mode, budget, policy, maps, device), the one with the most paired
     items stays (a larger run of the same prompts supersedes a smaller one)."""
     rows = []
     for i, f in enumerate(files):
-        data = json.loads(Path(f).read_text())
+        member = str(f).partition("#")[2]
+        data = load_results(f) if member else json.loads(Path(f).read_text())
         leave = set(skip[i]) if skip else set()
         label = maps_names[i] if maps_names else None
-        members = data["bundle"].items() if "bundle" in data else [(label, data)]
+        members = [(member, data)] if member else data["bundle"].items() if "bundle" in data else [(label, data)]
         for tag, member in members:
             rows += [r for r in quality_rows(member, label or tag) if r["policy"] not in leave]
     return write_summary(largest_runs(rows), out)
