@@ -221,13 +221,16 @@ def test_cli_train_and_recall_end_to_end(tmp_path, capsys):
 
 def test_shipped_maps_fit_the_default_model():
     from hashattention.shipped import DEFAULT_MAPS, has_default_maps, load_default_maps
+    from hashattention.weights import _sha256 as maps_sha
     assert has_default_maps()
     maps = load_default_maps()
     c = maps.config
     assert (c.num_layers, c.num_q_heads, c.num_kv_heads, c.head_dim, c.bits) == (30, 9, 3, 64, 32)
     assert c.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
     e = c.extra
-    assert e["kind"] == "learned" and e["data"].startswith("pydoc:train") and e["tokens"] > 10**6
+    assert e["kind"] == "learned" and e["data"].startswith("pydoc:train") and e["tokens"] + e["init_tokens"] > 10**6
+    # fine-tuned from the text-only maps shipped before, retrieval questions mixed in (docs/quality.md)
+    assert e["question_prompts"] > 0 and len(e["init_sha256"]) == 64 and e["init_sha256"] != maps_sha(DEFAULT_MAPS)
     assert c.hidden == 128 and c.depth == 3  # the paper's MLP: head_dim -> 128 -> 128 -> 32
     # one MLP per head, bf16: 30 x 12 x 28.7K weights = 20 MiB; the package (and a device call) stays small
     assert DEFAULT_MAPS.stat().st_size < 24 * 2**20

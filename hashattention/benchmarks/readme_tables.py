@@ -110,8 +110,8 @@ def render_quality_rows(rows: list[dict]) -> str:
 
 #: what the README's quality table shows of the summary (the whole of it: quality_summary.md beside it)
 README_QUALITY = {"mode": ("context", "everywhere"), "budget": ("1/16", "1/32", "1/64"),
-                  "policy": ("oracle", "simhash", "quest", "hash", "hash-sum", "hash-max", "hash-head"),
-                  "maps": (None, "-", "shipped")}
+                  "policy": ("oracle", "simhash", "quest", "hash", "hash-sum"),
+                  "maps": (None, "-", "shipped", "pydoc")}
 
 
 def quality(root: Path = ROOT) -> str:
@@ -126,7 +126,7 @@ def quality(root: Path = ROOT) -> str:
 
 
 def quality_maps(root: Path = ROOT) -> str:
-    """The context mode's rows of every maps file measured (shipped and trained further; docs/quality.md)."""
+    """The context mode's rows of every maps file measured (shipped, shipped before and trained further)."""
     data = _load(root, QUALITY_SUMMARY)
     rows = [r for r in (data["rows"] if isinstance(data, dict) else data)
             if r["mode"] == "context" and r["policy"] in ("oracle", "hash-sum")]
@@ -291,16 +291,17 @@ def group_selections(root: Path = ROOT) -> str:
                      f"{v['mass']:.3f}", f"{v['rel_error']:.3f}", f"{v['read']:.0f}"])
     return (_table(["selection", "budget", "heavy mass", "top-1 hit", "mass", "output error", "rows read"], rows)
             + f"\n\n{data['prompts']} suite prompts x {_ctx(data['length'])} tokens (one per task), the question's "
-            f"tokens as queries, shipped maps, {device_label(data['device'])} (`{SELECTION_FILE}`, "
+            f"tokens as queries, the `pydoc` maps (shipped until 2026-12-08), {device_label(data['device'])} (`{SELECTION_FILE}`, "
             f"`{data['command']}`).")
 
 
 def question_maps(root: Path = ROOT) -> str:
-    """The shipped maps against maps trained further (with and without retrieval questions), same suite questions."""
+    """The `pydoc` maps (shipped before) against maps trained further from them (with and without retrieval
+    questions), the same suite questions."""
     ship, new = _load(root, SELECTION_FILE), _load(root, QUESTIONS_FILE)
     if (ship["length"], ship["prompts"]) != (new["length"], new["prompts"]):
         raise ValueError(f"{SELECTION_FILE} and {QUESTIONS_FILE} measured other prompts")
-    sources = [("shipped", ship["rows"])] + list(new.get("rows_by_maps", {Path(new["maps"]).stem: new["rows"]}).items())
+    sources = [("pydoc", ship["rows"])] + list(new.get("rows_by_maps", {Path(new["maps"]).stem: new["rows"]}).items())
     rows = []
     order = {"sum": 0, "oracle": 2}
     for key in sorted(new["rows"], key=lambda k: (-_budget_key(k.split("@")[1]), order.get(k.split("@")[0], 1), k)):
@@ -313,7 +314,7 @@ def question_maps(root: Path = ROOT) -> str:
                          f"{v['top1']:.3f}", f"{v['rel_error']:.3f}"])
     return (_table(["maps", "scores", "budget", "heavy mass", "top-1 hit", "output error"], rows)
             + f"\n\n{new['prompts']} suite prompts x {_ctx(new['length'])} tokens, the question's tokens as queries, every "
-            f"layer, {device_label(new['device'])} (`{QUESTIONS_FILE}`: `{new['command']}`; the shipped maps' rows "
+            f"layer, {device_label(new['device'])} (`{QUESTIONS_FILE}`: `{new['command']}`; the `pydoc` maps' rows "
             f"from `{SELECTION_FILE}`).")
 
 
@@ -360,7 +361,7 @@ def adaptive_budget(root: Path = ROOT) -> str:
     d = files[0]
     return (_table(["scores", "heavy budget", "rows read", "heavy mass", "top-1 hit", "output error"], rows)
             + f"\n\n{d['prompts']} suite prompts x {_ctx(d['length'])} tokens (one per task), the question's "
-            f"tokens as queries, shipped maps and their calibration, {device_label(d['device'])} ("
+            f"tokens as queries, the `pydoc` maps (shipped until 2026-12-08) and their calibration, {device_label(d['device'])} ("
             + "; ".join(f"`{f}`: `{x['command']}`" for f, x in zip(ADAPTIVE_FILES, files)) + ").")
 
 
