@@ -291,7 +291,8 @@ def group_selections(root: Path = ROOT) -> str:
                      f"{v['mass']:.3f}", f"{v['rel_error']:.3f}", f"{v['read']:.0f}"])
     return (_table(["selection", "budget", "heavy mass", "top-1 hit", "mass", "output error", "rows read"], rows)
             + f"\n\n{data['prompts']} suite prompts x {_ctx(data['length'])} tokens (one per task), the question's "
-            f"tokens as queries, the `pydoc` maps (shipped until 2026-12-08), {device_label(data['device'])} (`{SELECTION_FILE}`, "
+            f"tokens as queries, the `pydoc` maps (shipped until 2026-12-08), {device_label(data['device'])} "
+            f"(`{SELECTION_FILE}`, "
             f"`{data['command']}`).")
 
 
@@ -361,7 +362,8 @@ def adaptive_budget(root: Path = ROOT) -> str:
     d = files[0]
     return (_table(["scores", "heavy budget", "rows read", "heavy mass", "top-1 hit", "output error"], rows)
             + f"\n\n{d['prompts']} suite prompts x {_ctx(d['length'])} tokens (one per task), the question's "
-            f"tokens as queries, the `pydoc` maps (shipped until 2026-12-08) and their calibration, {device_label(d['device'])} ("
+            f"tokens as queries, the `pydoc` maps (shipped until 2026-12-08) and their calibration, "
+            f"{device_label(d['device'])} ("
             + "; ".join(f"`{f}`: `{x['command']}`" for f, x in zip(ADAPTIVE_FILES, files)) + ").")
 
 

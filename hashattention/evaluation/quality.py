@@ -185,11 +185,11 @@ def summarize_files(files: list, out, maps_names: list | None = None, skip: list
     items stays (a larger run of the same prompts supersedes a smaller one)."""
     rows = []
     for i, f in enumerate(files):
-        member = str(f).partition("#")[2]
-        data = load_results(f) if member else json.loads(Path(f).read_text())
+        one = str(f).partition("#")[2]  # 'BUNDLE#TAG': that member alone
+        data = load_results(f) if one else json.loads(Path(f).read_text())
         leave = set(skip[i]) if skip else set()
         label = maps_names[i] if maps_names else None
-        members = [(member, data)] if member else data["bundle"].items() if "bundle" in data else [(label, data)]
+        members = [(one, data)] if one else data["bundle"].items() if "bundle" in data else [(label, data)]
         for tag, member in members:
             rows += [r for r in quality_rows(member, label or tag) if r["policy"] not in leave]
     return write_summary(largest_runs(rows), out)
