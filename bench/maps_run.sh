@@ -6,7 +6,7 @@
 #       trains the variants side by side (`hashattention train --model default --context 8192` + ARGS, at most
 #       three at once on an 80 GB card; an eval beside them ran it out of memory). SECONDS counts training steps
 #       only: building 3000 retrieval questions (`--questions`) takes about 150 s more before the first step.
-#   bash bench/maps_run.sh eval $OUT DEADLINE NAME [NAME ...]
+#   bash bench/maps_run.sh eval $OUT DEADLINE NAME [NAME ...]     (NAME `shipped`: the package's maps)
 #       one process, passes in this order: the context mode at 1/32 on big48's prompts ($SAMPLES, default 48, per
 #       task and length) for each maps file, paired with the dense records of the committed run `big48`
 #       (quality_context_h100_big.json: the same prompts, so dense runs once, and its hash-sum rows are the
@@ -41,13 +41,14 @@ elif [ "$CMD" = eval ]; then
   E=$W/e; mkdir -p $E
   seed $E/quality_context_big48.json bench/results/quality_context_h100_big.json big48
   seed $E/quality_everywhere_ew.json bench/results/quality_everywhere_h100.json
+  maps() { [ "$1" = shipped ] && echo hashattention/data/smollm2-135m-instruct.safetensors || echo $M/$1.safetensors; }
   P=(--pass "mode=context;policies=dense,hash-sum;budgets=1/32;samples=48;round=8;tag=big48")
   for n in "$@"; do
-    P+=(--pass "mode=context;policies=hash-sum;budgets=1/32;samples=${SAMPLES:-48};round=8;maps=$M/$n.safetensors;tag=$n")
+    P+=(--pass "mode=context;policies=hash-sum;budgets=1/32;samples=${SAMPLES:-48};round=8;maps=$(maps $n);tag=$n")
   done
   P+=(--pass "mode=everywhere;policies=dense,hash;budgets=1/16,1/32;samples=8;round=4;ppl=2;tag=ew")
   for n in "$@"; do
-    P+=(--pass "mode=everywhere;policies=hash;budgets=1/16,1/32;samples=8;round=4;ppl=2;maps=$M/$n.safetensors;tag=$n")
+    P+=(--pass "mode=everywhere;policies=hash;budgets=1/16,1/32;samples=8;round=4;ppl=2;maps=$(maps $n);tag=$n")
   done
   # the call's limit kills what runs past it: stop the eval first so that its files come back
   timeout $((${DEADLINE%.*} + 80)) python3 -m hashattention eval --work $E --deadline $DEADLINE "${P[@]}" > $OUT/eval.log 2>&1
